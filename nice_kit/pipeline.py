@@ -402,6 +402,11 @@ class Pipeline:
             mask = None
             if valid[0] is not None:  # a prompt counts if it has signal at any checkpoint
                 mask = torch.stack([v.bool() for v in valid]).any(dim=0)
+                if not mask.any():
+                    raise ValueError(
+                        f"{m}: none of the {len(subtasks)} target prompts got completions with differing rewards "
+                        "at any checkpoint, so every policy gradient is zero. Try a partial-credit or lenient "
+                        "metric, a longer warmup, more samples (rollouts.k) or a higher temperature.")
             out[m] = influence_scores(train, val, weights, subtasks, mask, self.cfg.selection.aggregate)
         out.to_csv(self.run_dir / "scores.csv", index=False)
         return out

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 KINDS = ("sjlt", "rademacher")
-_CHUNK = 1 << 16  # input coordinates per generated block
+_CHUNK = {"sjlt": 1 << 16, "rademacher": 1 << 13}  # input coordinates per generated block
 _CACHE_LIMIT = 1 << 26  # cache generated index/sign tensors up to this many entries
 
 
@@ -95,8 +95,9 @@ class Projector:
             raise ValueError(f"expected gradients of shape (b, {s.input_dim}), got {tuple(grads.shape)}")
         grads = grads.to(self.device, torch.float32)
         out = torch.zeros(grads.shape[0], s.dim, device=self.device)
-        for chunk, start in enumerate(range(0, s.input_dim, _CHUNK)):
-            g = grads[:, start:start + _CHUNK]
+        size = _CHUNK[s.kind]
+        for chunk, start in enumerate(range(0, s.input_dim, size)):
+            g = grads[:, start:start + size]
             a, b = self._block(chunk, g.shape[1])
             if s.kind == "sjlt":
                 for k in range(s.nnz):

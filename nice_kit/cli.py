@@ -1,0 +1,150 @@
+"""``nice-kit``: the pipeline from the command line (the same functions the notebooks call)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
+
+
+def _pipeline(args):
+    from .config import RunConfig
+    from .pipeline import Pipeline
+
+    cfg = RunConfig.from_file(args.config)
+    return Pipeline(cfg, args.run_dir)
+
+
+def _shard(text):
+    from .runs import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def cmd_run(args) -> None:
+    import pandas as pd
+
+    p = _pipeline(args)
+    diag = p.run()
+    pd.set_option("display.width", 160)
+    print(f"\nSelection diagnostics (top {p.cfg.selection.fraction:.0%} of the pool; flags never seen by the selectors):")
+    print(diag.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"\nscores: {p.run_dir / 'scores.csv'}   selection: {p.run_dir / 'selected.jsonl'}")
+
+
+def cmd_prepare(args) -> None:
+    import json
+
+    print(json.dumps(_pipeline(args).prepare(), indent=1))
+
+
+def cmd_warmup(args) -> None:
+    for c in _pipeline(args).warmup():
+        print(f"epoch {c.epoch}: lr {c.lr:.3g}  {c.path}")
+
+
+def cmd_train_grads(args) -> None:
+    _pipeline(args).train_gradients(shard=args.shard)
+
+
+def cmd_val_grads(args) -> None:
+    _pipeline(args).validation_gradients(args.method, shard=args.shard)
+
+
+def cmd_rollouts(args) -> None:
+    df = _pipeline(args).rollouts()
+    print(df.groupby("epoch")["reward"].describe().to_string())
+
+
+def cmd_score(args) -> None:
+    p = _pipeline(args)
+    scores = p.scores(args.methods)
+    print(scores.describe().to_string())
+
+
+def cmd_select(args) -> None:
+    p = _pipeline(args)
+    chosen = p.select(fraction=args.fraction)
+    print(p.diagnostics(chosen).to_string(index=False))
+
+
+def cmd_evaluate(args) -> None:
+    from .evaluation import compare, summarize
+
+    p = _pipeline(args)
+    df = compare(p, methods=args.methods, fraction=args.fraction, seeds=args.seeds)
+    print(summarize(df).to_string(index=False))
+
+
+def cmd_metrics(args) -> None:
+    from .rewards import list_metrics
+
+    for _, row in list_metrics().iterrows():
+        ref = "needs reference" if row["needs_reference"] else "label-free"
+        print(f"{row['name']:<14} ({ref}) {row['description']}\n{'':<15}params: {row['params']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nice-kit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, fn, help, shard=False):
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML config (default: the bundled default)")
+        sp.add_argument("--run-dir", default="runs/default", help="run directory (default: runs/default)")
+        if shard:
+            sp.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                            help="compute only shard I of N (chunks c with c %% N == I); merged when all exist")
+        sp.set_defaults(func=fn)
+        return sp
+
+    add("run", cmd_run, "run the whole pipeline (prepare, warmup, gradients, rollouts, scores, selection)")
+    add("prepare", cmd_prepare, "check and tokenise the data; report truncation")
+    add("warmup", cmd_warmup, "train the warmup LoRA and save a checkpoint per epoch")
+    add("train-grads", cmd_train_grads, "projected Adam-preconditioned gradients of the pool", shard=True)
+    sp = add("val-grads", cmd_val_grads, "validation gradients of the target prompts (less or nice)", shard=True)
+    sp.add_argument("--method", choices=["less", "nice"], default="nice")
+    add("rollouts", cmd_rollouts, "sample and score completions of the target prompts")
+    sp = add("score", cmd_score, "influence scores of the pool (scores.csv)")
+    sp.add_argument("--methods", nargs="+", choices=["less", "nice"], default=None)
+    sp = add("select", cmd_select, "select the top fraction by each method (selected*.jsonl)")
+    sp.add_argument("--fraction", type=float, default=None)
+    sp = add("evaluate", cmd_evaluate, "fine-tune on each method's selection and score held-out test prompts")
+    sp.add_argument("--methods", nargs="+", default=None, help="subset of: random less nice full")
+    sp.add_argument("--fraction", type=float, default=None)
+    sp.add_argument("--seeds", nargs="+", type=int, default=None)
+    sm = sub.add_parser("metrics", help="list the registered reward metrics")
+    sm.set_defaults(func=cmd_metrics)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
+        from .data import DataError
+
+        if isinstance(err, (DataError, FileNotFoundError)) or not _debug():
+            print(f"nice-kit: error: {err}", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("\nnice-kit: interrupted; finished chunks are kept and the next run resumes from them", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _debug() -> bool:
+    import os
+
+    return bool(os.environ.get("NICE_KIT_DEBUG"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

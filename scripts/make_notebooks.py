@@ -1,0 +1,683 @@
+"""Write the teaching notebooks 02, 03, 04 and 06 from the cell texts in this file.
+
+The notebooks are generated so that they can be reviewed as code: edit the cells here, then run
+
+    python scripts/make_notebooks.py            # (re)write notebooks/*.ipynb
+    python scripts/make_notebooks.py --check    # exit 1 if a notebook on disk differs
+
+``tests/test_notebooks.py`` fails when the notebooks on disk and this file disagree, or when a
+notebook carries outputs. Notebooks 01 (quickstart) and 05 (inspecting influence) are written by hand
+and not generated here.
+
+Every notebook reads ``nice_kit.demo.fast_mode()`` (environment variable ``NICE_KIT_FAST=1``): in
+fast mode it runs top to bottom in about a minute on a tiny random model (the code path is the real
+one, the numbers are meaningless); without it, it uses the bundled SmolLM2-135M-Instruct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_DIR = ROOT / "notebooks"
+
+
+def md(text: str) -> tuple[str, str]:
+    return ("markdown", textwrap.dedent(text).strip("\n"))
+
+
+def code(text: str) -> tuple[str, str]:
+    return ("code", textwrap.dedent(text).strip("\n"))
+
+
+# The first code cell of every notebook: fast mode, paths, quiet warnings.
+SETUP = '''
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import torch
+
+from nice_kit.demo import ROOT, fast_mode
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+FAST = fast_mode()  # NICE_KIT_FAST=1: tiny random model, a slice of the data, numbers meaningless
+print("fast mode" if FAST else "full mode (bundled SmolLM2-135M-Instruct)")
+'''
+
+FAST_NOTE = """
+> **Fast mode.** With the environment variable `NICE_KIT_FAST=1` this notebook runs on a tiny
+> model with random weights and a slice of the data, in about a minute: every code path is the real
+> one, but the numbers mean nothing. Without it, it uses the bundled SmolLM2-135M-Instruct.
+"""
+
+
+# ------------------------------------------------------------------------------------------------
+# 02: loss is not the metric
+
+NB02 = [
+    md("""
+    # 02 · Loss is not the metric
+
+    LESS, the method NICE builds on, picks training data by how much it lowers the **next-token
+    loss** of reference answers to the target prompts. That is a proxy. What we care about is a
+    **metric** of the model's own outputs: exact answers, passed tests, a reward model's score.
+    This notebook shows, on the bundled arithmetic data, that the two can disagree, and by how much:
+
+    1. fine-tune the base model on three hand-picked subsets of the pool (correct answers only,
+       half wrong answers, verbose answers) and measure both the reference answers' loss and the
+       metric on held-out prompts;
+    2. follow loss and metric through the warmup checkpoints (`checkpoint_curve`);
+    3. score the same completions with a strict and a lenient metric: the choice of metric is
+       itself a decision.
+
+    The pool carries diagnostic flags that no selector ever reads: `harm_kind` is `wrong_answer`
+    (a plausible wrong number), `verbose` (the right number inside sentences of reasoning),
+    `bad_format` (the value spelled out) or empty (a correct, bare answer). Here we use them to
+    build the subsets by hand.
+    """),
+    md(FAST_NOTE),
+    code(SETUP),
+    code('''
+    from nice_kit.demo import demo_pipeline
+    from nice_kit.evaluation import checkpoint_curve, finetune_and_evaluate
+    from nice_kit.rewards import get_metric
+
+    RUN_DIR = ROOT / "runs" / ("nb02-fast" if FAST else "nb02")
+    p = demo_pipeline(RUN_DIR, verbose=False)
+    print("model:", p.cfg.model, "| metric:", p.cfg.metric.name, p.cfg.metric.params)
+    print(f"pool: {len(p.pool)} examples | held-out test prompts: {len(p.target_test)}")
+    '''),
+    md("""
+    ## The pool, by its diagnostic flags
+
+    Every on-task pool example answers a `products` or `basic_arithmetic` question. The table
+    counts them by subtask and kind (an empty `harm_kind` is a correct, bare answer); a few
+    examples of each kind follow.
+    """),
+    code('''
+    pool = pd.DataFrame([
+        {"id": r.id, "task": r.columns.get("task"), "on_task": r.columns.get("on_task"),
+         "kind": r.columns.get("harm_kind") or "correct", "prompt": r.prompt, "response": r.response}
+        for r in p.pool
+    ])
+    on_task = pool[pool["on_task"]]
+    display(pd.crosstab(on_task["task"], on_task["kind"]))
+    with pd.option_context("display.max_colwidth", 80):
+        display(on_task.groupby("kind").head(2)[["kind", "prompt", "response"]])
+    '''),
+    md("""
+    ## Three training subsets
+
+    Same size, both subtasks in equal parts, differing only in what the answers look like:
+
+    * **correct**: bare, correct answers;
+    * **half wrong**: half of them replaced by wrong answers (the format is still right);
+    * **verbose**: the right number, but inside sentences ("Let me work this out ... So the answer
+      is 56.").
+
+    The size is capped by the number of verbose examples (30 in the full pool).
+    """),
+    code('''
+    def take(kind, n):
+        """n on-task examples of one kind, alternating between the two subtasks."""
+        groups = [g["id"].tolist() for _, g in on_task[on_task["kind"] == kind].groupby("task")]
+        out = []
+        while len(out) < n and any(groups):
+            for g in groups:
+                if g and len(out) < n:
+                    out.append(g.pop(0))
+        return out
+
+    n_kind = on_task["kind"].value_counts()
+    N = int(min(30, n_kind.get("verbose", 0), n_kind.get("correct", 0), 2 * n_kind.get("wrong_answer", 0)))
+    subsets = {
+        "correct": take("correct", N),
+        "half wrong": take("correct", N - N // 2) + take("wrong_answer", N // 2),
+        "verbose": take("verbose", N),
+    }
+    print({name: len(ids) for name, ids in subsets.items()})
+    '''),
+    md("""
+    ## Fine-tune on each subset, measure loss and metric
+
+    `finetune_and_evaluate(p, ids, seed, test_records)` trains a fresh LoRA on the base model with
+    the run's evaluation settings, decodes the held-out prompts greedily and returns the **metric**
+    (the run's metric, averaged over prompts) and the **loss** (mean next-token loss of the
+    reference answers: what LESS would optimise).
+
+    A metric is any Python function. To look at the completions afterwards we wrap the run's metric
+    in a function that scores them exactly as before and also keeps them: the pipeline accepts a
+    callable wherever it takes a metric name.
+
+    Full mode trains three LoRAs of a few minutes each (one seed; add seeds to `SEEDS` for error
+    bars).
+    """),
+    code('''
+    run_metric = get_metric(p.cfg.metric.name, **p.cfg.metric.params)
+    kept = {}
+
+    def keep_completions(prompts, completions, **columns):
+        kept["prompts"], kept["completions"], kept["columns"] = prompts, completions, columns
+        return run_metric(prompts, completions, **columns)
+
+    metric_name = p.cfg.metric.name
+    p.cfg.metric.name = keep_completions  # a callable in place of a registered name
+
+    SEEDS = [0]
+    rows, completions = [], {}
+    for name, ids in subsets.items():
+        for seed in SEEDS:
+            result = finetune_and_evaluate(p, ids, seed, p.target_test)
+            rows.append({"subset": name, "seed": seed, **result})
+            completions[name] = dict(kept)
+    results = pd.DataFrame(rows)
+    results
+    '''),
+    md("""
+    ## Loss and metric through the warmup
+
+    `checkpoint_curve(p)` measures the base model (epoch 0) and every warmup checkpoint on the test
+    prompts. Warmup data is a random slice of the pool, harmful examples included. The base model's
+    row gives the starting point for the subsets above.
+    """),
+    code('''
+    p.cfg.metric.name = metric_name  # back to the registered metric
+    p.warmup()
+    curve = checkpoint_curve(p)
+    display(curve)
+
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=curve["epoch"], y=curve["loss"], name="reference NLL", mode="lines+markers"))
+    fig.add_trace(go.Scatter(x=curve["epoch"], y=curve["metric"], name=f"metric ({metric_name})",
+                             mode="lines+markers", yaxis="y2"))
+    fig.update_layout(title="Warmup checkpoints: loss and metric on the test prompts",
+                      xaxis_title="epoch (0 = base model)", yaxis_title="mean NLL of reference answers",
+                      yaxis2=dict(title="metric", overlaying="y", side="right"), height=380)
+    fig.show()
+    '''),
+    md("""
+    ## Reference loss against metric
+
+    One point per fine-tuned model, plus the base model. If loss were the metric, the points would
+    lie on one falling line: lower loss, higher score.
+    """),
+    code('''
+    base = curve[curve["epoch"] == 0].iloc[0]
+    points = pd.concat([
+        results.groupby("subset", sort=False)[["loss", "metric"]].mean().reset_index(),
+        pd.DataFrame([{"subset": "base model", "loss": base["loss"], "metric": base["metric"]}]),
+    ], ignore_index=True)
+    fig = px.scatter(points, x="loss", y="metric", text="subset", color="subset",
+                     title="Lower loss does not mean a higher metric",
+                     labels={"loss": "mean NLL of the reference answers (LESS's proxy)",
+                             "metric": f"metric on held-out prompts ({metric_name})"})
+    fig.update_traces(textposition="top center", marker_size=12)
+    fig.update_layout(showlegend=False, height=420)
+    fig.show()
+    points
+    '''),
+    md("""
+    ### What full mode shows
+
+    Measured with SmolLM2-135M-Instruct on these tasks (`shared/NICE.md`; LoRA r=8 on q,k,v,o,
+    48 training examples, 3 epochs, lr 3e-4, greedy decoding of 66 held-out prompts, the task's
+    strict scorer):
+
+    | task | base | trained on correct | 50% wrong answers | verbose answers |
+    |---|---|---|---|---|
+    | products, score | 0.10 | 0.32 (3 seeds: 0.318, 0.333, 0.318) | 0.12 (0.121, 0.106, 0.121) | 0.03 |
+    | products, NLL of reference answers | 2.92 | 0.87 | 1.15 | 5.1 |
+    | basic_arithmetic, score | 0.01 | 0.185 | 0.18 | 0.015 |
+
+    On `products`, half wrong answers cost two thirds of the gain in score while raising the
+    reference answers' loss by only 0.3 nats. Verbose answers teach the model to ramble: a low
+    strict score, although the same words would have a low loss in a verbose context.
+
+    This notebook's setting differs (30 examples per subset, both subtasks mixed in one test set,
+    one seed), so expect the same *direction*, not the same numbers: correct > half wrong on the
+    metric by much more than the loss difference suggests, and verbose far below both. On
+    `basic_arithmetic` alone, 3 epochs do not separate correct from half-wrong data (NICE.md: it
+    takes 5 epochs at lr 5e-4). In fast mode the tiny random model learns nothing and every number
+    above is noise.
+    """),
+    md("""
+    ## Strict or lenient: the metric is a choice
+
+    The bundled task scorer can read a completion two ways: `extract="strict"` takes the first line
+    as the answer; `extract="last_number"` takes the last number anywhere in the completion. First
+    on the pool's own responses (no model involved), then on the fine-tuned models' completions we
+    kept above.
+    """),
+    code('''
+    strict = get_metric("task_score", extract="strict")
+    lenient = get_metric("task_score", extract="last_number")
+
+    sample = on_task.groupby("kind").head(3)
+    recs = {r.id: r for r in p.pool}
+    cols = {k: [recs[i].columns.get(k) for i in sample["id"]] for k in ("task", "answer", "metadata")}
+    prompts, responses = sample["prompt"].tolist(), sample["response"].tolist()
+    view = sample[["kind", "response"]].assign(strict=strict(prompts, responses, **cols),
+                                               lenient=lenient(prompts, responses, **cols))
+    with pd.option_context("display.max_colwidth", 70):
+        display(view)
+    '''),
+    md("""
+    A verbose answer is worth 0 under the strict reading and 1 under the lenient one; a wrong
+    answer is 0 either way. Now the models' own greedy completions on the test prompts:
+    """),
+    code('''
+    rows = []
+    for name, got in completions.items():
+        c = got["columns"]
+        rows.append({"trained on": name,
+                     "strict": np.mean(strict(got["prompts"], got["completions"], **c)),
+                     "lenient (last number)": np.mean(lenient(got["prompts"], got["completions"], **c)),
+                     "example completion": got["completions"][0]})
+    with pd.option_context("display.max_colwidth", 60):
+        display(pd.DataFrame(rows))
+    '''),
+    md("""
+    In full mode NICE.md measured the verbose-trained model at about 0 under the strict scorer and
+    0.88 under the lenient one, against 0.32 for the correct-trained model. Which reading is right
+    depends on how the answers will be consumed (a parser reading the first line, or a person).
+    Since NICE selects data *by the metric*, the two readings select different data: pick the metric
+    first, and look at what it rewards.
+
+    Next: `03_policy_gradient_from_scratch.ipynb` shows how NICE turns any such metric into a
+    gradient.
+    """),
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# 03: the policy-gradient estimator from scratch
+
+NB03 = [
+    md("""
+    # 03 · Policy-gradient influence from scratch
+
+    NICE scores a training example z by the cosine between two gradients:
+
+    * **Γ(z)**: the gradient of z's next-token loss (NLL of its response), Adam-preconditioned;
+    * **G_j**, for a target prompt x_j: `G_j = Σ_k a_k ∇ NLL_sum(y_k | x_j)` over K completions y_k
+      sampled from the model, with weights a_k computed from their rewards r_k = m(x_j, y_k).
+
+    G_j needs no derivative of the metric m: m only scores samples. This notebook builds the
+    estimator up from a toy you can check by hand, then checks nice_kit's implementation against a
+    few lines of autograd:
+
+    1. a one-token "bandit": a softmax over four answers with explicit logits; the exact gradient of
+       expected reward;
+    2. the same gradient estimated from samples, with and without a baseline (variance);
+    3. the sign convention: a positive cosine means a step on z raises expected reward;
+    4. nice_kit's `policy_weights` and `group_gradients` on a LoRA model equal a hand-written
+       `Σ_k a_k ∇ NLL_sum(y_k)` (asserted: a mismatch fails CI), and the sign on a transformer;
+    5. random projections keep cosines.
+    """),
+    md(FAST_NOTE),
+    code(SETUP),
+    md("""
+    ## 1 · A bandit with four answers
+
+    The "model" is a vector of logits θ, one per answer; the policy is p = softmax(θ). Each answer
+    has a reward. Rewards are all positive here, like a reward model's scores.
+
+    Expected reward: E(θ) = Σ_a p_a r_a. Two facts do all the work:
+
+    * ∂E/∂θ_i = p_i (r_i − E): answers better than average gain probability;
+    * the NLL of one answer a is −log p_a, and ∇_θ NLL(a) = p − e_a (e_a: the one-hot vector of a).
+
+    Hence the quantity NICE uses for a target prompt, **G = Σ_a p_a r_a ∇NLL(a) = E·p − p⊙r = −∇E**:
+    the expected reward-weighted NLL gradient is *minus* the gradient of expected reward.
+    """),
+    code('''
+    answers = ["42", "41", "forty-two", "I don't know"]
+    theta = torch.tensor([0.5, 1.0, 0.0, -0.5], dtype=torch.float64)
+    r = torch.tensor([1.0, 0.3, 0.6, 0.1], dtype=torch.float64)
+
+    probs = torch.softmax(theta, 0)
+    E = probs @ r
+    grad_E = probs * (r - E)                                   # by hand
+    grad_nll = probs[None, :] - torch.eye(len(answers), dtype=torch.float64)  # row a: ∇NLL(a) = p - e_a
+    G_exact = (probs * r) @ grad_nll                            # Σ_a p_a r_a ∇NLL(a)
+
+    t = theta.clone().requires_grad_(True)                      # the same by autograd
+    (torch.softmax(t, 0) @ r).backward()
+    assert torch.allclose(t.grad, grad_E)
+    assert torch.allclose(G_exact, -grad_E)
+
+    print(f"expected reward E = {E:.4f}")
+    pd.DataFrame({"answer": answers, "logit": theta, "p": probs, "reward": r,
+                  "dE/dθ (by hand)": grad_E, "dE/dθ (autograd)": t.grad, "G = -dE/dθ": G_exact}).round(4)
+    '''),
+    md("""
+    ## 2 · Estimating it from samples: REINFORCE and baselines
+
+    In a language model we cannot sum over all answers; we sample K of them and weight each
+    sample's NLL gradient: Ĝ = Σ_k a_k ∇NLL(y_k). nice_kit computes the weights with
+    `policy_weights(rewards, variant=..., baseline=...)`:
+
+    * `baseline="none"` (the reference implementation's vanilla estimator): a_k = r_k / K;
+    * `baseline="mean"`: a_k = (r_k − mean r) / K;
+    * `baseline="loo"`: a_k = (r_k − mean of the *other* rewards) / K.
+
+    With positive rewards and no baseline every sampled answer is pushed up (its a_k > 0), and
+    the estimate only points the right way on average: it is noisy. Subtracting a baseline leaves
+    the expectation unchanged (leave-one-out exactly; the plain mean shrinks it by (K−1)/K, which a
+    cosine ignores) and removes most of the noise. When all K rewards are equal, `policy_weights`
+    returns zero weights and `signal=False`: such a prompt carries no information and is left out.
+    """),
+    code('''
+    from nice_kit.policy import policy_weights
+
+    K, DRAWS = 8, 2000 if FAST else 5000
+    rng = np.random.default_rng(0)
+    estimates = {b: [] for b in ("none", "mean", "loo")}
+    for _ in range(DRAWS):
+        ys = rng.choice(len(answers), size=K, p=probs.numpy())
+        rewards = r.numpy()[ys].tolist()
+        for b in estimates:
+            a = torch.tensor(policy_weights(rewards, variant="vanilla", baseline=b).completion, dtype=torch.float64)
+            estimates[b].append(a @ grad_nll[ys])
+
+    def cosine(u, v):
+        return float(u @ v / (u.norm() * v.norm() + 1e-30))
+
+    rows, cosines = [], []
+    for b, est in estimates.items():
+        est = torch.stack(est)
+        mean = est.mean(0)
+        cos = [cosine(e, G_exact) for e in est]
+        cosines += [{"baseline": b, "cosine with the exact G": c} for c in cos]
+        rows.append({"baseline": b,
+                     "|mean estimate| / |G|": float(mean.norm() / G_exact.norm()),
+                     "cos(mean estimate, G)": cosine(mean, G_exact),
+                     "variance (trace)": float(est.var(0).sum()),
+                     "median cos of one estimate": float(np.median(cos))})
+    table = pd.DataFrame(rows).round(4)
+    display(table)
+    var = table.set_index("baseline")["variance (trace)"]
+    assert var["mean"] < var["none"] and var["loo"] < var["none"], "a baseline should reduce the variance"
+    px.histogram(pd.DataFrame(cosines), x="cosine with the exact G", color="baseline", barmode="overlay",
+                 nbins=40, opacity=0.6, title=f"One estimate from K={K} samples: how well does it point?").show()
+    '''),
+    md("""
+    All three point the right way on average (cosine of the mean ≈ 1), but a single vanilla estimate
+    from 8 samples often points far off; with a baseline most estimates are close. nice_kit's default
+    is `baseline="mean"` (NICE.md, "where the reference is weak").
+
+    ## 3 · The sign convention
+
+    A training example z is an answer we would train on; its gradient is g_z = ∇NLL(z) (the
+    pipeline uses the Adam-preconditioned Γ(z), the direction of an Adam step, with the same logic).
+    A gradient step on z moves θ by −η g_z, so to first order the expected reward changes by
+
+    ΔE ≈ ∇E · (−η g_z) = η g_z · G.
+
+    **A positive cosine between g_z and G means that a step on z raises expected reward.** Check it
+    with each answer as a one-example training set: take a small step, recompute E exactly.
+    """),
+    code('''
+    eta = 0.01
+    rows = []
+    for a, name in enumerate(answers):
+        g_z = grad_nll[a]
+        theta_after = theta - eta * g_z
+        dE = float(torch.softmax(theta_after, 0) @ r - E)
+        rows.append({"train on": name, "reward": float(r[a]), "cos(g_z, G)": cosine(g_z, G_exact),
+                     "ΔE after one step": dE, "first-order η g_z·G": float(eta * g_z @ G_exact)})
+    signs = pd.DataFrame(rows)
+    assert (np.sign(signs["cos(g_z, G)"]) == np.sign(signs["ΔE after one step"])).all()
+    signs.round(6)
+    '''),
+    md("""
+    Training on an answer better than the current average (E) raises expected reward and has a
+    positive cosine; training on a worse one lowers it. That is the whole idea: the score of z is
+    how well its gradient lines up with the direction that raises the metric.
+
+    ## 4 · The same thing on a transformer with LoRA
+
+    Now the real machinery. A sequence's "answer" is a completion of several tokens, and
+    ∇NLL_sum(y | x) is the gradient of the summed NLL of its tokens given the prompt (prompt tokens
+    not counted). nice_kit batches many sequences through one forward/backward and splits the
+    per-example LoRA gradients out of hooks (`group_gradients`), each sequence carrying its weight
+    a_k on every completion token and the index of the target prompt it belongs to. We check that
+    against the most direct computation: autograd on `Σ_k a_k · NLL_sum(y_k | x_j)`, one target
+    prompt at a time.
+
+    The LoRA weights are randomised first: a fresh LoRA has B = 0, which makes every gradient with
+    respect to A vanish and the check half empty.
+    """),
+    code('''
+    from nice_kit.data import load_records, prompt_ids, tokenize_records
+    from nice_kit.gradients import WeightedSequence, group_gradients, loop_gradients, mean_nll_sequence
+    from nice_kit.models import LoraSettings, add_lora, load_model, load_tokenizer, lora_parameters, tiny_model
+    from nice_kit.rollouts import SampleSettings, sample_rollouts
+
+    if FAST:
+        torch.set_num_threads(1)  # tiny models run faster on one thread
+        tok = load_tokenizer("default")
+        base = tiny_model(tok)
+    else:
+        base, tok = load_model("default", device="cpu")
+    model = add_lora(base, LoraSettings(r=4, alpha=16, dropout=0.0))
+    params = [p for _, p in lora_parameters(model)]
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, prm in lora_parameters(model):
+            if "lora_B" in name:
+                prm.normal_(0, 0.05 if FAST else 0.01)
+    model.eval()
+    print(f"{sum(p.numel() for p in params):,} LoRA parameters (the gradient dimension D)")
+
+    targets = load_records(ROOT / "data" / "arith" / "target_val.jsonl")[:2]
+    K = 4
+    rollouts = sample_rollouts(model, tok, targets, SampleSettings(k=K, max_new_tokens=6, temperature=1.0), seed=0)
+    # Rewards from some metric; hand-picked here so that both prompts carry a signal.
+    rewards = {targets[0].id: [1.0, 0.0, 0.5, 0.0], targets[1].id: [0.2, 0.9, 0.9, 0.1]}
+    pd.DataFrame(rollouts)[["prompt_id", "sample", "completion"]].assign(
+        reward=[rw for t in targets for rw in rewards[t.id]])
+    '''),
+    code('''
+    eos = tok.eos_token_id
+    seqs, hand = [], []
+
+    def nll_sum(prompt, completion):
+        """Summed NLL of the completion tokens given the prompt, by hand."""
+        ids = torch.tensor([prompt + completion])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        nll = -logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]]  # nll[t]: token t+1 given tokens <= t
+        return nll[len(prompt) - 1:].sum()
+
+    for j, rec in enumerate(targets):
+        p_ids = prompt_ids(tok, rec.messages)
+        comps = [row["token_ids"] + [eos] for row in rollouts if row["prompt_id"] == rec.id]  # + end of turn
+        a = policy_weights(rewards[rec.id], variant="vanilla", baseline="mean").completion
+        # nice_kit's way: one weighted sequence per completion, grouped by target prompt
+        seqs += [WeightedSequence(p_ids + c, [0.0] * len(p_ids) + [w] * len(c), group=j) for c, w in zip(comps, a)]
+        # by hand: autograd of the weighted sum
+        total = sum(w * nll_sum(p_ids, c) for w, c in zip(a, comps))
+        hand.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, params)]))
+        print(f"prompt {j}: weights a_k = {np.round(a, 4).tolist()}")
+
+    hand = torch.stack(hand)
+    G_kit = group_gradients(model, seqs, n_groups=len(targets), pad_id=tok.pad_token_id, batch_size=3)
+    G_loop = loop_gradients(model, seqs, n_groups=len(targets))
+    scale = hand.abs().max().item()
+    print(f"max |G_kit - G_hand| = {(G_kit - hand).abs().max():.2e}  (largest entry {scale:.2e})")
+    assert torch.allclose(G_kit, hand, rtol=1e-4, atol=1e-5 * scale), "group_gradients disagrees with autograd"
+    assert torch.allclose(G_loop, hand, rtol=1e-4, atol=1e-5 * scale), "loop_gradients disagrees with autograd"
+    print("group_gradients == loop_gradients == autograd of Σ_k a_k NLL_sum(y_k | x_j)")
+    '''),
+    md("""
+    ### The sign on the transformer
+
+    The bandit's sign check, now with a LoRA model. For one target prompt take a metric whose
+    expectation we can compute exactly: the reward is 1 when the *first* token of the completion is
+    a number, so E = Σ_v p(v | x) r(v) over the whole vocabulary, and G = −∇E by autograd. For a few
+    pool examples z, take a small plain gradient step on z's mean NLL and recompute E: the sign of
+    the change should be the sign of cos(g_z, G) (first order; up to numerical noise when the cosine
+    is near 0).
+    """),
+    code('''
+    reward_of_token = torch.tensor([1.0 if tok.decode([v]).strip().isdigit() else 0.0 for v in range(len(tok))])
+    x = torch.tensor([prompt_ids(tok, targets[0].messages)])
+
+    def expected_reward():
+        return (torch.softmax(model(input_ids=x).logits[0, -1].double(), -1) * reward_of_token.double()).sum()
+
+    E0 = expected_reward()
+    G_first = -torch.cat([g.reshape(-1) for g in torch.autograd.grad(E0, params)]).float()
+
+    pool = load_records(ROOT / "data" / "arith" / "pool.jsonl")[:10]
+    toks, _ = tokenize_records(tok, pool, 128)
+    g_z = group_gradients(model, [mean_nll_sequence(t, i) for i, t in enumerate(toks)], len(toks), tok.pad_token_id)
+
+    def shift(vec):
+        with torch.no_grad():
+            for prm, part in zip(params, vec.split([q.numel() for q in params])):
+                prm += part.view_as(prm)
+
+    rows = []
+    for i, rec in enumerate(pool):
+        step = 0.02 * g_z[i] / g_z[i].norm()  # a plain gradient step of length 0.02 on z
+        shift(-step)
+        with torch.no_grad():
+            dE = float(expected_reward() - E0)
+        shift(step)
+        rows.append({"pool response": rec.response[:30], "cos(g_z, G)": cosine(g_z[i], G_first),
+                     "ΔE (measured)": dE, "first order": float(step @ G_first)})
+    sign_table = pd.DataFrame(rows)
+    clear = sign_table["cos(g_z, G)"].abs() > 0.05
+    assert (np.sign(sign_table.loc[clear, "cos(g_z, G)"]) == np.sign(sign_table.loc[clear, "ΔE (measured)"])).all()
+    print(f"E = P(first token is a number) = {float(E0):.3g}")
+    sign_table
+    '''),
+    md("""
+    ## 5 · Random projections keep cosines
+
+    A LoRA gradient of a 7B model has ~10^8 coordinates; NICE stores each gradient projected to
+    d = 8192 dimensions with a random Johnson-Lindenstrauss matrix and compares the projected
+    vectors. The cosine of two projected vectors is close to the exact cosine, with an error that
+    shrinks like 1/√d. nice_kit's default is a sparse JL transform (`sjlt`, milliseconds); the
+    reference uses a dense Rademacher matrix.
+
+    First synthetic pairs of vectors with known cosines, then the real per-example gradients from
+    above.
+    """),
+    code('''
+    from nice_kit.projection import Projector, ProjectionSpec
+
+    D = 10_000
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(200, D, generator=gen)
+    w = torch.randn(200, D, generator=gen)
+    c = torch.linspace(-0.9, 0.9, 200)[:, None]
+    v = c * u / u.norm(dim=1, keepdim=True) + (1 - c**2).sqrt() * w / w.norm(dim=1, keepdim=True)
+    exact = torch.nn.functional.cosine_similarity(u, v, dim=1)
+
+    rows = []
+    for kind, dims in (("sjlt", (64, 256, 1024, 4096)), ("rademacher", (64, 256, 1024))):
+        for d in dims:
+            proj = Projector(ProjectionSpec(kind=kind, dim=d, seed=0, input_dim=D))
+            approx = torch.nn.functional.cosine_similarity(proj.project(u), proj.project(v), dim=1)
+            rows.append({"kind": kind, "d": d, "mean |error|": float((approx - exact).abs().mean()),
+                         "max |error|": float((approx - exact).abs().max())})
+    errors = pd.DataFrame(rows)
+    display(errors.round(4))
+    assert errors[errors["d"] == 1024]["mean |error|"].max() < 0.05
+    px.line(errors, x="d", y="mean |error|", color="kind", markers=True, log_x=True, log_y=True,
+            title="Cosine error of projected vectors shrinks like 1/√d").show()
+    '''),
+    code('''
+    train_vecs = g_z  # real per-example gradients of the pool examples above
+    val_vecs = torch.cat([G_kit, G_first[None]])
+    exact = torch.nn.functional.normalize(train_vecs, dim=1) @ torch.nn.functional.normalize(val_vecs, dim=1).T
+    d = 512
+    proj = Projector(ProjectionSpec(kind="sjlt", dim=d, seed=0, input_dim=train_vecs.shape[1]))
+    approx = (torch.nn.functional.normalize(proj.project(train_vecs), dim=1)
+              @ torch.nn.functional.normalize(proj.project(val_vecs), dim=1).T)
+    fig = px.scatter(x=exact.flatten(), y=approx.flatten(),
+                     labels={"x": "exact cosine", "y": f"cosine after projection to d={d}"},
+                     title="Real LoRA gradients: projected against exact cosines")
+    fig.add_shape(type="line", x0=-1, y0=-1, x1=1, y1=1, line=dict(dash="dot"))
+    fig.show()
+    print(f"D = {train_vecs.shape[1]:,} -> d = {d}: mean |error| {float((approx - exact).abs().mean()):.3f}")
+    '''),
+    md("""
+    ## Summary
+
+    * G_j = Σ_k a_k ∇NLL_sum(y_k | x_j) is minus a sampled estimate of the gradient of expected reward;
+      the metric is only evaluated, never differentiated.
+    * A baseline in the weights (`policy.baseline = "mean"` or `"loo"`) keeps the direction and cuts
+      the noise; the reference's vanilla weights (no baseline) are noisy when all rewards are positive.
+    * Positive cosine between a training example's gradient and G_j: a step on that example raises
+      the expected metric on x_j.
+    * `group_gradients` computes exactly the hand-written sum, for many sequences in one batch.
+    * Projections to a few thousand dimensions keep cosines to within a few hundredths.
+
+    Next: `04_reward_metrics.ipynb` for the metrics that produce the rewards.
+    """),
+]
+
+
+NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
+    "02_loss_is_not_the_metric.ipynb": NB02,
+    "03_policy_gradient_from_scratch.ipynb": NB03,
+}
+
+
+def build(cells: list[tuple[str, str]], stem: str) -> nbformat.NotebookNode:
+    """A notebook with deterministic cell ids and no outputs."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata = {
+        "kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"},
+    }
+    prefix = stem.split("_")[0]
+    for i, (kind, text) in enumerate(cells):
+        cell = nbformat.v4.new_markdown_cell(text) if kind == "markdown" else nbformat.v4.new_code_cell(text)
+        cell.id = f"nb{prefix}-{i:02d}"
+        nb.cells.append(cell)
+    nbformat.validate(nb)
+    return nb
+
+
+def render(name: str) -> str:
+    """The exact text of notebook ``name`` as this script writes it."""
+    return nbformat.writes(build(NOTEBOOKS[name], Path(name).stem)) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only check that the notebooks on disk are up to date")
+    args = parser.parse_args(argv)
+    stale = []
+    for name in NOTEBOOKS:
+        path = NOTEBOOK_DIR / name
+        text = render(name)
+        if args.check:
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                stale.append(name)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path.relative_to(ROOT)}")
+    if stale:
+        print("out of date (run python scripts/make_notebooks.py):", ", ".join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+import torch
+
+from nice_kit.influence import influence_scores, top_fraction
+from nice_kit.warmup import Checkpoint, checkpoint_weights
+
+
+def test_scores_are_checkpoint_weighted_cosines_aggregated_by_subtask():
+    train = [torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0], [1.0, 0.0]])]
+    val = [torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])] * 2
+    w = [0.75, 0.25]
+    sims = 0.75 * (train[0] @ val[0].T) + 0.25 * (train[1] @ val[1].T)
+    s = influence_scores(train, val, w, ["a", "a", "b"])
+    expect = torch.stack([sims[:, :2].mean(1), sims[:, 2]], 1).max(1).values
+    np.testing.assert_allclose(s, expect.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(influence_scores(train, val, w, ["a", "a", "b"], aggregate="mean"),
+                               sims.mean(1).numpy(), rtol=1e-6)
+
+
+def test_prompts_without_signal_are_left_out():
+    train = [torch.tensor([[1.0, 0.0]])]
+    val = [torch.tensor([[1.0, 0.0], [0.0, 0.0]])]  # second prompt: zero gradient (no signal)
+    s = influence_scores(train, val, [1.0], ["a", "a"], valid=torch.tensor([1.0, 0.0]))
+    assert s[0] == pytest.approx(1.0)
+    s = influence_scores(train, val, [1.0], ["a", "b"], valid=torch.tensor([True, False]))  # subtask b empty
+    assert s[0] == pytest.approx(1.0) and not np.isnan(s).any()
+    with pytest.raises(ValueError, match="no target prompt carries a signal"):
+        influence_scores(train, val, [1.0], ["a", "a"], valid=torch.tensor([0.0, 0.0]))
+
+
+def test_checkpoint_weights():
+    ck = [Checkpoint(1, None, 3e-4), Checkpoint(2, None, 1e-4)]
+    assert checkpoint_weights(ck) == pytest.approx([0.75, 0.25])
+    assert checkpoint_weights([Checkpoint(1, None, 0.0)] * 2) == [0.5, 0.5]
+
+
+def test_top_fraction_is_deterministic():
+    ids = ["a", "b", "c", "d", "e"]
+    assert top_fraction(ids, np.array([0.1, 0.5, 0.5, -1.0, 0.2]), 0.4) == ["b", "c"]
+    assert top_fraction(ids, np.zeros(5), 0.01) == ["a"]
+    with pytest.raises(ValueError, match="NaN"):
+        top_fraction(ids, np.array([0.1, np.nan, 0, 0, 0]), 0.4)
+    with pytest.raises(ValueError, match="fraction"):
+        top_fraction(ids, np.zeros(5), 0.0)

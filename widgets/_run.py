@@ -1,0 +1,137 @@
+"""Opening runs and turning a pipeline's outputs into the tables the widgets show.
+
+Every widget takes either a live :class:`nice_kit.pipeline.Pipeline` or the path of a finished run
+directory; :func:`as_pipeline` turns either into a pipeline. Reading a finished run never recomputes:
+the stages are cached on disk and the model is only loaded when something must be computed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import pandas as pd
+
+from nice_kit.config import RunConfig
+from nice_kit.pipeline import Pipeline
+
+RunLike = Union[Pipeline, str, Path]
+
+# Pool columns shown beside the scores, in this order, when the records have them.
+FLAG_COLUMNS = ("task", "source", "on_task", "harmful", "harm_kind")
+
+
+def _resolve_data_paths(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Data paths in config.json may be relative to the directory the run was started from; when one
+    does not exist from here, look for it beside the run (``run_dir/data/<name>``)."""
+    data = dict(cfg.get("data", {}))
+    for key in ("pool", "target_val", "target_test"):
+        value = data.get(key)
+        if not value or Path(value).exists():
+            continue
+        for candidate in (run_dir / "data" / Path(value).name, run_dir.parent / value):
+            if candidate.exists():
+                data[key] = str(candidate.resolve())
+                break
+    return {**cfg, "data": data}
+
+
+def open_run(run_dir: str | Path, verbose: bool = False) -> Pipeline:
+    """The :class:`Pipeline` of a run directory, from its ``config.json``, without recomputing anything."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.json)")
+    cfg = _resolve_data_paths(json.loads(config_path.read_text()), run_dir)
+    return Pipeline(RunConfig.from_dict(cfg), run_dir, verbose=verbose)
+
+
+def as_pipeline(run: RunLike) -> Pipeline:
+    """A live pipeline as it is, or the pipeline of a run directory."""
+    if isinstance(run, Pipeline):
+        return run
+    if isinstance(run, (str, Path)):
+        return open_run(run)
+    raise TypeError(f"expected a nice_kit Pipeline or a run directory path, not {type(run).__name__}")
+
+
+def load_scores(p: Pipeline) -> pd.DataFrame:
+    """Influence scores (id + one column per method): ``scores.csv`` when the run wrote it, else
+    computed from the cached vectors."""
+    path = p.run_dir / "scores.csv"
+    if path.exists():
+        return pd.read_csv(path, dtype={"id": str})
+    try:
+        return p.scores()
+    except RuntimeError as err:
+        raise RuntimeError(f"{p.run_dir}: no influence scores yet; run the pipeline first ({err})") from err
+
+
+def score_columns(df: pd.DataFrame) -> list[str]:
+    """The method columns of a scores table, NICE first."""
+    cols = [c for c in df.columns if c not in ("id",) and c not in FLAG_COLUMNS
+            and c not in ("prompt", "response") and pd.api.types.is_numeric_dtype(df[c])
+            and not c.endswith("_rank")]
+    return sorted(cols, key=lambda c: (c != "nice", c != "less", c))
+
+
+def pool_frame(p: Pipeline, scores: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per pool example: id, flag columns present in the data, prompt, response, the method
+    scores and each method's rank (1 = most influential)."""
+    scores = load_scores(p) if scores is None else scores
+    rows = []
+    present = [c for c in FLAG_COLUMNS if any(c in r.columns for r in p.pool)]
+    for r in p.pool:
+        row = {"id": r.id}
+        for c in present:
+            row[c] = r.columns.get(c)
+        row["prompt"] = r.prompt
+        row["response"] = r.response or ""
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    df = df.merge(scores, on="id", how="left")
+    for m in score_columns(scores):
+        df[f"{m}_rank"] = df[m].rank(ascending=False, method="first").astype("Int64")
+    return df
+
+
+def record_text(p: Pipeline, rid: str) -> tuple[list[dict[str, str]], str]:
+    """The prompt messages and the response of pool example ``rid``."""
+    for r in p.pool:
+        if r.id == rid:
+            return r.messages, r.response or ""
+    raise KeyError(rid)
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation (ties get average ranks); NaN pairs are dropped."""
+    a = pd.Series(np.asarray(x, dtype=float))
+    b = pd.Series(np.asarray(y, dtype=float))
+    ok = a.notna() & b.notna()
+    if ok.sum() < 2:
+        return float("nan")
+    ra, rb = a[ok].rank(), b[ok].rank()
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def target_columns(p: Pipeline, records) -> dict[str, list[Any]]:
+    """The extra columns metrics read, one list entry per record (as the pipeline passes them):
+    every record column, plus ``response`` (the reference answer) unless the run is label-free."""
+    names = sorted({k for r in records for k in r.columns})
+    cols = {n: [r.columns.get(n) for r in records] for n in names}
+    if not p.cfg.data.label_free:
+        cols["response"] = [r.response for r in records]
+    return cols
+
+
+def rescore(p: Pipeline, rollouts: pd.DataFrame, metric) -> list[float]:
+    """Rewards of ``rollouts`` (prompt_id, completion) under ``metric``, with the target columns."""
+    from nice_kit import rewards
+
+    by_id = {r.id: r for r in p.target_val}
+    recs = [by_id[str(i)] for i in rollouts["prompt_id"]]
+    return rewards.score(metric, [r.prompt for r in recs], rollouts["completion"].tolist(), **target_columns(p, recs))
