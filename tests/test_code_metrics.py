@@ -19,7 +19,7 @@ from nice_kit.rewards import get_metric, list_metrics, metric_info
 TASKS = Path(__file__).resolve().parents[1] / "data" / "code" / "tasks.jsonl"
 TIMEOUT = 2.0
 MARGIN = 2.0  # start-up and clean-up on a busy 2-core machine
-HAVE_BWRAP = shutil.which("bwrap") is not None
+HAVE_BWRAP = shutil.which("bwrap") is not None and sandbox._probe("bubblewrap")[0]
 IS_ROOT = os.geteuid() == 0
 ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(0, 0) == 0", "assert add(10, 32) == 42"]
 
@@ -307,6 +307,8 @@ def test_hostile_completion_scores_zero(name, mode, tmp_path, monkeypatch):
 def test_hostile_batch_through_the_registered_metric(tmp_path, monkeypatch):
     """All hostile completions in one metric call (two run in parallel): all score 0."""
     names = [n for n in ALL_HOSTILE if n != "kill_parent"]  # kill_parent is covered above
+    if not HAVE_BWRAP:
+        names.remove("network")  # the fallback has no network isolation (documented)
     codes, checks = [], {}
     for name in names:
         (tmp_path / name).mkdir()
@@ -319,8 +321,9 @@ def test_hostile_batch_through_the_registered_metric(tmp_path, monkeypatch):
     elapsed = time.monotonic() - t
     assert scores == [0.0] * len(names) + [1.0]
     assert elapsed < 3 * (TIMEOUT + MARGIN)  # two timeouts, run side by side, plus quick ones
-    checks["files_outside"](None)
-    checks["network"](None)
+    for name in ("files_outside", "network"):
+        if name in checks:
+            checks[name](None)
 
 
 def test_fallback_metric_loop_memory_output_and_warning(fallback):

@@ -178,3 +178,19 @@ def test_prompts_without_signal_are_reported_not_nan(finished):
             assert n["note"]
     valid = load_tensors(p.run_dir / "grads" / "val_nice" / "epoch_1" / "vectors.safetensors")["valid"]
     assert valid.tolist() == [float(notes[r.id]["signal"]) for r in p.target_val]
+
+
+def count_vowels(prompts, completions, **columns):
+    return [float(sum(ch in "aeiou" for ch in c)) for c in completions]
+
+
+def test_a_user_function_is_a_metric_and_its_rewards_are_cached(finished, tokenizer, monkeypatch):
+    p, _ = finished
+    cfg = tiny_config({"pool": p.cfg.data.pool, "target_val": p.cfg.data.target_val,
+                       "target_test": p.cfg.data.target_test})
+    cfg.metric.name, cfg.metric.params = count_vowels, {}
+    q = Pipeline(cfg, p.run_dir, model=tiny_model(tokenizer), tokenizer=tokenizer, verbose=False)
+    df = q.rollouts()
+    assert df["reward"].tolist() == count_vowels([], df["completion"].tolist())
+    monkeypatch.setattr(pipeline_mod.rewards_mod, "score", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    assert q.rollouts()["reward"].tolist() == df["reward"].tolist()  # read back, not re-scored

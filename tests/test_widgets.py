@@ -37,7 +37,7 @@ def run_dir(run):
 def test_open_run_reads_a_finished_run_without_loading_the_model(run, run_dir):
     p = open_run(run_dir)
     assert [c.epoch for c in p.checkpoints] == [c.epoch for c in run.checkpoints]
-    pd.testing.assert_frame_equal(widgets.load_scores(p), run.scores())
+    pd.testing.assert_frame_equal(widgets.load_scores(p), run.scores(), check_dtype=False, rtol=1e-6)
     InfluenceExplorer(p)
     MetricPicker(p)
     RolloutViewer(p)
@@ -164,7 +164,7 @@ def test_metric_dropdown_updates_description_params_and_preview(run):
     picker.dropdown.value = "format"
     assert picker.description.value != desc and "regular expression" in picker.description.value
     assert list(picker._param_widgets) == ["pattern"]
-    picker._param_widgets["pattern"].value = ".*"
+    picker._param_widgets["pattern"].value = "(?s).*"
     assert set(picker.preview["score"]) == {1.0}
     picker._param_widgets["pattern"].value = "no completion is this"
     assert set(picker.preview["score"]) == {0.0}
@@ -245,6 +245,7 @@ def test_loss_vs_metric_across_subsets_has_error_bars_per_method():
             for s in (0, 1, 2)]
     fig = loss_vs_metric(pd.DataFrame(rows))
     assert [t.text[0] for t in fig.data] == ["random", "less", "nice", "full"]
+    assert [t.name for t in fig.data] == ["random (10%)", "less (10%)", "nice (10%)", "full"]
     nice = fig.data[2]
     assert nice.y[0] == pytest.approx(0.31) and nice.x[0] == pytest.approx(0.94)
     assert nice.error_y.array[0] == pytest.approx(0.01 / 3 ** 0.5)

@@ -14,6 +14,7 @@ STYLE = """
 .nice-kit-table th, .nice-kit-table td {border-bottom: 1px solid #ddd; padding: 2px 6px; text-align: left;
   vertical-align: top;}
 .nice-kit-table th {background: #f3f3f3; position: sticky; top: 0;}
+.nice-kit-nowrap td, .nice-kit-nowrap th {white-space: nowrap;}
 .nice-kit-table tr.nice-kit-selected td {background: #fff3c4;}
 .nice-kit-pre {white-space: pre-wrap; word-break: break-word; font-family: var(--jp-code-font-family, monospace);
   font-size: 12px; background: #f7f7f7; border: 1px solid #e2e2e2; padding: 6px; margin: 2px 0 8px 0;}

@@ -23,6 +23,8 @@ class InfluenceExplorer(w.VBox):
     example whose text is shown. ``.figure()`` and ``_repr_html_`` are static fallbacks.
     """
 
+    PLOT_WIDTH = 520
+
     def __init__(self, run: RunLike, k: int = 15, method: str | None = None):
         self.pipeline = as_pipeline(run)
         self.frame = pool_frame(self.pipeline)
@@ -34,27 +36,31 @@ class InfluenceExplorer(w.VBox):
 
         f = self.frame
         tasks = sorted(str(t) for t in f["task"].dropna().unique()) if "task" in f.columns else []
-        self.task = w.Dropdown(options=[ALL] + tasks, value=ALL, description="task")
-        self.flag = w.Dropdown(options=[ALL, "harmful", "clean"], value=ALL, description="harmful")
+        small = w.Layout(width="230px")
+        self.task = w.Dropdown(options=[ALL] + tasks, value=ALL, description="task", layout=small)
+        self.flag = w.Dropdown(options=[ALL, "harmful", "clean"], value=ALL, description="harmful",
+                               layout=w.Layout(width="200px"))
         self.flag.layout.display = None if "harmful" in f.columns and f["harmful"].notna().any() else "none"
-        self.method = w.Dropdown(options=self.methods, value=method or self.methods[0], description="sort by")
-        self.order = w.ToggleButtons(options=["top", "bottom"], value="top", description="order",
+        self.method = w.Dropdown(options=self.methods, value=method or self.methods[0], description="sort by",
+                                 layout=w.Layout(width="200px"))
+        self.order = w.ToggleButtons(options=["top", "bottom"], value="top", tooltips=["highest first", "lowest first"],
                                      style={"button_width": "70px"})
         self.k = w.BoundedIntText(value=min(k, len(f)), min=1, max=max(1, len(f)), description="rows",
                                   layout=w.Layout(width="150px"))
         self.search = w.Text(value="", placeholder="search id, prompt, response", description="search",
                              continuous_update=False)
-        self.table_html = w.HTML(layout=w.Layout(max_height="360px", overflow="auto"))
+        self.table_html = w.HTML(layout=w.Layout(max_height="330px", overflow="auto"))
         self.table_html.add_class("nice-explorer-table")
-        self.select = w.Dropdown(options=[], description="example", layout=w.Layout(width="95%"))
+        self.select = w.Dropdown(options=[], description="example", layout=w.Layout(width="98%"))
         self.select.add_class("nice-explorer-select")
         self.detail = w.HTML()
         self.detail.add_class("nice-explorer-detail")
         self.status = w.HTML()
 
-        self.hist = go.FigureWidget(score_histogram(f, self.method.value))
+        size = dict(width=self.PLOT_WIDTH, autosize=False)
+        self.hist = go.FigureWidget(score_histogram(f, self.method.value).update_layout(**size))
         self.has_scatter = {"nice", "less"} <= set(self.methods)
-        self.scatter = go.FigureWidget(influence_scatter(f)) if self.has_scatter else None
+        self.scatter = go.FigureWidget(influence_scatter(f).update_layout(**size)) if self.has_scatter else None
         if self.scatter is not None:
             for trace in self.scatter.data[:-1]:
                 trace.on_click(self._on_scatter_click)
@@ -63,10 +69,11 @@ class InfluenceExplorer(w.VBox):
             c.observe(self._refresh, names="value")
         self.select.observe(self._on_select, names="value")
 
-        controls = w.VBox([w.HBox([self.task, self.flag, self.method]), w.HBox([self.order, self.k, self.search])])
-        left = w.VBox([self.table_html, self.select, self.detail], layout=w.Layout(width="58%"))
+        controls = w.HBox([self.task, self.flag, self.method, self.order, self.k, self.search],
+                          layout=w.Layout(flex_flow="row wrap"))
+        left = w.VBox([self.table_html, self.select, self.detail], layout=w.Layout(flex="1 1 auto", min_width="0"))
         plots = [self.hist] + ([self.scatter] if self.scatter is not None else [])
-        right = w.VBox(plots, layout=w.Layout(width="42%"))
+        right = w.VBox(plots, layout=w.Layout(flex=f"0 0 {self.PLOT_WIDTH + 10}px"))
         super().__init__([w.HTML(H.STYLE + "<b>Influence explorer</b> "
                                  f"<span style='color:#777'>{H.esc(self.pipeline.run_dir)}</span>"),
                           controls, self.status, w.HBox([left, right])])
@@ -109,9 +116,10 @@ class InfluenceExplorer(w.VBox):
 
     def columns(self) -> list[str]:
         m = self.method.value
-        flags = [c for c in FLAG_COLUMNS if c in self.frame.columns]
         others = [c for c in self.methods if c != m]
-        return ["id", f"{m}_rank", m] + others + flags + ["prompt", "response"]
+        cols = ["id", f"{m}_rank", m] + others + ["task", "harmful", "harm_kind", "prompt", "response", "on_task",
+                                                  "source"]
+        return [c for c in cols if c in self.frame.columns]
 
     # ----------------------------------------------------------------------------- updates
     def _refresh(self, change=None) -> None:
@@ -174,7 +182,8 @@ class InfluenceExplorer(w.VBox):
 
     def _show(self, rid: str | None) -> None:
         self._selected = rid
-        self.table_html.value = H.table(self.shown, self.columns(), selected=rid, max_chars=60)
+        self.table_html.value = H.table(self.shown, self.columns(), selected=rid, max_chars=48,
+                                        css_class="nice-kit-nowrap")
         self.detail.value = self.detail_html(rid)
         m = self.method.value
         with self.hist.batch_update():
@@ -218,5 +227,6 @@ class InfluenceExplorer(w.VBox):
     def _repr_html_(self) -> str:
         fig = self.figure().to_html(include_plotlyjs="cdn", full_html=False)
         return (H.STYLE + f"<div>{len(self._table)} of {len(self.frame)} examples, sorted by {H.esc(self.method.value)} "
-                f"({self.order.value})</div>" + H.table(self.shown, self.columns(), self._selected, max_chars=60)
+                f"({self.order.value})</div>" + H.table(self.shown, self.columns(), self._selected, max_chars=48,
+                                                  css_class="nice-kit-nowrap")
                 + self.detail_html(self._selected) + fig)

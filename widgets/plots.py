@@ -155,8 +155,9 @@ def loss_vs_metric_subsets(results: pd.DataFrame, title: str | None = None) -> g
         label = method if frac is None or method == "full" else f"{method} ({frac:.0%})"
         if has_loss:
             l, l_se = _mean_se(df["loss"])
-            fig.add_trace(go.Scatter(x=[l], y=[m], mode="markers+text", name=label, text=[method],
-                                     textposition="top center", marker=dict(size=12, color=_color(method, i)),
+            fig.add_trace(go.Scatter(x=[l], y=[m], mode="markers", name=label, text=[method],
+                                     hovertemplate="%{text}: loss %{x:.4g}, metric %{y:.4g}<extra></extra>",
+                                     marker=dict(size=12, color=_color(method, i)),
                                      error_x=dict(type="data", array=[l_se], visible=True),
                                      error_y=dict(type="data", array=[m_se], visible=True)))
         else:

@@ -1,0 +1,68 @@
+"""Which policy-gradient settings make NICE's selection cleanest? (Diagnostics only: no retraining.)
+
+    python bench/nice_variants.py [--run-dir runs/default]
+
+Reuses the run's warmup, training gradients and rollouts (linked into runs/variants/<name>), recomputes
+only NICE's validation gradients per variant, and prints the share of harmful / wrong-answer /
+verbose / on-task examples among each variant's top 10% (the benchmark's flags, never seen by NICE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from nice_kit.config import RunConfig  # noqa: E402
+from nice_kit.pipeline import Pipeline  # noqa: E402
+
+VARIANTS = {
+    "vanilla, no baseline (reference)": {"policy": {"variant": "vanilla", "baseline": "none"}},
+    "vanilla, mean baseline (default)": {"policy": {"variant": "vanilla", "baseline": "mean"}},
+    "vanilla, leave-one-out baseline": {"policy": {"variant": "vanilla", "baseline": "loo"}},
+    "mean baseline, per-token normalised": {"policy": {"variant": "vanilla", "baseline": "mean", "token_normalize": True}},
+    "top-4, no baseline": {"policy": {"variant": "topk", "topk": 4, "baseline": "none"}},
+    "rejection vs reference (+fallback)": {"policy": {"variant": "rejection", "baseline": "none"}},
+    "mean baseline, lenient metric": {"metric": {"name": "task_score", "params": {"extract": "last_number"}}},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "default.toml"))
+    ap.add_argument("--run-dir", default=str(ROOT / "runs" / "default"))
+    ap.add_argument("--only", nargs="*", help="substrings of variant names to run")
+    args = ap.parse_args()
+    src = Path(args.run_dir).resolve()
+    base = RunConfig.from_file(args.config).to_dict()
+    rows, model = [], None
+    for name, over in VARIANTS.items():
+        if args.only and not any(s in name for s in args.only):
+            continue
+        d = {**base, **{k: {**base[k], **v} for k, v in over.items()}}
+        run_dir = ROOT / "runs" / "variants" / "".join(c if c.isalnum() else "_" for c in name)
+        (run_dir / "grads").mkdir(parents=True, exist_ok=True)
+        for part in ("warmup", "rollouts", "grads/train"):
+            link = run_dir / part
+            if not link.exists():
+                os.symlink(src / part, link)
+        p = Pipeline(RunConfig.from_dict(d), run_dir, verbose=False)
+        if model is not None:
+            p._base_model, p._tokenizer, p._peft = model
+        p.validation_gradients("nice")
+        model = (p._base_model, p._tokenizer, p._peft)
+        diag = p.diagnostics(p.select(p.scores(["nice"])))
+        row = diag[diag["method"] == "nice"].iloc[0].to_dict()
+        rows.append({"variant": name, **{k: v for k, v in row.items() if k.endswith("share")}})
+        print(pd.DataFrame(rows).tail(1).to_string(index=False, header=len(rows) == 1), flush=True)
+    print("\n" + pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+
+
+if __name__ == "__main__":
+    main()
