@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from scipy.stats import spearmanr
 
@@ -90,7 +89,7 @@ def main() -> None:
 
     examples = examples_of_length(tok, p.pool, args.length, args.examples)
     seqs = [mean_nll_sequence(t, i) for i, t in enumerate(examples)]
-    spec = ProjectionSpec(kind="sjlt", dim=args.dim, seed=0, input_dim=D)
+    spec = ProjectionSpec(kind="sjlt", dim=args.dim, seed=0, nnz=cfg.projection.nnz, input_dim=D)
     projector = Projector(spec)
     projector.project(torch.zeros(1, D))  # build the sketch once (cached, like in a run)
 
@@ -140,16 +139,18 @@ def main() -> None:
     s_exact = influence_scores([normalize_rows(train)], [normalize_rows(val)], [1.0], subtasks)
     print("\n== projection quality (real gradients: "
           f"{train.shape[0]} training x {val.shape[0]} validation) ==")
-    for kind in ("sjlt", "rademacher"):
-        pr = Projector(ProjectionSpec(kind=kind, dim=args.dim, seed=0, input_dim=D))
-        pt, pv = normalize_rows(pr.project(train)), normalize_rows(pr.project(val))
-        err = (pt @ pv.T - exact).abs()
-        s_proj = influence_scores([pt], [pv], [1.0], subtasks)
-        rho = spearmanr(s_exact, s_proj).statistic
-        print(f"{kind:10s}: max |cos error| {err.max():.4f} (mean {err.mean():.4f}); "
-              f"Spearman of influence rankings {rho:.4f} (target >= 0.95)")
-        del pr
-
+    for kind, seeds in (("sjlt", range(5)), ("rademacher", range(2))):
+        errs, rhos = [], []
+        for seed in seeds:
+            pr = Projector(ProjectionSpec(kind=kind, dim=args.dim, seed=seed, nnz=cfg.projection.nnz, input_dim=D))
+            pt, pv = normalize_rows(pr.project(train)), normalize_rows(pr.project(val))
+            errs.append((pt @ pv.T - exact).abs().max().item())
+            rhos.append(spearmanr(s_exact, influence_scores([pt], [pv], [1.0], subtasks)).statistic)
+        print(f"{kind:10s} ({len(rhos)} projection seeds): max |cos error| {max(errs):.4f} "
+              f"(per seed {', '.join(f'{e:.3f}' for e in errs)}); Spearman of influence rankings "
+              f"mean {sum(rhos) / len(rhos):.4f}, min {min(rhos):.4f} (target >= 0.95)")
+    print(f"(exact influence scores of these examples spread little: std {s_exact.std():.4f}, "
+          f"so a cosine error of ~1/sqrt(d) = {1 / math.sqrt(args.dim):.4f} reorders neighbours)")
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from nice_kit.config import RunConfig  # noqa: E402
 from nice_kit.data import prompt_ids  # noqa: E402
-from nice_kit.gradients import WeightedSequence, group_gradients, loop_gradients  # noqa: E402
+from nice_kit.gradients import group_gradients, loop_gradients  # noqa: E402
 from nice_kit.pipeline import Pipeline  # noqa: E402
 from nice_kit.projection import normalize_rows  # noqa: E402
 from nice_kit.rollouts import generate  # noqa: E402

@@ -42,7 +42,7 @@ class ProjectionSettings:
     kind: str = "sjlt"
     dim: int = 8192
     seed: int = 0
-    nnz: int = 4
+    nnz: int = 8  # sjlt non-zeros per coordinate (bench/bench_gradients.py measures the choice)
 
 
 @dataclass

@@ -8,7 +8,6 @@ reference answers' next-token loss. Each finished row is saved at once to
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -21,7 +20,7 @@ from .data import Record, collate, tokenize_records
 from .gradients import mean_nll_sequence, weighted_nll
 from .influence import top_fraction
 from .rollouts import greedy_completions
-from .runs import atomic_write_text, fingerprint
+from .runs import fingerprint
 from .warmup import train_lora
 
 EVAL_METHODS = ("random", "less", "nice", "full")

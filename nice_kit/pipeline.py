@@ -35,7 +35,7 @@ from .influence import influence_scores, top_fraction
 from .models import add_lora, load_model, set_threads
 from .policy import policy_weights
 from .projection import Projector, ProjectionSpec, load_spec, normalize_rows, save_spec
-from .rollouts import SampleSettings, sample_rollouts
+from .rollouts import sample_rollouts
 from .runs import atomic_write_text, load_tensors, open_stage, save_tensors, shard_chunks
 from .warmup import Checkpoint, checkpoint_weights, load_adapter_weights, load_checkpoints, train_lora
 
@@ -202,7 +202,6 @@ class Pipeline:
     def train_gradients(self, shard: tuple[int, int] = (0, 1)) -> None:
         """Projected, Adam-preconditioned gradients of every pool example at every checkpoint."""
         pool_tok, _ = tokenize_records(self.tokenizer, self.pool, self.cfg.data.max_length)
-        pad = self.tokenizer.pad_token_id
         for ckpt in self.checkpoints:
             stage = self._vector_stage("train", ckpt, {"pool": self.data_key["pool"]})
             if stage.done:
@@ -213,18 +212,12 @@ class Pipeline:
 
             def compute(start, stop):
                 seqs = [mean_nll_sequence(pool_tok[i], i - start) for i in range(start, stop)]
-                g = group_gradients(self.model, seqs, stop - start, pad, self.cfg.gradients.batch_size)
-                g = adam_precondition(g, exp_avg, exp_avg_sq)
-                return {"vectors": normalize_rows(self.projector.project(g))}
+                return {"vectors": self._projected(seqs, stop - start,
+                                                   lambda g: adam_precondition(g, exp_avg, exp_avg_sq))}
 
             self._run_chunks(stage, len(pool_tok), shard, compute, f"train grads epoch {ckpt.epoch}")
 
     # ---- NICE: rollouts and rewards
-    def _rollout_settings(self) -> SampleSettings:
-        r = self.cfg.rollouts
-        return SampleSettings(k=r.k, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                              max_new_tokens=r.max_new_tokens, stop=tuple(r.stop), batch_size=r.batch_size)
-
     def _rollout_key(self, ckpt: Checkpoint) -> dict[str, Any]:
         return {"warmup": self.warmup_key, "epoch": ckpt.epoch, "rollouts": self.cfg.rollouts.__dict__}
 
@@ -273,7 +266,7 @@ class Pipeline:
                 part = stage.chunk_path(c, ".jsonl")
                 if not part.exists():
                     got = sample_rollouts(self.model, self.tokenizer, self.target_val[start:stop],
-                                          self._rollout_settings(), seed=self.cfg.seed * 7919 + ckpt.epoch * 101 + c)
+                                          self.cfg.rollouts, seed=self.cfg.seed * 7919 + ckpt.epoch * 101 + c)
                     atomic_write_text(part, "".join(json.dumps(r) + "\n" for r in got))
                 rows += [json.loads(line) for line in part.read_text().splitlines()]
             atomic_write_text(samples_path, "".join(json.dumps(r) + "\n" for r in rows))
@@ -329,7 +322,7 @@ class Pipeline:
             raise ValueError(f"method must be one of {METHODS}, not {method!r}")
         if method == "less" and self.cfg.data.label_free:
             raise ValueError("LESS needs reference answers; this run is label-free")
-        val, pad, max_len = self.target_val, self.tokenizer.pad_token_id, self.cfg.data.max_length
+        val, max_len = self.target_val, self.cfg.data.max_length
         for ckpt in self.checkpoints:
             extra = {"val": self.data_key["val"], "method": method}
             if method == "nice":
@@ -373,12 +366,31 @@ class Pipeline:
                         seq = mean_nll_sequence(ref, j - start)
                         seq.weights = [x * pw.reference for x in seq.weights]
                         seqs.append(seq)
-                n = stop - start
-                g = (group_gradients(self.model, seqs, n, pad, self.cfg.gradients.batch_size) if seqs
-                     else torch.zeros(n, gradient_dim(self.model)))
-                return {"vectors": normalize_rows(self.projector.project(g)), "valid": valid}
+                return {"vectors": self._projected(seqs, stop - start), "valid": valid}
 
             self._run_chunks(stage, len(val), shard, compute, f"val grads ({method}) epoch {ckpt.epoch}")
+
+    def _projected(self, seqs: list[WeightedSequence], n_groups: int, transform=None) -> torch.Tensor:
+        """Unit-normalised projected gradients of ``n_groups`` groups of sequences, (n_groups, d).
+
+        Groups are computed ``gradients.batch_size`` at a time (shortest first, to pad little) and
+        projected at once, so full-size gradients never exceed batch_size x D floats in memory."""
+        by_group: list[list[WeightedSequence]] = [[] for _ in range(n_groups)]
+        for q in seqs:
+            by_group[q.group].append(q)
+        order = sorted(range(n_groups), key=lambda j: sum(len(q.input_ids) for q in by_group[j]))
+        out = torch.zeros(n_groups, self.projector.spec.dim)
+        step = self.cfg.gradients.batch_size
+        for a in range(0, n_groups, step):
+            groups = order[a:a + step]
+            part = [WeightedSequence(q.input_ids, q.weights, i) for i, j in enumerate(groups) for q in by_group[j]]
+            if not part:
+                continue  # groups without sequences (no signal) stay zero
+            g = group_gradients(self.model, part, len(groups), self.tokenizer.pad_token_id, step)
+            if transform is not None:
+                g = transform(g)
+            out[groups] = normalize_rows(self.projector.project(g)).cpu()
+        return out
 
     def _completion_sequence(self, p_ids: list[int], toks: list[int], weight: float, group: int) -> WeightedSequence:
         eos = self.tokenizer.eos_token_id

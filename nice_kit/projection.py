@@ -29,7 +29,7 @@ class ProjectionSpec:
     dim: int = 8192
     seed: int = 0
     input_dim: int = 0  # D, the number of gradient coordinates (set when the model is known)
-    nnz: int = 4  # non-zeros per input coordinate (sjlt only)
+    nnz: int = 8  # non-zeros per input coordinate (sjlt only)
 
     def __post_init__(self):
         if self.kind not in KINDS:

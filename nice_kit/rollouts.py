@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from tqdm.auto import tqdm
 
+from .config import RolloutSettings
 from .data import Record, prompt_ids
-
-
-@dataclass
-class SampleSettings:
-    k: int = 8
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 0.95
-    max_new_tokens: int = 16
-    stop: tuple[str, ...] = ()
-    batch_size: int = 64
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...] | list[str]) -> str:
@@ -79,13 +67,13 @@ def generate(model, tokenizer, prompts: list[list[int]], *, do_sample: bool, max
     return out
 
 
-def sample_rollouts(model, tokenizer, records: list[Record], settings: SampleSettings, seed: int = 0) -> list[dict]:
+def sample_rollouts(model, tokenizer, records: list[Record], settings: RolloutSettings, seed: int = 0) -> list[dict]:
     """K sampled completions per target prompt: rows (prompt_id, sample, completion, n_tokens, token_ids)."""
     prompt_tok = [prompt_ids(tokenizer, r.messages) for r in records]
     flat = [(i, k) for i in range(len(records)) for k in range(settings.k)]
     results = generate(model, tokenizer, [prompt_tok[i] for i, _ in flat], do_sample=True,
                        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                       top_k=settings.top_k, top_p=settings.top_p, stop=settings.stop, seed=seed,
+                       top_k=settings.top_k, top_p=settings.top_p, stop=tuple(settings.stop), seed=seed,
                        batch_size=settings.batch_size, desc="rollouts")
     return [
         {"prompt_id": records[i].id, "sample": k, "completion": text, "n_tokens": len(toks), "token_ids": toks}

@@ -77,9 +77,11 @@ def test_interrupted_stage_resumes_from_its_last_chunk(tokenizer, small_data, tm
     calls = {"n": 0}
     real = pipeline_mod.group_gradients
 
+    per_chunk = p.cfg.gradients.chunk_size // p.cfg.gradients.batch_size  # group_gradients calls per chunk
+
     def crash_on_third(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 2 * per_chunk + 1:  # the first batch of the third chunk
             raise KeyboardInterrupt
         return real(*a, **k)
 
@@ -91,7 +93,7 @@ def test_interrupted_stage_resumes_from_its_last_chunk(tokenizer, small_data, tm
     calls["n"] = -100  # no more crashes; count what the resumed run computes
     p.train_gradients()
     n_chunks = -(-len(p.pool) // 8)
-    assert calls["n"] == -100 + (n_chunks - 2) + n_chunks  # epoch 1 resumed, epoch 2 whole
+    assert calls["n"] == -100 + per_chunk * ((n_chunks - 2) + n_chunks)  # epoch 1 resumed, epoch 2 whole
     # identical to an uninterrupted run
     fresh = make(tokenizer, small_data, tmp_path / "fresh")
     fresh.warmup()
