@@ -345,6 +345,20 @@ def _bwrap_command(bwrap: str, python: str, workdir: str) -> list[str]:
                     made.add(current)
                     cmd += ["--perms", "0755", "--dir", current]
             cmd += ["--ro-bind", path, path]
+    # The private /tmp hides an interpreter or virtual environment that lives under /tmp (a CI
+    # checkout, say): bind those parts back, read-only, on searchable parents.
+    made_tmp: set[str] = set()
+    for path in (os.path.abspath(python), *_python_paths(python)):
+        if not path.startswith("/tmp/"):
+            continue
+        target = path if os.path.isdir(path) else os.path.dirname(path)
+        current = "/tmp"
+        for part in os.path.relpath(target, "/tmp").split(os.sep)[:-1]:
+            current = os.path.join(current, part)
+            if current not in made_tmp:
+                made_tmp.add(current)
+                cmd += ["--perms", "0755", "--dir", current]
+        cmd += ["--ro-bind", target, target]
     cmd += ["--bind", workdir, workdir, "--chdir", workdir]
     return cmd
 
