@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from . import rewards as rewards_mod
 from .data import Record, collate, tokenize_records
 from .gradients import mean_nll_sequence, weighted_nll
-from .influence import top_fraction
+from .influence import random_subset, top_fraction
 from .rollouts import greedy_completions
 from .runs import fingerprint
 from .warmup import train_lora
@@ -73,9 +73,7 @@ def subset_ids(pipeline, method: str, fraction: float, seed: int) -> list[str]:
     if method == "full":
         return ids
     if method == "random":
-        rng = np.random.default_rng(10_000 + seed)
-        k = max(1, int(round(fraction * len(ids))))
-        return sorted(rng.choice(ids, size=k, replace=False).tolist())
+        return random_subset(ids, fraction, seed)
     path = pipeline.run_dir / "scores.csv"
     if not path.exists():
         raise RuntimeError(f"{path}: no scores yet; run the pipeline before evaluating {method!r}")

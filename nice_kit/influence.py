@@ -55,3 +55,10 @@ def top_fraction(ids: list[str], scores: np.ndarray, fraction: float) -> list[st
     k = max(1, int(round(fraction * len(ids))))
     order = np.lexsort((np.arange(len(ids)), -np.asarray(scores)))
     return [ids[i] for i in order[:k]]
+
+
+def random_subset(ids: list[str], fraction: float, seed: int) -> list[str]:
+    """The random baseline's subset for ``seed``: the same ``fraction`` as the selectors, sorted ids."""
+    rng = np.random.default_rng(10_000 + seed)
+    k = max(1, int(round(fraction * len(ids))))
+    return sorted(rng.choice(ids, size=k, replace=False).tolist())

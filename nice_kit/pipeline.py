@@ -31,7 +31,7 @@ from .config import RunConfig
 from .data import Record, collate, file_digest, load_records, save_records, tokenize_pair, tokenize_records
 from .gradients import WeightedSequence, adam_precondition, gradient_dim, group_gradients, mean_nll_sequence
 from .data import prompt_ids
-from .influence import influence_scores, top_fraction
+from .influence import influence_scores, random_subset, top_fraction
 from .models import add_lora, load_model, set_threads
 from .policy import policy_weights
 from .projection import Projector, ProjectionSpec, load_spec, normalize_rows, save_spec
@@ -456,13 +456,13 @@ class Pipeline:
     def diagnostics(self, chosen: dict[str, list[str]] | None = None) -> pd.DataFrame:
         """Share of harmful and of on-task examples in each method's selection (needs no retraining).
 
-        Reads the benchmark's flag columns (``harmful``, ``on_task``), which no selector ever sees."""
+        Reads the benchmark's flag columns (``harmful``, ``on_task``), which no selector ever sees.
+        ``random`` is the random baseline's subset for seed 0 (the one ``evaluation.compare`` trains on)."""
         chosen = chosen if chosen is not None else self.select()
         flags = pd.DataFrame([{"id": r.id, **{k: r.columns.get(k) for k in ("harmful", "on_task", "harm_kind")}}
                               for r in self.pool]).set_index("id")
-        k = len(next(iter(chosen.values())))
-        rng = np.random.default_rng(self.cfg.seed)
-        rows = [("random", rng.choice(flags.index.to_numpy(), size=k, replace=False).tolist()), ("pool", list(flags.index))]
+        fraction = len(next(iter(chosen.values()))) / len(flags)
+        rows = [("random", random_subset(list(flags.index), fraction, seed=0)), ("pool", list(flags.index))]
         rows += list(chosen.items())
         out = []
         for name, ids in rows:

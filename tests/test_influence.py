@@ -43,3 +43,12 @@ def test_top_fraction_is_deterministic():
         top_fraction(ids, np.array([0.1, np.nan, 0, 0, 0]), 0.4)
     with pytest.raises(ValueError, match="fraction"):
         top_fraction(ids, np.zeros(5), 0.0)
+
+
+def test_random_subset_is_seeded_and_sized_like_the_selection():
+    from nice_kit.influence import random_subset
+
+    ids = [f"x{i}" for i in range(50)]
+    a = random_subset(ids, 0.1, seed=0)
+    assert len(a) == 5 and a == sorted(a) and set(a) <= set(ids)
+    assert random_subset(ids, 0.1, seed=0) == a and random_subset(ids, 0.1, seed=1) != a
