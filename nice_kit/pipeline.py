@@ -32,7 +32,7 @@ from .data import Record, collate, file_digest, load_records, save_records, toke
 from .gradients import WeightedSequence, adam_precondition, gradient_dim, group_gradients, mean_nll_sequence
 from .data import prompt_ids
 from .influence import influence_scores, random_subset, top_fraction
-from .models import add_lora, load_model, set_threads
+from .models import add_lora, load_model, load_tokenizer, set_threads
 from .policy import policy_weights
 from .projection import Projector, ProjectionSpec, load_spec, normalize_rows, save_spec
 from .rollouts import sample_rollouts
@@ -86,31 +86,31 @@ class Pipeline:
 
     @property
     def tokenizer(self):
-        self._load()
+        """The tokenizer (loaded on its own: stages that only read the run never load the model)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.cfg.model)
+        if self._tokenizer.pad_token_id is None:
+            self._tokenizer.pad_token = self._tokenizer.eos_token
         return self._tokenizer
 
     @property
     def model(self):
         """The base model wrapped in a LoRA adapter (weights set per checkpoint by the stages)."""
-        self._load()
+        if self._base_model is None:
+            self.log(f"loading model {self.cfg.model}")
+            self._base_model, tok = load_model(self.cfg.model, device=self.cfg.device)
+            self._tokenizer = self._tokenizer or tok
         if self._peft is None:
             self._peft = add_lora(self._base_model, self.cfg.lora, seed=self.cfg.seed)
             self._choose_threads()
         return self._peft
 
-    def _load(self) -> None:
-        if self._base_model is None:
-            self.log(f"loading model {self.cfg.model}")
-            self._base_model, self._tokenizer = load_model(self.cfg.model, device=self.cfg.device)
-        if self._tokenizer.pad_token_id is None:
-            self._tokenizer.pad_token = self._tokenizer.eos_token
-
     def _choose_threads(self) -> None:
         if self.cfg.threads != "auto":
             set_threads(self.cfg.threads)
             return
-        sample, _ = tokenize_records(self._tokenizer, self.pool[:4], self.cfg.data.max_length)
-        batch = collate(sample, self._tokenizer.pad_token_id)
+        sample, _ = tokenize_records(self.tokenizer, self.pool[:4], self.cfg.data.max_length)
+        batch = collate(sample, self.tokenizer.pad_token_id)
         n = set_threads("auto", self._peft, {k: v.to(next(self._peft.parameters()).device) for k, v in batch.items()})
         self.log(f"torch threads: {n} (measured)")
 
@@ -172,7 +172,10 @@ class Pipeline:
     def projection_spec(self, input_dim: int | None = None) -> ProjectionSpec:
         """The configured projection for this model's LoRA gradients (``input_dim`` given: no model load)."""
         p = self.cfg.projection
-        input_dim = input_dim if input_dim is not None else gradient_dim(self.model)
+        if input_dim is None:
+            done = load_checkpoints(self.run_dir / "warmup")
+            # the Adam moments hold one value per LoRA parameter: no need to load the model
+            input_dim = done[0].moments()[0].numel() if done else gradient_dim(self.model)
         return ProjectionSpec(kind=p.kind, dim=p.dim, seed=p.seed, nnz=p.nnz, input_dim=input_dim)
 
     @cached_property

@@ -196,3 +196,11 @@ def test_a_user_function_is_a_metric_and_its_rewards_are_cached(finished, tokeni
     assert df["reward"].tolist() == count_vowels([], df["completion"].tolist())
     monkeypatch.setattr(pipeline_mod.rewards_mod, "score", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
     assert q.rollouts()["reward"].tolist() == df["reward"].tolist()  # read back, not re-scored
+
+
+def test_a_finished_run_reopens_without_loading_the_model(finished, tokenizer, monkeypatch):
+    p, _ = finished
+    monkeypatch.setattr(pipeline_mod, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    again = Pipeline(p.cfg, p.run_dir, tokenizer=tokenizer, verbose=False)
+    diag = again.run()
+    assert set(diag["method"]) == {"random", "pool", "less", "nice"}
