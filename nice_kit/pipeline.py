@@ -169,13 +169,18 @@ class Pipeline:
             raise RuntimeError(f"{self.run_dir}: the warmup has not finished; run the warmup stage first")
         return ckpts
 
+    @cached_property
+    def _gradient_dim(self) -> int:
+        """D, the number of LoRA parameters (fixed by the config, so computed once per pipeline)."""
+        done = load_checkpoints(self.run_dir / "warmup")
+        # the Adam moments hold one value per LoRA parameter: no need to load the model
+        return done[0].moments()[0].numel() if done else gradient_dim(self.model)
+
     def projection_spec(self, input_dim: int | None = None) -> ProjectionSpec:
         """The configured projection for this model's LoRA gradients (``input_dim`` given: no model load)."""
         p = self.cfg.projection
         if input_dim is None:
-            done = load_checkpoints(self.run_dir / "warmup")
-            # the Adam moments hold one value per LoRA parameter: no need to load the model
-            input_dim = done[0].moments()[0].numel() if done else gradient_dim(self.model)
+            input_dim = self._gradient_dim
         return ProjectionSpec(kind=p.kind, dim=p.dim, seed=p.seed, nnz=p.nnz, input_dim=input_dim)
 
     @cached_property
