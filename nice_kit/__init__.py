@@ -8,18 +8,18 @@ The verbs most people need::
     run.scores()         # DataFrame: id, less, nice
 
 Reward metrics share TRL's shape ``metric(prompts, completions, **columns) -> list[float]``; see
-:mod:`nice_kit.rewards`. Everything else is one module a concept: data, models, warmup, gradients,
+the :mod:`nice_kit.metrics` package. Everything else is one module a concept: data, models, warmup, gradients,
 projection, rollouts, policy, influence, evaluation, runs.
 """
 
 import importlib
 from typing import Any
 
-# Exported lazily, so that ``import nice_kit.rewards`` (a metric in a worker process, say) stays cheap.
+# Exported lazily, so that ``import nice_kit.metrics`` (a metric in a worker process, say) stays cheap.
 _EXPORTS = {
     "RunConfig": "config", "DataError": "data", "Record": "data", "load_records": "data", "save_records": "data",
     "DEFAULT_MODEL": "models", "load_model": "models", "load_tokenizer": "models", "Pipeline": "pipeline",
-    "get_metric": "rewards", "list_metrics": "rewards", "register_metric": "rewards",
+    "get_metric": "metrics", "list_metrics": "metrics", "register_metric": "metrics",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -82,7 +82,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_metrics(args) -> None:
-    from .rewards import list_metrics
+    from .metrics import list_metrics
 
     for _, row in list_metrics().iterrows():
         ref = "needs reference" if row["needs_reference"] else "label-free"

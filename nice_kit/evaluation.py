@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import rewards as rewards_mod
+from . import metrics as rewards_mod
 from .data import Record, collate, tokenize_records
 from .gradients import mean_nll_sequence, weighted_nll
 from .influence import random_subset, top_fraction

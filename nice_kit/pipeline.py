@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import rewards as rewards_mod
+from . import metrics as rewards_mod
 from .config import RunConfig
 from .data import Record, collate, file_digest, load_records, save_records, tokenize_pair, tokenize_records
 from .gradients import WeightedSequence, adam_precondition, gradient_dim, group_gradients, mean_nll_sequence

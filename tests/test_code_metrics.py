@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from nice_kit import sandbox
-from nice_kit.code_metrics import extract_code, humaneval_units, load_humaneval_records, run_tests
-from nice_kit.rewards import get_metric, list_metrics, metric_info
+from nice_kit.metrics import sandbox
+from nice_kit.metrics.code import extract_code, humaneval_units, load_humaneval_records, run_tests
+from nice_kit.metrics import get_metric, list_metrics, metric_info
 
 TASKS = Path(__file__).resolve().parents[1] / "data" / "code" / "tasks.jsonl"
 TIMEOUT = 2.0
@@ -27,7 +27,7 @@ ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(0, 0
 @pytest.fixture(autouse=True)
 def _quiet_fallback_warning():
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="nice_kit.sandbox: running untrusted code without bubblewrap")
+        warnings.filterwarnings("ignore", message="nice_kit.metrics.sandbox: running untrusted code without bubblewrap")
         yield
 
 

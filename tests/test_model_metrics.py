@@ -20,9 +20,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(1)
 
-from nice_kit import judge_server, model_metrics  # noqa: E402
-from nice_kit.model_metrics import JudgeError, judged_answers, parse_verdict  # noqa: E402
-from nice_kit.rewards import get_metric, list_metrics, metric_info, score  # noqa: E402
+from nice_kit.metrics import judge_server, model_based as model_metrics  # noqa: E402
+from nice_kit.metrics.model_based import JudgeError, judged_answers, parse_verdict  # noqa: E402
+from nice_kit.metrics import get_metric, list_metrics, metric_info, score  # noqa: E402
 
 ALLOWED = {0.0, 0.25, 0.5, 0.75, 1.0}
 PROMPTS = ["What is 2 + 2?", "Name a colour.", "Say hello in French, please, and explain why it is polite."]
@@ -157,7 +157,7 @@ def test_registered_and_cheap_to_import():
     with pytest.raises(TypeError):
         get_metric("reward_model", model="x", temperature=1.0)
     code = (
-        "import sys, nice_kit.rewards as r, nice_kit.model_metrics, nice_kit.judge_server; r._load_plugins(); "
+        "import sys, nice_kit.metrics.registry as r, nice_kit.metrics.model_based, nice_kit.metrics.judge_server; r._load_plugins(); "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
@@ -489,6 +489,6 @@ def test_judge_server_protocol(start_server, causal_dir):
 
 def test_judge_server_cli_help():
     out = subprocess.run(
-        [sys.executable, "-m", "nice_kit.judge_server", "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "nice_kit.metrics.judge_server", "--help"], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0 and "--model" in out.stdout and "--port" in out.stdout

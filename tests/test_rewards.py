@@ -1,6 +1,6 @@
 import pytest
 
-from nice_kit.rewards import get_metric, last_number, list_metrics, metric_info, register_metric, score, strict_answer
+from nice_kit.metrics import get_metric, last_number, list_metrics, metric_info, register_metric, score, strict_answer
 
 
 def test_registry_lists_builtins_with_descriptions():

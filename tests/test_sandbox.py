@@ -10,8 +10,8 @@ import warnings
 
 import pytest
 
-from nice_kit import sandbox
-from nice_kit.sandbox import run_untrusted, sandbox_kind
+from nice_kit.metrics import sandbox
+from nice_kit.metrics.sandbox import run_untrusted, sandbox_kind
 
 TIMEOUT = 2.0
 MARGIN = 2.0  # start-up and clean-up on a busy 2-core machine
@@ -28,7 +28,7 @@ MODES = [pytest.param("bubblewrap", marks=needs_bwrap), "rlimits-only"]
 @pytest.fixture(autouse=True)
 def _quiet_fallback_warning():
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="nice_kit.sandbox: running untrusted code without bubblewrap")
+        warnings.filterwarnings("ignore", message="nice_kit.metrics.sandbox: running untrusted code without bubblewrap")
         yield
 
 

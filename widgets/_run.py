@@ -130,7 +130,7 @@ def target_columns(p: Pipeline, records) -> dict[str, list[Any]]:
 
 def rescore(p: Pipeline, rollouts: pd.DataFrame, metric) -> list[float]:
     """Rewards of ``rollouts`` (prompt_id, completion) under ``metric``, with the target columns."""
-    from nice_kit import rewards
+    from nice_kit import metrics as rewards
 
     by_id = {r.id: r for r in p.target_val}
     recs = [by_id[str(i)] for i in rollouts["prompt_id"]]

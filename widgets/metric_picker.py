@@ -9,7 +9,7 @@ import ipywidgets as w
 import pandas as pd
 import plotly.graph_objects as go
 
-from nice_kit import rewards
+from nice_kit import metrics as rewards
 
 from . import _html as H
 from ._run import RunLike, as_pipeline, rescore

@@ -628,7 +628,7 @@ def _warn_fallback() -> None:
         return
     _warned = True
     warnings.warn(
-        "nice_kit.sandbox: running untrusted code without bubblewrap (not installed, not working, "
+        "nice_kit.metrics.sandbox: running untrusted code without bubblewrap (not installed, not working, "
         "or isolation='rlimits-only' asked for). Isolation is weaker: resource limits, a temporary "
         "directory and (as root) an unprivileged uid only; there is NO "
         "filesystem or network isolation (it can read what any user can read, write world-writable "

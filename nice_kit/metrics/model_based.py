@@ -1,6 +1,6 @@
 """Metrics backed by models: a reward model and an LLM judge.
 
-Both register themselves in :mod:`nice_kit.rewards` on import (``rewards._load_plugins`` imports this
+Both register themselves in :mod:`nice_kit.metrics.registry` on import (``registry._load_plugins`` imports this
 module), so ``get_metric("reward_model", model=...)`` and ``get_metric("llm_judge", ...)`` work like
 the built-in metrics. torch and transformers are imported inside the factories only: importing this
 module stays cheap.
@@ -15,7 +15,7 @@ module stays cheap.
     completion is judged twice, once as answer A and once as answer B, and the two rewards are
     averaged to cancel the judge's position bias, so a reward is one of 0, 0.25, 0.5, 0.75, 1. The
     judge is either an OpenAI-compatible chat-completions endpoint (``base_url``; vLLM, llama.cpp's
-    server, :mod:`nice_kit.judge_server`, OpenAI itself) or a local causal LM (``local_model``).
+    server, :mod:`nice_kit.metrics.judge_server`, OpenAI itself) or a local causal LM (``local_model``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from nice_kit.rewards import Metric, register_metric
+from nice_kit.metrics.registry import Metric, register_metric
 
 # (kind, model name or path, device, dtype) -> (model, tokenizer)
 _MODEL_CACHE: dict[tuple, tuple[Any, Any]] = {}
@@ -204,7 +204,7 @@ def reward_model(
 
 
 # ----------------------------------------------------------------------------------------------
-# Local generation, shared by the local judge backend and nice_kit.judge_server
+# Local generation, shared by the local judge backend and nice_kit.metrics.judge_server
 
 
 def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:

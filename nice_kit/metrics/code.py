@@ -1,6 +1,6 @@
 """Metrics that execute code: share of unit tests a completion passes, and HumanEval.
 
-Every completion runs in its own sandboxed process (:func:`nice_kit.sandbox.run_untrusted`): the
+Every completion runs in its own sandboxed process (:func:`nice_kit.metrics.sandbox.run_untrusted`): the
 program (``code_prefix`` + completion, markdown fences stripped) is executed, then each test in
 the same process, each inside its own ``try``/``except``. After each test a trusted harness writes
 a pass/fail marker carrying a per-run random nonce, which the completion never sees in its source,
@@ -27,8 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from nice_kit.rewards import Metric, _column, register_metric
-from nice_kit.sandbox import SandboxResult, run_untrusted
+from nice_kit.metrics.registry import Metric, register_metric, require_column
+from nice_kit.metrics.sandbox import SandboxResult, run_untrusted
 
 __all__ = [
     "TestOutcome",
@@ -323,13 +323,14 @@ def _check_mode(mode: str) -> None:
     "in the same process. mode='partial': share of tests passed; 'pass_fail': 1 only if all pass. "
     "A crash, timeout or resource limit fails the tests not yet run.",
     needs_reference=True,
+    columns=("tests",),
 )
 def code_tests(mode: str = "partial", timeout_s: float = 5.0, memory_mb: int = 512, workers: int = 2) -> Metric:
     _check_mode(mode)
 
     def metric(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
         n = len(completions)
-        tests = _column(columns, "tests", n, "code_tests")
+        tests = require_column(columns, "tests", n, "code_tests")
         entry_points = columns.get("entry_point")
         entry_points = [None] * n if entry_points is None else list(entry_points)
         prefixes = columns.get("code_prefix")
@@ -360,14 +361,15 @@ def code_tests(mode: str = "partial", timeout_s: float = 5.0, memory_mb: int = 5
     "mode='pass_fail': 1 if check passes (HumanEval's pass@1); 'partial': share of check's assert "
     "statements that pass.",
     needs_reference=True,
+    columns=("test", "entry_point"),
 )
 def humaneval(mode: str = "pass_fail", timeout_s: float = 5.0, memory_mb: int = 512, workers: int = 2) -> Metric:
     _check_mode(mode)
 
     def metric(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
         n = len(completions)
-        tests = _column(columns, "test", n, "humaneval")
-        entry_points = _column(columns, "entry_point", n, "humaneval")
+        tests = require_column(columns, "test", n, "humaneval")
+        entry_points = require_column(columns, "entry_point", n, "humaneval")
         prefixes = columns.get("code_prefix")
         jobs = []
         for i, completion in enumerate(completions):

@@ -1,12 +1,12 @@
 """A minimal OpenAI-compatible chat-completions server backed by a local Hugging Face causal LM.
 
-Enough of the API for :func:`nice_kit.model_metrics.llm_judge` (and other OpenAI clients) to talk to
+Enough of the API for :func:`nice_kit.metrics.model_based.llm_judge` (and other OpenAI clients) to talk to
 a local model: ``POST /v1/chat/completions`` (also ``/chat/completions``) and ``GET /v1/models``.
 Replies are greedy (``temperature`` is ignored), ``max_tokens`` (or ``max_completion_tokens``)
 defaults to 16, and requests are answered one generation at a time. It binds to 127.0.0.1 unless
 told otherwise. Standard library HTTP only.
 
-    python -m nice_kit.judge_server --model PATH --port 8000
+    python -m nice_kit.metrics.judge_server --model PATH --port 8000
     # then: get_metric("llm_judge", base_url="http://127.0.0.1:8000/v1", model="PATH")
 
 In Python, ``serve(model_or_path)`` starts it on a background thread and returns
@@ -53,7 +53,7 @@ class JudgeServer(ThreadingHTTPServer):
             self.net = self.tokenizer = None
             self.model_name = model_name or getattr(model_or_path, "__name__", "responder")
         else:
-            from nice_kit.model_metrics import _load
+            from nice_kit.metrics.model_based import _load
 
             self._responder = None
             self.net, self.tokenizer = _load("causal", str(model_or_path), device)
@@ -65,7 +65,7 @@ class JudgeServer(ThreadingHTTPServer):
         with self._generate_lock:
             if self._responder is not None:
                 return str(self._responder(messages, max_tokens)), 0, 0, "stop"
-            from nice_kit.model_metrics import generate_chat
+            from nice_kit.metrics.model_based import generate_chat
 
             return generate_chat(self.net, self.tokenizer, [messages], max_tokens)[0]
 
