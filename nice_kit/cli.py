@@ -9,12 +9,21 @@ from pathlib import Path
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 
 
+# commands that only read what earlier stages wrote: a mistyped run directory is an error, not a new run
+_READERS = ("score", "select", "evaluate", "explain")
+
+
 def _pipeline(args):
     from .config import RunConfig
     from .pipeline import Pipeline
 
+    run_dir = Path(args.run_dir)
+    if args.command in _READERS and not (run_dir / "config.json").exists():
+        hint = "" if run_dir.exists() else " does not exist"
+        raise FileNotFoundError(f"run directory {run_dir}{hint or ' holds no run (no config.json)'}; "
+                                "start one with `nice-kit run --run-dir DIR`")
     cfg = RunConfig.from_file(args.config)
-    return Pipeline(cfg, args.run_dir)
+    return Pipeline(cfg, run_dir)
 
 
 def _shard(text):
@@ -29,10 +38,16 @@ def _shard(text):
 def cmd_run(args) -> None:
     import pandas as pd
 
+    from .diagnostics import has_flags
+
     p = _pipeline(args)
     diag = p.run()
     pd.set_option("display.width", 160)
-    print(f"\nSelection diagnostics (top {p.cfg.selection.fraction:.0%} of the pool; flags never seen by the selectors):")
+    if has_flags(p):
+        print(f"\nSelection diagnostics (top {p.cfg.selection.fraction:.0%} of the pool; flags never seen by the "
+              "selectors):")
+    else:
+        print(f"\nSelections (top {p.cfg.selection.fraction:.0%} of the pool):")
     print(diag.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(f"\nscores: {p.run_dir / 'scores.csv'}   selection: {p.run_dir / 'selected.jsonl'}")
 
@@ -68,17 +83,21 @@ def cmd_score(args) -> None:
 
 
 def cmd_select(args) -> None:
+    from .diagnostics import selection_summary
+
     p = _pipeline(args)
     chosen = p.select(fraction=args.fraction)
-    print(p.diagnostics(chosen).to_string(index=False))
+    print(selection_summary(p, chosen).to_string(index=False))
 
 
 def cmd_evaluate(args) -> None:
     from .evaluation import compare, summarize
 
     p = _pipeline(args)
-    df = compare(p, methods=args.methods, fraction=args.fraction, seeds=args.seeds)
-    print(summarize(df).to_string(index=False))
+    df = compare(p, methods=args.methods, fraction=args.fraction, seeds=args.seeds,
+                 selection_seeds=args.selection_seeds)
+    print(summarize(df).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"\nper run: {p.run_dir / 'evaluation' / 'results.csv'}")
 
 
 def cmd_metrics(args) -> None:
@@ -117,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("evaluate", cmd_evaluate, "fine-tune on each method's selection and score held-out test prompts")
     sp.add_argument("--methods", nargs="+", default=None, help="subset of: random less nice full")
     sp.add_argument("--fraction", type=float, default=None)
-    sp.add_argument("--seeds", nargs="+", type=int, default=None)
+    sp.add_argument("--seeds", nargs="+", type=int, default=None, help="fine-tuning seeds")
+    sp.add_argument("--selection-seeds", nargs="+", type=int, default=None,
+                    help="selection seeds: k re-runs the selection with run seed + k and projection seed + k")
     sm = sub.add_parser("metrics", help="list the registered reward metrics")
     sm.set_defaults(func=cmd_metrics)
     return parser
@@ -129,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
         from .data import DataError
+        from .runs import StaleResultError
 
-        if isinstance(err, (DataError, FileNotFoundError)) or not _debug():
+        if isinstance(err, (DataError, FileNotFoundError, StaleResultError)) or not _debug():
             print(f"nice-kit: error: {err}", file=sys.stderr)
             return 2
         raise

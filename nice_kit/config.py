@@ -18,6 +18,9 @@ class DataSettings:
     max_length: int = 128
     subtask_column: str = "task"  # target column naming the subtask (mean within, max across)
     label_free: bool = False  # ignore reference answers everywhere (needs a metric that needs none)
+    # columns withheld from every metric in label-free mode (they hold reference answers or tests)
+    reference_columns: list[str] = field(default_factory=lambda: [
+        "answer", "tests", "test", "canonical_solution", "solution", "baseline", "reference"])
 
 
 @dataclass
@@ -70,6 +73,7 @@ class PolicySettings:
     fallback_to_reference: bool = True
     token_normalize: bool = False  # divide each completion's NLL by its token count
     divide_by_kept: bool = True
+    include_eos: bool = True  # the end-of-sequence token counts in a completion's NLL when the model sampled it
 
 
 @dataclass
@@ -82,7 +86,10 @@ class SelectionSettings:
 @dataclass
 class EvalSettings:
     fraction: float = 0.1
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # fine-tuning seeds
+    # selection seeds: each re-runs the selection with run seed + s (warmup subset, LoRA init, rollouts) and
+    # projection seed + s, so results show the variance of the selection as well as of the fine-tuning
+    selection_seeds: list[int] = field(default_factory=lambda: [0])
     methods: list[str] = field(default_factory=lambda: ["random", "less", "nice", "full"])
     epochs: int = 3
     lr: float = 3e-4

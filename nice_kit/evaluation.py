@@ -8,6 +8,7 @@ reference answers' next-token loss. Each finished row is saved at once to
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -16,25 +17,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics as rewards_mod
-from .data import Record, collate, tokenize_records
+from .data import Record, collate, file_digest, tokenize_records
 from .gradients import mean_nll_sequence, weighted_nll
 from .influence import random_subset, top_fraction
 from .rollouts import greedy_completions
 from .runs import fingerprint
-from .warmup import train_lora
+from .warmup import reset_lora, train_lora  # noqa: F401  (reset_lora: re-exported)
 
 EVAL_METHODS = ("random", "less", "nice", "full")
-
-
-def reset_lora(model, seed: int) -> None:
-    """Re-initialise every LoRA adapter (B = 0: the model equals the base model again)."""
-    from peft.tuners.lora import LoraLayer
-
-    torch.manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            for name in module.lora_A:
-                module.reset_lora_parameters(name, True)
 
 
 @torch.no_grad()
@@ -60,7 +50,7 @@ def evaluate_model(pipeline, records: list[Record]) -> dict[str, float]:
     ev = pipeline.cfg.evaluation
     model, tok = pipeline.model, pipeline.tokenizer
     completions = greedy_completions(model, tok, records, ev.max_new_tokens, stop=tuple(pipeline.cfg.rollouts.stop))
-    cols = pipeline._columns(records)
+    cols, _, _ = pipeline.metric_columns(records)
     scores = rewards_mod.score(pipeline.metric(), [r.prompt for r in records], completions, **cols)
     out = {"metric": float(np.mean(scores)), "n_test": len(records)}
     if not pipeline.cfg.data.label_free:
@@ -69,17 +59,16 @@ def evaluate_model(pipeline, records: list[Record]) -> dict[str, float]:
 
 
 def subset_ids(pipeline, method: str, fraction: float, seed: int) -> list[str]:
+    """The training subset of ``method``: the pool (``full``), a random subset drawn with ``seed``
+    (``random``), or the top ``fraction`` by the run's (checked, current) scores."""
     ids = [r.id for r in pipeline.pool]
     if method == "full":
         return ids
     if method == "random":
         return random_subset(ids, fraction, seed)
-    path = pipeline.run_dir / "scores.csv"
-    if not path.exists():
-        raise RuntimeError(f"{path}: no scores yet; run the pipeline before evaluating {method!r}")
-    scores = pd.read_csv(path, dtype={"id": str})
+    scores = pipeline.read_scores()  # refuses scores computed from other settings
     if method not in scores.columns:
-        raise RuntimeError(f"{path} has no {method!r} column; run that method's stages first")
+        raise RuntimeError(f"{pipeline.run_dir / 'scores.csv'} has no {method!r} column; run that method's stages first")
     return top_fraction(scores["id"].tolist(), scores[method].to_numpy(), fraction)
 
 
@@ -97,10 +86,36 @@ def finetune_and_evaluate(pipeline, train_ids: list[str], seed: int, test: list[
     return result
 
 
+def evaluation_inputs(pipeline, test: list[Record]) -> dict:
+    """Everything a fine-tune-and-score result depends on besides the subset and the seed."""
+    c = pipeline.cfg
+    return {"model": c.model, "eval": {k: v for k, v in c.evaluation.__dict__.items()
+                                       if k not in ("seeds", "selection_seeds", "methods", "fraction")},
+            "metric": pipeline.metric_key(), "lora": c.lora.__dict__, "max_length": c.data.max_length,
+            "stop": list(c.rollouts.stop), "pool": pipeline._pool_digest, "label_free": c.data.label_free,
+            "test": [r.id for r in test], "test digest": file_digest(c.data.target_test)}
+
+
+def selection_run(pipeline, selection_seed: int):
+    """The pipeline whose selection ``selection_seed`` names: the run itself for 0, else a sibling run
+    (``<run>/selection_seeds/s<k>``) with run seed + k and projection seed + k, sharing the model."""
+    if selection_seed == 0:
+        return pipeline
+    cfg = copy.deepcopy(pipeline.cfg)
+    cfg.seed += selection_seed
+    cfg.projection.seed += selection_seed
+    return pipeline.sibling(pipeline.run_dir / "selection_seeds" / f"s{selection_seed}", cfg)
+
+
 def compare(pipeline, methods: list[str] | None = None, fraction: float | None = None,
-            seeds: list[int] | None = None) -> pd.DataFrame:
-    """Tidy results (method, fraction, seed, metric, loss, n_train, n_test); resumable, saved as
-    ``evaluation/results.csv`` in the run directory."""
+            seeds: list[int] | None = None, selection_seeds: list[int] | None = None) -> pd.DataFrame:
+    """Fine-tune on each method's selection and score the held-out test prompts.
+
+    Tidy results (method, fraction, selection_seed, seed, metric, loss, n_train, n_test), one row per
+    (method, selection seed, fine-tuning seed); resumable, saved as ``evaluation/results.csv``.
+    A selection seed re-runs the selection (see :func:`selection_run`: warmup subset, LoRA
+    initialisation, rollouts and projection all change), so the rows show both sources of variance;
+    ``random`` draws its subset with the selection seed, ``full`` has one selection."""
     ev = pipeline.cfg.evaluation
     methods = methods or list(ev.methods)
     if pipeline.cfg.data.label_free:
@@ -110,41 +125,71 @@ def compare(pipeline, methods: list[str] | None = None, fraction: float | None =
         raise ValueError(f"unknown evaluation method(s) {sorted(bad)}; choose from {EVAL_METHODS}")
     fraction = fraction or ev.fraction
     seeds = seeds if seeds is not None else list(ev.seeds)
+    selection_seeds = selection_seeds if selection_seeds is not None else list(ev.selection_seeds)
     test = pipeline.target_test[: ev.max_test or None]
     folder = pipeline.run_dir / "evaluation"
     folder.mkdir(exist_ok=True)
     path = folder / "results.csv"
     rows = pd.read_csv(path).to_dict("records") if path.exists() else []
-    base = {"model": pipeline.cfg.model, "eval": ev.__dict__, "metric": pipeline._metric_key(),
-            "test": [r.id for r in test]}
+    base = evaluation_inputs(pipeline, test)
     jobs = []
-    for method in methods:
-        for seed in seeds:
-            ids = subset_ids(pipeline, method, fraction, seed)
-            key = fingerprint({**base, "ids": ids, "seed": seed})
-            jobs.append((method, seed, ids, key))
+    selectors = [m for m in methods if m in ("less", "nice")]
+    for s in selection_seeds:
+        run = pipeline
+        if selectors and s != 0:
+            run = selection_run(pipeline, s)
+            pipeline.log(f"step: selection seed {s} (run seed {run.cfg.seed}, projection seed "
+                         f"{run.cfg.projection.seed}) in {run.run_dir}")
+            run.run(selectors)
+        for method in methods:
+            if method == "full" and s != selection_seeds[0]:
+                continue
+            ids = subset_ids(run, method, fraction, 0) if method in selectors else subset_ids(pipeline, method, fraction, s)
+            for seed in seeds:
+                key = fingerprint({**base, "ids": ids, "seed": seed})
+                jobs.append((method, s, seed, ids, key))
     done = {r["key"] for r in rows}
-    for method, seed, ids, key in tqdm([j for j in jobs if j[3] not in done], desc="evaluate"):
+    todo = [j for j in jobs if j[4] not in done]
+    for method, s, seed, ids, key in tqdm(todo, desc="evaluate"):
+        pipeline.log(f"step: evaluate {method} (selection seed {s}, fine-tuning seed {seed}, {len(ids)} examples)")
         result = finetune_and_evaluate(pipeline, ids, seed, test)
-        rows.append({"method": method, "fraction": 1.0 if method == "full" else fraction, "seed": seed,
-                     **result, "n_train": len(ids), "key": key})
-        pd.DataFrame(rows).to_csv(path, index=False)
-    keys = {j[3] for j in jobs}
-    df = pd.DataFrame([r for r in rows if r["key"] in keys])
-    return df.drop(columns=["key"]).reset_index(drop=True)
+        rows.append({"method": method, "fraction": 1.0 if method == "full" else fraction, "selection_seed": s,
+                     "seed": seed, **result, "n_train": len(ids), "key": key})
+        tmp = path.with_name(".results.csv.tmp")
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+        tmp.replace(path)
+    out = []
+    by_key = {r["key"]: r for r in rows}
+    for method, s, seed, ids, key in jobs:  # this call's rows, labelled with this call's seeds
+        out.append({**by_key[key], "method": method, "selection_seed": s, "seed": seed})
+    return pd.DataFrame(out).drop(columns=["key"]).reset_index(drop=True)
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard error of the metric (and loss) per method and fraction."""
+    """Per method and fraction: the metric's (and loss's) mean and standard error over every run, and
+    the two sources of variance: ``sd_selection`` (the spread of the per-selection means over
+    selection seeds) and ``sd_finetune`` (the pooled spread over fine-tuning seeds within a selection)."""
     def sem(x):
         return float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
 
-    agg = {"metric": ["mean", sem], "seed": "count"}
-    if "loss" in results.columns:
-        agg["loss"] = ["mean", sem]
-    out = results.groupby(["method", "fraction"], sort=False).agg(agg)
-    out.columns = ["_".join(c) if c[1] not in ("", "count") else c[0] + "s" for c in out.columns]
-    return out.rename(columns={"seeds": "n_seeds", "metric_sem": "metric_se", "loss_sem": "loss_se"}).reset_index()
+    results = results.copy()
+    if "selection_seed" not in results.columns:
+        results["selection_seed"] = 0
+    rows = []
+    for (method, fraction), g in results.groupby(["method", "fraction"], sort=False):
+        row = {"method": method, "fraction": fraction, "metric_mean": float(g["metric"].mean()),
+               "metric_se": sem(g["metric"]), "n_runs": len(g),
+               "n_selections": g["selection_seed"].nunique(), "n_finetune_seeds": g["seed"].nunique()}
+        per_sel = g.groupby("selection_seed")["metric"]
+        means = per_sel.mean()
+        row["sd_selection"] = float(means.std(ddof=1)) if len(means) > 1 else float("nan")
+        within = [(len(x) - 1, float(np.var(x, ddof=1))) for _, x in per_sel if len(x) > 1]
+        dof = sum(d for d, _ in within)
+        row["sd_finetune"] = math.sqrt(sum(d * v for d, v in within) / dof) if dof else float("nan")
+        if "loss" in g.columns:
+            row["loss_mean"], row["loss_se"] = float(g["loss"].mean()), sem(g["loss"])
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def checkpoint_curve(pipeline, split: str = "test") -> pd.DataFrame:
@@ -158,7 +203,7 @@ def checkpoint_curve(pipeline, split: str = "test") -> pd.DataFrame:
     folder = pipeline.run_dir / "evaluation"
     folder.mkdir(exist_ok=True)
     path = folder / f"checkpoints_{split}.csv"
-    key = fingerprint({"warmup": pipeline.warmup_key, "metric": pipeline._metric_key(),
+    key = fingerprint({"warmup": pipeline.warmup_inputs(), "metric": pipeline.metric_key(),
                        "ids": [r.id for r in records], "max_new_tokens": pipeline.cfg.evaluation.max_new_tokens})
     if path.exists():
         df = pd.read_csv(path)

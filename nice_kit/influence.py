@@ -2,11 +2,17 @@
 
 s(z) = aggregate_j sum_c w_c cos(Gamma_c(z), G_{c,j}): the checkpoint-weighted cosine between a
 training example's preconditioned gradient and each target prompt's validation gradient, then the
-mean over the target prompts of each subtask and the max over subtasks (NICE.md, step 6). LESS and
-NICE share this; they differ only in how G was measured.
+mean over the target prompts of each subtask and the max over subtasks (docs/method.md, step 6).
+LESS and NICE share this; they differ only in how G was measured.
+
+The training side may be tensors or :class:`~nice_kit.vectors.StoredVectors` (memory-mapped
+float16 rows): either way the pool is scored ``block_rows`` rows at a time, so memory stays
+bounded by the block, not the pool.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -14,14 +20,41 @@ import torch
 AGGREGATES = ("max_of_means", "mean")
 
 
-def influence_scores(train: list[torch.Tensor], val: list[torch.Tensor], weights: list[float],
+def _rows(source, start: int, stop: int) -> torch.Tensor:
+    if isinstance(source, torch.Tensor):
+        return source[start:stop].float()
+    return source.rows(start, stop)
+
+
+def similarity_matrix(train: Sequence, val: list[torch.Tensor], weights: list[float], start: int = 0,
+                      stop: int | None = None) -> torch.Tensor:
+    """sum_c w_c Gamma_c[start:stop] @ G_c^T: the checkpoint-weighted cosines, (rows, m) float32."""
+    stop = len(train[0]) if stop is None else stop
+    out = None
+    for w, t, v in zip(weights, train, val):
+        part = w * (_rows(t, start, stop) @ v.float().T)
+        out = part if out is None else out + part
+    return out
+
+
+def _subtask_columns(subtasks: list[str], valid: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    out = []
+    for name in sorted(set(subtasks)):
+        cols = torch.tensor([s == name for s in subtasks]) & valid
+        if cols.any():
+            out.append((name, cols))
+    return out
+
+
+def influence_scores(train: Sequence, val: list[torch.Tensor], weights: list[float],
                      subtasks: list[str], valid: torch.Tensor | None = None,
-                     aggregate: str = "max_of_means") -> np.ndarray:
+                     aggregate: str = "max_of_means", block_rows: int = 32768) -> np.ndarray:
     """Scores of shape (n_train,).
 
-    ``train[c]`` (n, d) and ``val[c]`` (m, d) are unit-normalised projected gradients at checkpoint c;
-    ``subtasks`` names each target prompt's subtask; ``valid`` (m,) masks out target prompts that
-    carry no signal (they count in no mean). A subtask with no valid prompt is left out of the max.
+    ``train[c]`` (n, d) and ``val[c]`` (m, d) are unit-normalised projected gradients at checkpoint c
+    (``train[c]`` a tensor or stored vectors); ``subtasks`` names each target prompt's subtask;
+    ``valid`` (m,) masks out target prompts that carry no signal (they count in no mean). A subtask
+    with no valid prompt is left out of the max.
     """
     if not (len(train) == len(val) == len(weights)) or not train:
         raise ValueError("train, val and weights need one entry per checkpoint")
@@ -33,15 +66,36 @@ def influence_scores(train: list[torch.Tensor], val: list[torch.Tensor], weights
     valid = torch.ones(m, dtype=torch.bool) if valid is None else valid.bool().cpu()
     if not valid.any():
         raise ValueError("no target prompt carries a signal (every one was masked out)")
-    sims = sum(w * (t.float() @ v.float().T) for w, t, v in zip(weights, train, val)).cpu()  # (n, m)
-    if aggregate == "mean":
-        return sims[:, valid].mean(dim=1).numpy()
-    per_subtask = []
-    for name in sorted(set(subtasks)):
-        cols = torch.tensor([s == name for s in subtasks]) & valid
-        if cols.any():
-            per_subtask.append(sims[:, cols].mean(dim=1))
-    return torch.stack(per_subtask, dim=1).max(dim=1).values.numpy()
+    n = len(train[0])
+    groups = _subtask_columns(subtasks, valid)
+    out = np.empty(n, dtype=np.float32)
+    for start in range(0, n, block_rows):
+        stop = min(start + block_rows, n)
+        sims = similarity_matrix(train, val, weights, start, stop).cpu()
+        if aggregate == "mean":
+            out[start:stop] = sims[:, valid].mean(dim=1).numpy()
+        else:
+            per = torch.stack([sims[:, cols].mean(dim=1) for _, cols in groups], dim=1)
+            out[start:stop] = per.max(dim=1).values.numpy()
+    return out
+
+
+def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` highest scores, highest first, ties broken by position (lower first).
+
+    Equal to ``np.lexsort((arange, -scores))[:k]`` but O(n) for the partition instead of a full sort."""
+    scores = np.asarray(scores)
+    n = len(scores)
+    k = min(k, n)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if k == n:
+        return np.lexsort((np.arange(n), -scores))
+    kth = np.partition(scores, n - k)[n - k]  # the k-th largest value
+    above = np.flatnonzero(scores > kth)
+    ties = np.flatnonzero(scores == kth)[: k - len(above)]
+    picked = np.concatenate([above, ties])
+    return picked[np.lexsort((picked, -scores[picked]))]
 
 
 def top_fraction(ids: list[str], scores: np.ndarray, fraction: float) -> list[str]:
@@ -53,8 +107,7 @@ def top_fraction(ids: list[str], scores: np.ndarray, fraction: float) -> list[st
     if np.isnan(scores).any():
         raise ValueError("scores contain NaN")
     k = max(1, int(round(fraction * len(ids))))
-    order = np.lexsort((np.arange(len(ids)), -np.asarray(scores)))
-    return [ids[i] for i in order[:k]]
+    return [ids[i] for i in top_k_indices(scores, k)]
 
 
 def random_subset(ids: list[str], fraction: float, seed: int) -> list[str]:

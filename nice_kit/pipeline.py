@@ -1,45 +1,95 @@
 """The NICE / LESS pipeline over a run directory: a few verbs, each a cached, resumable stage.
 
     run = Pipeline(RunConfig.from_file("configs/default.toml"), "runs/default")
-    run.warmup()                 # LoRA warmup checkpoints
-    run.train_gradients()        # Adam-preconditioned, projected pool gradients per checkpoint
-    run.validation_gradients("less")   # reference answers' NLL (LESS)
-    run.validation_gradients("nice")   # reward-weighted NLL of sampled completions (NICE)
-    scores = run.scores()        # DataFrame: id, less, nice  (also scores.csv)
-    run.select()                 # selected.jsonl (+ selected_<method>.jsonl)
+    run.warmup()                       # LoRA warmup checkpoints
+    run.train_gradients()              # Adam-preconditioned, projected pool gradients per checkpoint
+    run.validation_gradients("less")   # what LESS measures: reference answers' NLL
+    run.validation_gradients("nice")   # what NICE measures: reward-weighted NLL of sampled completions
+    scores = run.scores()              # DataFrame: id, less, nice  (also scores.csv)
+    run.select()                       # selected.jsonl (+ selected_<method>.jsonl)
+
+The pipeline never tests a method's name: what is measured on the target prompts is a
+:class:`~nice_kit.measurements.Measurement` (``"less"`` and ``"nice"`` name the built-in ones; pass
+your own instance anywhere a method goes).
+
+Every stage's folder records the inputs it was made from (:mod:`nice_kit.runs`). A stage is reused
+only when they are unchanged; every reader (``scores``, ``select``, ``evaluate``, the widgets)
+checks them against the current config and refuses stale results, naming the stage and the
+setting that changed. The pool's warmup and gradients do not depend on the target task: a new
+target reuses them.
 
 Run directory layout::
 
-    config.json  prepare/  warmup/epoch_C/  grads/{train,val_less,val_nice}/epoch_C/
-    rollouts/epoch_C/  scores.csv  selected*.jsonl  diagnostics.csv  evaluation/
+    config.json  prepare/  warmup/epoch_C/  grads/{train,val_<method>}/epoch_C/{vectors.npy, ...}
+    rollouts/epoch_C/  scores.csv  scores.json  selected*.jsonl  diagnostics.csv  evaluation/
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import metrics as rewards_mod
+from . import metrics as metrics_mod
 from .config import RunConfig
-from .data import Record, collate, file_digest, load_records, save_records, tokenize_pair, tokenize_records
+from .data import Record, collate, file_digest, load_records, save_records, tokenize_records
 from .gradients import WeightedSequence, adam_precondition, gradient_dim, group_gradients, mean_nll_sequence
-from .data import prompt_ids
-from .influence import influence_scores, random_subset, top_fraction
+from .influence import influence_scores, top_fraction
+from .measurements import Measurement, PolicyGradient, as_measurement
 from .models import add_lora, load_model, load_tokenizer, set_threads
-from .policy import policy_weights
-from .projection import Projector, ProjectionSpec, load_spec, normalize_rows, save_spec
+from .projection import Projector, ProjectionSpec, normalize_rows, save_spec
 from .rollouts import sample_rollouts
-from .runs import atomic_write_text, load_tensors, open_stage, save_tensors, shard_chunks
-from .warmup import Checkpoint, checkpoint_weights, load_adapter_weights, load_checkpoints, train_lora
+from .runs import (Stage, StaleResultError, atomic_write_text, fingerprint, load_tensors, open_stage, read_stage,
+                   save_tensors, shard_chunks)
+from .vectors import StoredVectors, chunk_tensors, merge_chunks, open_vectors
+from .warmup import Checkpoint, checkpoint_weights, load_adapter_weights, load_checkpoints, reset_lora, train_lora
 
-METHODS = ("less", "nice")
+# rollout settings that change how fast sampling runs, never what is sampled
+_ROLLOUT_SPEED_SETTINGS = ("batch_size", "max_batch_tokens")
+
+
+def _callable_key(fn: Callable) -> str:
+    """A stable identity for a user's metric function: its code and what it captured.
+
+    Two closures of one factory with different captured values (or defaults) get different keys.
+    A callable may define ``cache_key`` (a string) to name itself."""
+    import inspect
+
+    explicit = getattr(fn, "cache_key", None)
+    if isinstance(explicit, str):
+        return explicit
+    parts = [f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"]
+    target = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else type(fn)
+    try:
+        parts.append(inspect.getsource(target))
+    except (OSError, TypeError):
+        parts.append(repr(getattr(fn, "__code__", "")))
+    func = getattr(fn, "__func__", fn)
+    for cell in getattr(func, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            value = None
+        parts.append(_callable_key(value) if callable(value) else repr(value))
+    parts.append(repr(getattr(func, "__defaults__", None)))
+    parts.append(repr(getattr(func, "__kwdefaults__", None)))
+    if not inspect.isfunction(fn) and not inspect.ismethod(fn):
+        parts.append(repr(sorted((k, repr(v)) for k, v in vars(fn).items())) if hasattr(fn, "__dict__") else "")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _records_digest(records: list[Record], with_response: bool = True) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.id, r.messages, r.response if with_response else None], sort_keys=True).encode())
+    return h.hexdigest()[:16]
 
 
 class Pipeline:
@@ -52,7 +102,16 @@ class Pipeline:
         self.verbose = verbose
         self._base_model, self._tokenizer = model, tokenizer
         self._peft = None
+        self._measurements: dict[str, Measurement] = {}
         atomic_write_text(self.run_dir / "config.json", json.dumps(config.to_dict(), indent=1, default=str))
+
+    def sibling(self, run_dir: str | Path, config: RunConfig) -> "Pipeline":
+        """Another run with ``config`` in ``run_dir`` sharing this one's model and tokenizer (same base
+        model and LoRA shape; each stage sets the adapter weights it needs)."""
+        peft = self.model  # loaded now so that both share one LoRA-wrapped model
+        other = Pipeline(config, run_dir, model=self._base_model, tokenizer=self.tokenizer, verbose=self.verbose)
+        other._peft = peft
+        return other
 
     def log(self, msg: str) -> None:
         if self.verbose:
@@ -78,12 +137,6 @@ class Pipeline:
                 r.response = None
         return records
 
-    @cached_property
-    def data_key(self) -> dict[str, str]:
-        d = self.cfg.data
-        return {"pool": file_digest(d.pool), "val": file_digest(d.target_val), "max_length": d.max_length,
-                "label_free": d.label_free, "model": self.cfg.model}
-
     @property
     def tokenizer(self):
         """The tokenizer (loaded on its own: stages that only read the run never load the model)."""
@@ -105,14 +158,64 @@ class Pipeline:
             self._choose_threads()
         return self._peft
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def _choose_threads(self) -> None:
+        """Torch's thread count: the configured number, or ``"auto"``: measured once per process (at
+        the first stage that loads the model) by timing a forward+backward at 1 and at all cores."""
         if self.cfg.threads != "auto":
             set_threads(self.cfg.threads)
             return
         sample, _ = tokenize_records(self.tokenizer, self.pool[:4], self.cfg.data.max_length)
         batch = collate(sample, self.tokenizer.pad_token_id)
         n = set_threads("auto", self._peft, {k: v.to(next(self._peft.parameters()).device) for k, v in batch.items()})
-        self.log(f"torch threads: {n} (measured)")
+        self.log(f"torch threads: {n} (measured once for this process; set threads = N to fix it)")
+
+    # ------------------------------------------------------------------------------ what stages depend on
+    @cached_property
+    def _pool_digest(self) -> str:
+        return file_digest(self.cfg.data.pool)
+
+    @cached_property
+    def _target_digest(self) -> str:
+        return file_digest(self.cfg.data.target_val)
+
+    def warmup_inputs(self) -> dict[str, Any]:
+        """What the warmup depends on: the pool, the model, LoRA and warmup settings and the seed.
+        Not the target task: a new target reuses the warmup and the training gradients."""
+        c = self.cfg
+        return {"model": c.model, "data.pool": self._pool_digest, "data.max_length": c.data.max_length,
+                "lora": c.lora.__dict__, "warmup": c.warmup.__dict__, "seed": c.seed}
+
+    def train_inputs(self, ckpt: Checkpoint) -> dict[str, Any]:
+        return {**self.warmup_inputs(), "epoch": ckpt.epoch, "projection": self.projection_spec().to_dict()}
+
+    def rollout_inputs(self, ckpt: Checkpoint) -> dict[str, Any]:
+        """What the sampled completions depend on (not the metric: rewards are kept beside them)."""
+        settings = {k: v for k, v in self.cfg.rollouts.__dict__.items() if k not in _ROLLOUT_SPEED_SETTINGS}
+        return {**self.warmup_inputs(), "epoch": ckpt.epoch, "rollouts": settings,
+                "data.target_val prompts": _records_digest(self.target_val, with_response=False)}
+
+    def metric_key(self) -> dict[str, Any]:
+        """What identifies the metric's rewards: its name and parameters, or a user function's code and
+        captured values."""
+        name = self.cfg.metric.name
+        if callable(name):
+            name = "callable:" + _callable_key(name)
+        return {"name": name, "params": self.cfg.metric.params}
+
+    def reward_inputs(self) -> dict[str, Any]:
+        """What the rewards of given completions depend on: the metric and the columns it receives."""
+        cols, passed, _ = self.metric_columns(self.target_val)
+        digest = hashlib.sha256(json.dumps({k: cols[k] for k in passed}, sort_keys=True, default=str).encode())
+        return {"metric": self.metric_key(), "columns": passed, "columns digest": digest.hexdigest()[:16]}
+
+    def val_inputs(self, measurement: Measurement, ckpt: Checkpoint) -> dict[str, Any]:
+        return {**self.train_inputs(ckpt), "data.target_val": self._target_digest,
+                "data.label_free": self.cfg.data.label_free, "measurement": measurement.name,
+                **measurement.key(self, ckpt)}
 
     # -------------------------------------------------------------------------------------- stages
     def prepare(self) -> dict[str, Any]:
@@ -133,11 +236,6 @@ class Pipeline:
         atomic_write_text(self.run_dir / "prepare" / "stats.json", json.dumps(stats, indent=1))
         return stats
 
-    @property
-    def warmup_key(self) -> dict[str, Any]:
-        c = self.cfg
-        return {"data": self.data_key, "lora": c.lora.__dict__, "warmup": c.warmup.__dict__, "seed": c.seed}
-
     def warmup_ids(self) -> list[str]:
         """The random fraction of the pool the warmup trains on."""
         rng = np.random.default_rng(self.cfg.seed)
@@ -147,13 +245,15 @@ class Pipeline:
 
     def warmup(self) -> list[Checkpoint]:
         """Train the warmup LoRA; one checkpoint per epoch (resumes after the last finished epoch)."""
-        stage = open_stage(self.run_dir / "warmup", self.warmup_key)
+        stage = open_stage(self.run_dir / "warmup", self.warmup_inputs())
         if stage.done:
             return load_checkpoints(stage.path)
         ids = set(self.warmup_ids())
         examples, _ = tokenize_records(self.tokenizer, [r for r in self.pool if r.id in ids], self.cfg.data.max_length)
         w = self.cfg.warmup
-        self.log(f"warmup: {len(examples)} examples, {w.epochs} epochs")
+        self.log(f"step: warmup ({len(examples)} examples, {w.epochs} epochs)")
+        if not load_checkpoints(stage.path):  # a fresh start: the adapter's initial weights come from the seed
+            reset_lora(self.model, self.cfg.seed)
         ckpts = train_lora(self.model, examples, epochs=w.epochs, lr=w.lr, batch_size=w.batch_size,
                            pad_id=self.tokenizer.pad_token_id, seed=self.cfg.seed, grad_accum=w.grad_accum,
                            warmup_ratio=w.warmup_ratio, weight_decay=w.weight_decay, out_dir=stage.path,
@@ -164,10 +264,9 @@ class Pipeline:
 
     @property
     def checkpoints(self) -> list[Checkpoint]:
-        ckpts = load_checkpoints(self.run_dir / "warmup")
-        if not ckpts or not (self.run_dir / "warmup" / "DONE").exists():
-            raise RuntimeError(f"{self.run_dir}: the warmup has not finished; run the warmup stage first")
-        return ckpts
+        """The finished warmup's checkpoints (checked against the current config)."""
+        read_stage(self.run_dir / "warmup", self.warmup_inputs(), "the warmup checkpoints", "nice-kit warmup (or run)")
+        return load_checkpoints(self.run_dir / "warmup")
 
     @cached_property
     def _gradient_dim(self) -> int:
@@ -185,201 +284,28 @@ class Pipeline:
 
     @cached_property
     def projector(self) -> Projector:
-        return Projector(self.projection_spec(), device=next(self.model.parameters()).device)
+        return Projector(self.projection_spec(), device=self.device)
 
-    def _vector_stage(self, name: str, ckpt: Checkpoint, extra: dict[str, Any]):
-        key = {"warmup": self.warmup_key, "epoch": ckpt.epoch, "projection": self.projection_spec().to_dict(),
-               "gradients": self.cfg.gradients.__dict__, **extra}
-        stage = open_stage(self.run_dir / "grads" / name / f"epoch_{ckpt.epoch}", key)
-        save_spec(self.projection_spec(), stage.path)
-        return stage
-
-    def _run_chunks(self, stage, n_items: int, shard: tuple[int, int], compute, desc: str) -> None:
-        """Compute the shard's missing chunks with ``compute(start, stop) -> dict of tensors``; merge when all exist."""
-        size = self.cfg.gradients.chunk_size
+    def _run_chunks(self, stage: Stage, n_items: int, shard: tuple[int, int],
+                    compute: Callable[[int, int], dict[str, torch.Tensor]], desc: str) -> None:
+        """Compute the shard's missing chunks with ``compute(start, stop)``; merge once every chunk exists."""
+        size = stage.chunk_size(self.cfg.gradients.chunk_size)
         todo = [c for c in shard_chunks(n_items, size, shard) if not stage.chunk_path(c[0]).exists()]
         for c, start, stop in tqdm(todo, desc=desc, leave=False):
             save_tensors(compute(start, stop), stage.chunk_path(c))
-        all_chunks = shard_chunks(n_items, size, (0, 1))
-        if all(stage.chunk_path(c).exists() for c, _, _ in all_chunks):
-            parts = [load_tensors(stage.chunk_path(c)) for c, _, _ in all_chunks]
-            merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-            save_tensors(merged, stage.path / "vectors.safetensors")
-            stage.mark_done()
+        if all(stage.chunk_path(c).exists() for c, _, _ in shard_chunks(n_items, size)):
+            merge_chunks(stage, n_items, size)
 
-    def train_gradients(self, shard: tuple[int, int] = (0, 1)) -> None:
-        """Projected, Adam-preconditioned gradients of every pool example at every checkpoint."""
-        pool_tok, _ = tokenize_records(self.tokenizer, self.pool, self.cfg.data.max_length)
-        for ckpt in self.checkpoints:
-            stage = self._vector_stage("train", ckpt, {"pool": self.data_key["pool"]})
-            if stage.done:
-                continue
-            atomic_write_text(stage.path / "ids.json", json.dumps([r.id for r in self.pool]))
-            load_adapter_weights(self.model, ckpt)
-            exp_avg, exp_avg_sq = (t.to(next(self.model.parameters()).device) for t in ckpt.moments())
+    def _vector_stage(self, folder: str, inputs: dict[str, Any], ids: list[str]) -> Stage:
+        stage = open_stage(self.run_dir / "grads" / folder, inputs)
+        if not (stage.path / "projection.json").exists():
+            save_spec(self.projection_spec(), stage.path)
+        if not (stage.path / "ids.json").exists():
+            atomic_write_text(stage.path / "ids.json", json.dumps(ids))
+        return stage
 
-            def compute(start, stop):
-                seqs = [mean_nll_sequence(pool_tok[i], i - start) for i in range(start, stop)]
-                return {"vectors": self._projected(seqs, stop - start,
-                                                   lambda g: adam_precondition(g, exp_avg, exp_avg_sq))}
-
-            self._run_chunks(stage, len(pool_tok), shard, compute, f"train grads epoch {ckpt.epoch}")
-
-    # ---- NICE: rollouts and rewards
-    def _rollout_key(self, ckpt: Checkpoint) -> dict[str, Any]:
-        return {"warmup": self.warmup_key, "epoch": ckpt.epoch, "rollouts": self.cfg.rollouts.__dict__}
-
-    def metric(self):
-        m = self.cfg.metric
-        if self.cfg.data.label_free and isinstance(m.name, str):
-            if rewards_mod.metric_info(m.name).needs_reference:
-                raise ValueError(f"label-free mode needs a metric that reads no reference; {m.name!r} does")
-        return rewards_mod.get_metric(m.name, **m.params)
-
-    def _metric_key(self) -> dict[str, Any]:
-        """What identifies the metric's rewards: its name and parameters, or a user function's source."""
-        name = self.cfg.metric.name
-        if callable(name):
-            import hashlib
-            import inspect
-
-            try:
-                source = inspect.getsource(name)
-            except (OSError, TypeError):
-                source = repr(name)
-            name = f"{getattr(name, '__module__', '')}.{getattr(name, '__qualname__', type(name).__name__)}:" + \
-                hashlib.sha256(source.encode()).hexdigest()[:12]
-        return {"name": name, "params": self.cfg.metric.params}
-
-    def _columns(self, records: list[Record]) -> dict[str, list[Any]]:
-        names = sorted({k for r in records for k in r.columns})
-        cols = {n: [r.columns.get(n) for r in records] for n in names}
-        if not self.cfg.data.label_free:
-            cols["response"] = [r.response for r in records]
-        return cols
-
-    def rollouts(self, ckpt: Checkpoint | None = None) -> pd.DataFrame:
-        """Sampled completions of every target prompt with their rewards (sampled once, re-scored when
-        the metric changes). With no checkpoint, all checkpoints' rollouts in one table."""
-        if ckpt is None:
-            return pd.concat([self.rollouts(c) for c in self.checkpoints], ignore_index=True)
-        stage = open_stage(self.run_dir / "rollouts" / f"epoch_{ckpt.epoch}", self._rollout_key(ckpt))
-        samples_path = stage.path / "samples.jsonl"
-        if not samples_path.exists():
-            load_adapter_weights(self.model, ckpt)
-            rows = []
-            size = self.cfg.gradients.chunk_size
-            for c, start, stop in tqdm(shard_chunks(len(self.target_val), size), desc=f"rollouts epoch {ckpt.epoch}",
-                                       leave=False):
-                part = stage.chunk_path(c, ".jsonl")
-                if not part.exists():
-                    got = sample_rollouts(self.model, self.tokenizer, self.target_val[start:stop],
-                                          self.cfg.rollouts, seed=self.cfg.seed * 7919 + ckpt.epoch * 101 + c)
-                    atomic_write_text(part, "".join(json.dumps(r) + "\n" for r in got))
-                rows += [json.loads(line) for line in part.read_text().splitlines()]
-            atomic_write_text(samples_path, "".join(json.dumps(r) + "\n" for r in rows))
-            stage.mark_done()
-        df = pd.read_json(samples_path, lines=True, dtype={"prompt_id": str})
-        df.insert(0, "epoch", ckpt.epoch)
-        df["reward"] = self._rewards(stage.path, df)
-        return df
-
-    def _rewards(self, folder: Path, df: pd.DataFrame) -> list[float]:
-        from .runs import fingerprint
-
-        path = folder / f"rewards_{fingerprint(self._metric_key())}.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        by_id = {r.id: r for r in self.target_val}
-        recs = [by_id[i] for i in df["prompt_id"]]
-        cols = self._columns(recs)
-        rewards = rewards_mod.score(self.metric(), [r.prompt for r in recs], df["completion"].tolist(), **cols)
-        atomic_write_text(path, json.dumps(rewards))
-        return rewards
-
-    def reference_rewards(self) -> dict[str, float]:
-        """The metric on each target prompt's reference answer (for the rejection variant)."""
-        if self.cfg.data.label_free:
-            return {}
-        cols = self._columns(self.target_val)
-        vals = rewards_mod.score(self.metric(), [r.prompt for r in self.target_val],
-                                 [r.response for r in self.target_val], **cols)
-        return {r.id: v for r, v in zip(self.target_val, vals)}
-
-    def rollout_weights(self, ckpt: Checkpoint) -> tuple[pd.DataFrame, dict[str, Any]]:
-        """Rollouts with their policy-gradient weight, and per prompt (reference weight, signal, note)."""
-        p = self.cfg.policy
-        df = self.rollouts(ckpt)
-        ref = self.reference_rewards() if p.variant == "rejection" or p.fallback_to_reference else {}
-        weights, per_prompt = np.zeros(len(df)), {}
-        for pid, idx in df.groupby("prompt_id", sort=False).groups.items():
-            idx = list(idx)
-            pw = policy_weights(df.loc[idx, "reward"].tolist(), variant=p.variant, baseline=p.baseline,
-                                topk=p.topk, reference_reward=ref.get(pid),
-                                fallback_to_reference=p.fallback_to_reference and pid in ref,
-                                divide_by_kept=p.divide_by_kept)
-            weights[idx] = pw.completion
-            per_prompt[pid] = pw
-        df["weight"] = weights
-        return df, per_prompt
-
-    def validation_gradients(self, method: str = "nice", shard: tuple[int, int] = (0, 1)) -> None:
-        """Validation gradients per target prompt and checkpoint: ``less`` (reference answers' mean NLL)
-        or ``nice`` (reward-weighted summed NLL of the model's own sampled completions)."""
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, not {method!r}")
-        if method == "less" and self.cfg.data.label_free:
-            raise ValueError("LESS needs reference answers; this run is label-free")
-        val, max_len = self.target_val, self.cfg.data.max_length
-        for ckpt in self.checkpoints:
-            extra = {"val": self.data_key["val"], "method": method}
-            if method == "nice":
-                extra.update(rollouts=self._rollout_key(ckpt), metric=self._metric_key(),
-                             policy=self.cfg.policy.__dict__)
-            stage = self._vector_stage(f"val_{method}", ckpt, extra)
-            if stage.done:
-                continue
-            if method == "nice":
-                df, per_prompt = self.rollout_weights(ckpt)
-            atomic_write_text(stage.path / "ids.json", json.dumps([r.id for r in val]))
-            if method == "nice":
-                notes = {pid: {"signal": pw.signal, "note": pw.note, "reference_weight": pw.reference}
-                         for pid, pw in per_prompt.items()}
-                atomic_write_text(stage.path / "prompts.json", json.dumps(notes, indent=1))
-                silent = [pid for pid, pw in per_prompt.items() if not pw.signal]
-                if silent:
-                    self.log(f"epoch {ckpt.epoch}: {len(silent)} of {len(val)} target prompts carry no signal "
-                             "(all completions scored the same); left out of the aggregate")
-            load_adapter_weights(self.model, ckpt)
-
-            def compute(start, stop):
-                seqs: list[WeightedSequence] = []
-                valid = torch.ones(stop - start)
-                for j in range(start, stop):
-                    rec = val[j]
-                    if method == "less":
-                        seqs.append(mean_nll_sequence(tokenize_pair(self.tokenizer, rec.messages, rec.response, max_len),
-                                                      j - start))
-                        continue
-                    pw = per_prompt[rec.id]
-                    valid[j - start] = float(pw.signal)
-                    p_ids = prompt_ids(self.tokenizer, rec.messages)
-                    rows = df[df["prompt_id"] == rec.id]
-                    for toks, w in zip(rows["token_ids"], rows["weight"]):
-                        if w == 0:
-                            continue
-                        seqs.append(self._completion_sequence(p_ids, list(toks), w, j - start))
-                    if pw.reference:
-                        ref = tokenize_pair(self.tokenizer, rec.messages, rec.response, max_len)
-                        seq = mean_nll_sequence(ref, j - start)
-                        seq.weights = [x * pw.reference for x in seq.weights]
-                        seqs.append(seq)
-                return {"vectors": self._projected(seqs, stop - start), "valid": valid}
-
-            self._run_chunks(stage, len(val), shard, compute, f"val grads ({method}) epoch {ckpt.epoch}")
-
-    def _projected(self, seqs: list[WeightedSequence], n_groups: int, transform=None) -> torch.Tensor:
-        """Unit-normalised projected gradients of ``n_groups`` groups of sequences, (n_groups, d).
+    def _projected(self, seqs: list[WeightedSequence], n_groups: int, transform=None) -> dict[str, torch.Tensor]:
+        """Projected gradients of ``n_groups`` groups of sequences: unit rows and their norms.
 
         Groups are computed ``gradients.batch_size`` at a time (shortest first, to pad little) and
         projected at once, so full-size gradients never exceed batch_size x D floats in memory."""
@@ -397,59 +323,254 @@ class Pipeline:
             g = group_gradients(self.model, part, len(groups), self.tokenizer.pad_token_id, step)
             if transform is not None:
                 g = transform(g)
-            out[groups] = normalize_rows(self.projector.project(g)).cpu()
+            out[groups] = self.projector.project(g).cpu()
+        norms = out.norm(dim=1)
+        return {"vectors": normalize_rows(out), "norms": norms}
+
+    def train_gradients(self, shard: tuple[int, int] = (0, 1)) -> None:
+        """Projected, Adam-preconditioned gradients of every pool example at every checkpoint."""
+        pool_tok = None
+        for ckpt in self.checkpoints:
+            stage = self._vector_stage(f"train/epoch_{ckpt.epoch}", self.train_inputs(ckpt), [r.id for r in self.pool])
+            if stage.done:
+                continue
+            self.log(f"step: training gradients, epoch {ckpt.epoch} ({len(self.pool)} examples)")
+            if pool_tok is None:
+                pool_tok, _ = tokenize_records(self.tokenizer, self.pool, self.cfg.data.max_length)
+            load_adapter_weights(self.model, ckpt)
+            exp_avg, exp_avg_sq = (t.to(self.device) for t in ckpt.moments())
+
+            def compute(start, stop):
+                seqs = [mean_nll_sequence(pool_tok[i], i - start) for i in range(start, stop)]
+                got = self._projected(seqs, stop - start, lambda g: adam_precondition(g, exp_avg, exp_avg_sq))
+                return chunk_tensors(got["vectors"], got["norms"])
+
+            self._run_chunks(stage, len(pool_tok), shard, compute, f"train grads epoch {ckpt.epoch}")
+
+    # ---- metrics and rollouts
+    def metric(self):
+        """The configured metric, built (a registered name with its parameters, or the user's callable)."""
+        m = self.cfg.metric
+        if self.cfg.data.label_free and isinstance(m.name, str):
+            if metrics_mod.metric_info(m.name).needs_reference:
+                raise ValueError(f"label-free mode needs a metric that reads no reference; {m.name!r} does")
+        return metrics_mod.get_metric(m.name, **m.params)
+
+    def metric_columns(self, records: list[Record]) -> tuple[dict[str, list[Any]], list[str], list[str]]:
+        """The columns a metric receives for ``records`` (one entry per record), the names passed and
+        the names withheld. Label-free: no reference column (``data.reference_columns``) and no
+        reference answer reach any metric."""
+        names = sorted({k for r in records for k in r.columns})
+        cols = {n: [r.columns.get(n) for r in records] for n in names}
+        withheld: list[str] = []
+        if self.cfg.data.label_free:
+            refs = set(getattr(self.cfg.data, "reference_columns", ()) or ())
+            withheld = [n for n in names if n in refs]
+            cols = {n: v for n, v in cols.items() if n not in refs}
+        else:
+            cols["response"] = [r.response for r in records]
+        return cols, sorted(cols), withheld
+
+    def rollouts(self, ckpt: Checkpoint | None = None) -> pd.DataFrame:
+        """Sampled completions of every target prompt with their rewards (sampled once, re-scored when
+        the metric changes). With no checkpoint, all checkpoints' rollouts in one table."""
+        if ckpt is None:
+            return pd.concat([self.rollouts(c) for c in self.checkpoints], ignore_index=True)
+        stage = open_stage(self.run_dir / "rollouts" / f"epoch_{ckpt.epoch}", self.rollout_inputs(ckpt))
+        samples_path = stage.path / "samples.jsonl"
+        if not stage.done:
+            self.log(f"step: rollouts, epoch {ckpt.epoch} ({len(self.target_val)} prompts x {self.cfg.rollouts.k})")
+            size = stage.chunk_size(self.cfg.gradients.chunk_size)
+            chunks = shard_chunks(len(self.target_val), size)
+            todo = [c for c in chunks if not stage.chunk_path(c[0], ".jsonl").exists()]
+            if todo:
+                load_adapter_weights(self.model, ckpt)
+            for c, start, stop in tqdm(todo, desc=f"rollouts epoch {ckpt.epoch}", leave=False):
+                got = sample_rollouts(self.model, self.tokenizer, self.target_val[start:stop], self.cfg.rollouts,
+                                      seed=self.cfg.seed, epoch=ckpt.epoch)
+                atomic_write_text(stage.chunk_path(c, ".jsonl"), "".join(json.dumps(r) + "\n" for r in got))
+            rows = [line for c, _, _ in chunks for line in stage.chunk_path(c, ".jsonl").read_text().splitlines()]
+            atomic_write_text(samples_path, "\n".join(rows) + "\n")
+            atomic_write_text(stage.path / "sampling.json", json.dumps(self.cfg.rollouts.__dict__, indent=1))
+            stage.mark_done()
+        df = pd.read_json(samples_path, lines=True, dtype={"prompt_id": str})
+        df.insert(0, "epoch", ckpt.epoch)
+        df["reward"] = self._rewards(stage.path, df)
+        return df
+
+    def _rewards(self, folder: Path, df: pd.DataFrame) -> list[float]:
+        path = folder / f"rewards_{fingerprint(self.reward_inputs())}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        by_id = {r.id: r for r in self.target_val}
+        recs = [by_id[i] for i in df["prompt_id"]]
+        cols, passed, withheld = self.metric_columns(recs)
+        if withheld:
+            self.log(f"label-free: the metric receives columns {passed}; withheld: {withheld}")
+        rewards = metrics_mod.score(self.metric(), [r.prompt for r in recs], df["completion"].tolist(), **cols)
+        atomic_write_text(path, json.dumps(rewards))
+        return rewards
+
+    def reference_rewards(self) -> dict[str, float]:
+        """The metric on each target prompt's reference answer (for the rejection variant)."""
+        if self.cfg.data.label_free:
+            return {}
+        cols, _, _ = self.metric_columns(self.target_val)
+        vals = metrics_mod.score(self.metric(), [r.prompt for r in self.target_val],
+                                 [r.response for r in self.target_val], **cols)
+        return {r.id: v for r, v in zip(self.target_val, vals)}
+
+    def rollout_weights(self, ckpt: Checkpoint) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """Rollouts with their policy-gradient weight, and per prompt (reference weight, signal, note)."""
+        return PolicyGradient().weights(self, ckpt)
+
+    # ---- validation gradients (what a measurement measures on the target prompts)
+    def measurement(self, method: str | Measurement) -> Measurement:
+        """The measurement a method name stands for (a built-in, or one used earlier in this pipeline)."""
+        if isinstance(method, Measurement):
+            self._measurements[method.name] = method
+            return method
+        if method in self._measurements:
+            return self._measurements[method]
+        return as_measurement(method)
+
+    def _val_folder(self, m: Measurement, ckpt: Checkpoint) -> str:
+        return f"val_{m.name}/epoch_{ckpt.epoch}"
+
+    def validation_gradients(self, method: str | Measurement = "nice", shard: tuple[int, int] = (0, 1)) -> None:
+        """Projected gradients of what ``method`` measures on each target prompt, per checkpoint:
+        ``"less"`` (reference answers' mean NLL), ``"nice"`` (reward-weighted summed NLL of the
+        model's own sampled completions) or any :class:`~nice_kit.measurements.Measurement`."""
+        m = self.measurement(method)
+        if m.needs_reference and self.cfg.data.label_free:
+            raise ValueError(f"{m.name} needs reference answers (LESS needs reference answers); this run is label-free")
+        val = self.target_val
+        for ckpt in self.checkpoints:
+            stage = self._vector_stage(self._val_folder(m, ckpt), self.val_inputs(m, ckpt), [r.id for r in val])
+            if stage.done:
+                continue
+            self.log(f"step: validation gradients ({m.name}), epoch {ckpt.epoch} ({len(val)} target prompts)")
+            notes = m.prepare(self, ckpt)
+            if notes is not None:
+                atomic_write_text(stage.path / "notes.json", json.dumps(notes, indent=1))
+            load_adapter_weights(self.model, ckpt)
+
+            def compute(start, stop):
+                measured = m.measure(self, ckpt, val[start:stop])
+                got = self._projected(measured.sequences, stop - start)
+                valid = None if measured.valid is None else torch.tensor([float(v) for v in measured.valid])
+                return chunk_tensors(got["vectors"], got["norms"], valid)
+
+            self._run_chunks(stage, len(val), shard, compute, f"val grads ({m.name}) epoch {ckpt.epoch}")
+
+    # ---- reading stored vectors (checked against the current config)
+    def stored_vectors(self, which: str | Measurement = "train") -> list[StoredVectors]:
+        """The finished vectors of ``"train"`` or of a measurement, one per checkpoint (memory-mapped).
+
+        Raises :class:`~nice_kit.runs.StaleResultError` when they were made from other settings."""
+        out = []
+        for ckpt in self.checkpoints:
+            if which == "train":
+                folder, inputs = f"train/epoch_{ckpt.epoch}", self.train_inputs(ckpt)
+                what, fix = f"training gradients (epoch {ckpt.epoch})", "nice-kit train-grads (or run)"
+            else:
+                name = which.name if isinstance(which, Measurement) else str(which).removeprefix("val_")
+                m = self.measurement(which if isinstance(which, Measurement) else name)
+                folder, inputs = self._val_folder(m, ckpt), self.val_inputs(m, ckpt)
+                what = f"{m.name} validation gradients (epoch {ckpt.epoch})"
+                fix = (f"nice-kit val-grads --method {m.name} (or run)" if m.name in ("less", "nice")
+                       else f"run.validation_gradients({m!r})")
+            stage = read_stage(self.run_dir / "grads" / folder, inputs, what, fix)
+            stored = open_vectors(stage.path)
+            stored.spec.check_compatible(self.projection_spec(stored.spec.input_dim), what)
+            out.append(stored)
         return out
 
-    def _completion_sequence(self, p_ids: list[int], toks: list[int], weight: float, group: int) -> WeightedSequence:
-        eos = self.tokenizer.eos_token_id
-        comp = toks + ([eos] if eos is not None else [])
-        comp = comp[: max(1, self.cfg.data.max_length - len(p_ids))]
-        per_token = weight / len(comp) if self.cfg.policy.token_normalize else weight
-        return WeightedSequence(p_ids + comp, [0.0] * len(p_ids) + [per_token] * len(comp), group)
+    def load_vectors(self, which: str | Measurement) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[str]]:
+        """Vectors of ``"train"``, ``"val_less"``, ``"val_nice"`` (or a measurement) per checkpoint, as
+        float32 tensors, with the validity masks and the ids."""
+        stored = self.stored_vectors(which)
+        valid = [None if s.valid is None else torch.from_numpy(s.valid.astype(np.float32)) for s in stored]
+        return [s.all() for s in stored], valid, stored[0].ids
 
     # ---- influence and selection
-    def load_vectors(self, name: str) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[str]]:
-        """Merged vectors of ``train``, ``val_less`` or ``val_nice`` per checkpoint (+ valid masks, ids)."""
-        vecs, valid, ids = [], [], None
-        for ckpt in self.checkpoints:
-            folder = self.run_dir / "grads" / name / f"epoch_{ckpt.epoch}"
-            if not (folder / "DONE").exists():
-                missing = "" if not folder.exists() else " (some shards are missing)"
-                raise RuntimeError(f"{folder}: {name} gradients are not finished{missing}")
-            stored = load_spec(folder)
-            stored.check_compatible(self.projection_spec(stored.input_dim), f"{name} vectors at epoch {ckpt.epoch}")
-            t = load_tensors(folder / "vectors.safetensors")
-            vecs.append(t["vectors"])
-            valid.append(t.get("valid"))
-            ids = json.loads((folder / "ids.json").read_text())
-        return vecs, valid, ids
+    def _default_methods(self) -> list[str]:
+        return [m for m in self.cfg.selection.methods if not (m == "less" and self.cfg.data.label_free)]
 
-    def scores(self, methods: list[str] | None = None) -> pd.DataFrame:
-        """Influence scores of every pool example, one column per method; written to scores.csv."""
-        methods = methods or [m for m in self.cfg.selection.methods if not (m == "less" and self.cfg.data.label_free)]
-        train, _, train_ids = self.load_vectors("train")
-        weights = checkpoint_weights(self.checkpoints)
+    def _subtasks(self) -> list[str]:
         col = self.cfg.data.subtask_column
-        subtasks = [str(r.columns.get(col, "all")) for r in self.target_val]
-        out = pd.DataFrame({"id": train_ids})
-        for m in methods:
-            val, valid, _ = self.load_vectors(f"val_{m}")
+        return [str(r.columns.get(col, "all")) for r in self.target_val]
+
+    def scores_inputs(self, methods: list[str | Measurement]) -> dict[str, Any]:
+        ckpts = self.checkpoints
+        out: dict[str, Any] = {"train": [fingerprint(self.train_inputs(c)) for c in ckpts],
+                               "selection.aggregate": self.cfg.selection.aggregate,
+                               "data.subtask_column": self.cfg.data.subtask_column,
+                               "subtasks": hashlib.sha256("\n".join(self._subtasks()).encode()).hexdigest()[:16]}
+        for method in methods:
+            m = self.measurement(method)
+            out[m.name] = [fingerprint(self.val_inputs(m, c)) for c in ckpts]
+        return out
+
+    def scores(self, methods: list[str | Measurement] | None = None) -> pd.DataFrame:
+        """Influence scores of every pool example, one column per method; written to scores.csv."""
+        methods = methods or self._default_methods()
+        train = self.stored_vectors("train")
+        weights = checkpoint_weights(self.checkpoints)
+        subtasks = self._subtasks()
+        out = pd.DataFrame({"id": train[0].ids})
+        for method in methods:
+            m = self.measurement(method)
+            val = self.stored_vectors(m)
             mask = None
-            if valid[0] is not None:  # a prompt counts if it has signal at any checkpoint
-                mask = torch.stack([v.bool() for v in valid]).any(dim=0)
+            if val[0].valid is not None:  # a prompt counts if it has signal at any checkpoint
+                mask = torch.from_numpy(np.stack([v.valid for v in val]).any(axis=0))
                 if not mask.any():
                     raise ValueError(
-                        f"{m}: none of the {len(subtasks)} target prompts got completions with differing rewards "
-                        "at any checkpoint, so every policy gradient is zero. Try a partial-credit or lenient "
-                        "metric, a longer warmup, more samples (rollouts.k) or a higher temperature.")
-            out[m] = influence_scores(train, val, weights, subtasks, mask, self.cfg.selection.aggregate)
-        out.to_csv(self.run_dir / "scores.csv", index=False)
+                        f"{m.name}: none of the {len(subtasks)} target prompts got a non-zero policy gradient "
+                        "at any checkpoint. Try a partial-credit or lenient metric, a longer warmup, more "
+                        "samples (rollouts.k), a higher temperature, or no baseline.")
+            out[m.name] = influence_scores(train, [v.all() for v in val], weights, subtasks, mask,
+                                           self.cfg.selection.aggregate)
+        tmp = self.run_dir / ".scores.csv.tmp"
+        out.to_csv(tmp, index=False)
+        tmp.replace(self.run_dir / "scores.csv")
+        atomic_write_text(self.run_dir / "scores.json",
+                          json.dumps({"inputs": self.scores_inputs(methods), "methods": [self.measurement(x).name
+                                                                                         for x in methods]}, indent=1))
         return out
+
+    def read_scores(self, measurements: list[Measurement] | None = None) -> pd.DataFrame:
+        """``scores.csv`` as a DataFrame, after checking it was computed from the current config's
+        vectors (raises :class:`~nice_kit.runs.StaleResultError` naming what changed). Scores of your
+        own measurements are checked too: pass them (or use them in this pipeline first)."""
+        for m in measurements or []:
+            self.measurement(m)
+        path = self.run_dir / "scores.csv"
+        meta = self.run_dir / "scores.json"
+        if not path.exists() or not meta.exists():
+            raise RuntimeError(f"{path}: no influence scores yet; run `nice-kit score` (or `nice-kit run`)")
+        stored = json.loads(meta.read_text())
+        unknown = [m for m in stored["methods"] if m not in self._measurements and m not in ("less", "nice")]
+        if unknown:
+            raise ValueError(f"{path} holds scores of your own measurement(s) {unknown}: pass them, "
+                             "read_scores(measurements=[...]), to check those scores are current")
+        self.stored_vectors("train")
+        for m in stored["methods"]:
+            self.stored_vectors(m)  # names the stage and the setting when a vector stage is stale
+        current = self.scores_inputs(stored["methods"])
+        if stored["inputs"] != current:
+            from .runs import describe_changes
+
+            changes = describe_changes(stored["inputs"], current)
+            raise StaleResultError(f"{path} was computed from other vectors or settings:\n  " + "\n  ".join(changes)
+                                   + "\nRecompute: nice-kit score (or run)")
+        return pd.read_csv(path, dtype={"id": str})
 
     def select(self, scores: pd.DataFrame | None = None, fraction: float | None = None) -> dict[str, list[str]]:
         """Top ``fraction`` of the pool by each method's score; writes selected_<method>.jsonl and
-        selected.jsonl (NICE's selection when present, else LESS's)."""
-        scores = scores if scores is not None else pd.read_csv(self.run_dir / "scores.csv", dtype={"id": str})
+        selected.jsonl (NICE's selection when present, else the first method's)."""
+        scores = scores if scores is not None else self.read_scores()
         fraction = fraction or self.cfg.selection.fraction
         by_id = {r.id: r for r in self.pool}
         chosen = {}
@@ -461,38 +582,19 @@ class Pipeline:
         save_records([by_id[i] for i in chosen[primary]], self.run_dir / "selected.jsonl")
         return chosen
 
-    def diagnostics(self, chosen: dict[str, list[str]] | None = None) -> pd.DataFrame:
-        """Share of harmful and of on-task examples in each method's selection (needs no retraining).
+    def run(self, methods: list[str | Measurement] | None = None) -> pd.DataFrame:
+        """Every stage in order (each skipped when already done); returns the selection summary (with the
+        benchmark's diagnostics when the pool carries its flag columns, see :mod:`nice_kit.diagnostics`)."""
+        from .diagnostics import selection_summary
 
-        Reads the benchmark's flag columns (``harmful``, ``on_task``), which no selector ever sees.
-        ``random`` is the random baseline's subset for seed 0 (the one ``evaluation.compare`` trains on)."""
-        chosen = chosen if chosen is not None else self.select()
-        flags = pd.DataFrame([{"id": r.id, **{k: r.columns.get(k) for k in ("harmful", "on_task", "harm_kind")}}
-                              for r in self.pool]).set_index("id")
-        fraction = len(next(iter(chosen.values()))) / len(flags)
-        rows = [("random", random_subset(list(flags.index), fraction, seed=0)), ("pool", list(flags.index))]
-        rows += list(chosen.items())
-        out = []
-        for name, ids in rows:
-            sub = flags.loc[ids]
-            row = {"method": name, "k": len(ids)}
-            for col in ("harmful", "on_task"):
-                if sub[col].notna().all():
-                    row[f"{col}_share"] = float(sub[col].astype(bool).mean())
-            for kind in ("wrong_answer", "verbose", "bad_format"):
-                row[f"{kind}_share"] = float((sub["harm_kind"] == kind).mean())
-            out.append(row)
-        df = pd.DataFrame(out)
-        df.to_csv(self.run_dir / "diagnostics.csv", index=False)
-        return df
-
-    def run(self, methods: list[str] | None = None) -> pd.DataFrame:
-        """Every stage in order (each skipped when already done); returns the diagnostics table."""
-        methods = methods or [m for m in self.cfg.selection.methods if not (m == "less" and self.cfg.data.label_free)]
+        methods = methods or self._default_methods()
         self.prepare()
         self.warmup()
         self.train_gradients()
         for m in methods:
             self.validation_gradients(m)
         chosen = self.select(self.scores(methods))
-        return self.diagnostics(chosen)
+        return selection_summary(self, chosen)
+
+
+__all__ = ["Pipeline", "StaleResultError", "load_tensors"]

@@ -31,7 +31,7 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, do_sample: bool, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, stop=(), seed: int = 0,
-             batch_size: int = 64, desc: str = "generate") -> list[tuple[str, list[int]]]:
+             batch_size: int = 64, desc: str = "generate") -> list[tuple[str, list[int], bool]]:
     """Generate one completion per prompt (token-id lists), batched; returns (text, token ids).
 
     Text is cut at the first stop string and the end-of-sequence token; the token ids are the
@@ -56,28 +56,32 @@ def generate(model, tokenizer, prompts: list[list[int]], *, do_sample: bool, max
             kwargs.update(temperature=None, top_k=None, top_p=None)
         gen = model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:].tolist()
         for toks in gen:
-            if eos in toks:
+            ended = eos in toks
+            if ended:
                 toks = toks[: toks.index(eos)]
             text = tokenizer.decode(toks, skip_special_tokens=True)
             cut = cut_at_stop(text, stop)
             if cut != text:
                 toks = tokenizer(cut, add_special_tokens=False)["input_ids"]
-            out.append((cut, toks))
+                ended = False
+            out.append((cut, toks, ended))
     model.train(was_training)
     return out
 
 
-def sample_rollouts(model, tokenizer, records: list[Record], settings: RolloutSettings, seed: int = 0) -> list[dict]:
+def sample_rollouts(model, tokenizer, records: list[Record], settings: RolloutSettings, seed: int = 0,
+                    epoch: int = 0) -> list[dict]:
     """K sampled completions per target prompt: rows (prompt_id, sample, completion, n_tokens, token_ids)."""
     prompt_tok = [prompt_ids(tokenizer, r.messages) for r in records]
     flat = [(i, k) for i in range(len(records)) for k in range(settings.k)]
     results = generate(model, tokenizer, [prompt_tok[i] for i, _ in flat], do_sample=True,
                        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                       top_k=settings.top_k, top_p=settings.top_p, stop=tuple(settings.stop), seed=seed,
+                       top_k=settings.top_k, top_p=settings.top_p, stop=tuple(settings.stop), seed=seed * 7919 + epoch,
                        batch_size=settings.batch_size, desc="rollouts")
     return [
-        {"prompt_id": records[i].id, "sample": k, "completion": text, "n_tokens": len(toks), "token_ids": toks}
-        for (i, k), (text, toks) in zip(flat, results)
+        {"prompt_id": records[i].id, "sample": k, "completion": text, "n_tokens": len(toks), "token_ids": toks,
+         "ended_with_eos": ended}
+        for (i, k), (text, toks, ended) in zip(flat, results)
     ]
 
 
@@ -87,4 +91,4 @@ def greedy_completions(model, tokenizer, records: list[Record], max_new_tokens: 
     prompt_tok = [prompt_ids(tokenizer, r.messages) for r in records]
     res = generate(model, tokenizer, prompt_tok, do_sample=False, max_new_tokens=max_new_tokens, stop=stop,
                    batch_size=batch_size, desc="greedy")
-    return [t for t, _ in res]
+    return [t for t, _, _ in res]

@@ -64,6 +64,17 @@ def load_adapter_weights(model, checkpoint: Checkpoint) -> None:
         raise ValueError(f"adapter at {checkpoint.adapter_path} does not fit the model: {missing[:3]}")
 
 
+def reset_lora(model, seed: int) -> None:
+    """Re-initialise every LoRA adapter from ``seed`` (B = 0: the model equals the base model again)."""
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name in module.lora_A:
+                module.reset_lora_parameters(name, True)
+
+
 def checkpoint_weights(checkpoints: list[Checkpoint]) -> list[float]:
     """w_c = eta_c / sum(eta) (uniform if every learning rate is 0)."""
     total = sum(c.lr for c in checkpoints)

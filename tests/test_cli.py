@@ -61,3 +61,11 @@ def test_clear_errors_for_bad_config_and_data(tmp_path, small_data, tiny_model_d
 def test_metrics_command_lists_registered_metrics():
     out = nice_kit("metrics")
     assert out.returncode == 0 and "task_score" in out.stdout and "label-free" in out.stdout
+
+
+def test_reading_commands_refuse_a_run_directory_that_does_not_exist(tmp_path, small_data, tiny_model_dir):
+    cfg = _config(tmp_path, small_data, tiny_model_dir)
+    for cmd in ("score", "select", "evaluate"):
+        out = nice_kit(cmd, "--config", str(cfg), "--run-dir", str(tmp_path / "runz"))
+        assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr, cmd
+        assert not (tmp_path / "runz").exists()  # no mistyped directory created

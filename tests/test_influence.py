@@ -52,3 +52,25 @@ def test_random_subset_is_seeded_and_sized_like_the_selection():
     a = random_subset(ids, 0.1, seed=0)
     assert len(a) == 5 and a == sorted(a) and set(a) <= set(ids)
     assert random_subset(ids, 0.1, seed=0) == a and random_subset(ids, 0.1, seed=1) != a
+
+
+def test_top_k_equals_a_full_sort_with_ties_broken_by_position():
+    from nice_kit.influence import top_k_indices
+
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        n = int(rng.integers(1, 200))
+        scores = rng.integers(0, 6, size=n).astype(np.float32)  # many ties
+        for k in (1, n // 3, n):
+            full = np.lexsort((np.arange(n), -scores))[:k]
+            assert top_k_indices(scores, k).tolist() == full.tolist()
+
+
+def test_scores_stream_in_blocks_equal_the_whole_matrix():
+    g = torch.Generator().manual_seed(0)
+    train = [torch.nn.functional.normalize(torch.randn(101, 16, generator=g), dim=1) for _ in range(2)]
+    val = [torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=1) for _ in range(2)]
+    subtasks = ["a", "a", "b", "b", "b", "c"]
+    whole = influence_scores(train, val, [0.6, 0.4], subtasks)
+    blocks = influence_scores(train, val, [0.6, 0.4], subtasks, block_rows=7)
+    np.testing.assert_allclose(blocks, whole, rtol=1e-6, atol=1e-7)

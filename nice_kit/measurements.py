@@ -1,0 +1,204 @@
+"""What is measured on the target prompts: the one place where LESS and NICE differ.
+
+Warmup, training gradients, projection, storage, influence and selection are shared. A
+:class:`Measurement` turns the target records at a checkpoint into *weighted sequences*
+(:class:`~nice_kit.gradients.WeightedSequence`: token ids with a weight on each predicted token,
+grouped per target prompt); the pipeline takes the gradient of each group's weighted NLL, projects
+it and compares it with the training gradients. Kronfluence calls this ``compute_measurement``.
+
+Built in:
+
+* :class:`ReferenceLoss` (``"less"``): the mean NLL of each prompt's reference answer (LESS);
+* :class:`PolicyGradient` (``"nice"``): sum_k a_k NLL_sum(completion_k) over the model's own
+  sampled completions, with weights a_k from the metric's rewards (:mod:`nice_kit.policy`).
+
+Your own: subclass :class:`Measurement`, give it a ``name`` and a ``measure`` method, and pass an
+instance wherever a method name goes (``run.validation_gradients(m)``, ``run.scores([m])``)::
+
+    class SecondAnswer(Measurement):
+        name = "second_answer"
+
+        def measure(self, run, ckpt, records):
+            seqs = [mean_nll_sequence(tokenize_pair(run.tokenizer, r.messages, r.columns["answer2"],
+                                                    run.cfg.data.max_length), group=i)
+                    for i, r in enumerate(records)]
+            return Measured(seqs)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from .data import Record, prompt_ids, tokenize_pair
+from .gradients import WeightedSequence, mean_nll_sequence
+from .policy import PromptWeights, applicable_settings, policy_weights
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pipeline import Pipeline
+    from .warmup import Checkpoint
+
+
+@dataclass
+class Measured:
+    """What a measurement produced for a list of target records.
+
+    ``sequences[i].group`` is the index of the record (within the list) whose gradient the sequence
+    adds to. ``valid[i]`` says whether record i carries a signal (False: left out of the influence
+    aggregate); None means every record does."""
+
+    sequences: list[WeightedSequence]
+    valid: list[bool] | None = None
+
+
+class Measurement:
+    """Base class: what to measure on the target prompts. Subclass and implement :meth:`measure`."""
+
+    name: str = "measurement"
+    needs_reference: bool = True  # reads reference answers (not allowed in a label-free run)
+
+    def key(self, run: "Pipeline", ckpt: "Checkpoint") -> dict[str, Any]:
+        """Everything the result depends on besides the checkpoint, the target prompts and the projection.
+
+        The default names the class and hashes its source and attributes; override it when the
+        measurement depends on something else (a file, a model)."""
+        cls = type(self)
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            source = cls.__qualname__
+        attrs = {k: repr(v) for k, v in sorted(vars(self).items()) if not k.startswith("_")}
+        return {"class": f"{cls.__module__}.{cls.__qualname__}", "source": hashlib.sha256(source.encode()).hexdigest()[:16],
+                "attributes": attrs, "max_length": run.cfg.data.max_length}
+
+    def prepare(self, run: "Pipeline", ckpt: "Checkpoint") -> dict[str, Any] | None:
+        """Work done once per checkpoint before any chunk is measured (e.g. rollouts). Returns
+        optional JSON notes per target prompt id, saved beside the vectors as ``notes.json``."""
+        return None
+
+    def measure(self, run: "Pipeline", ckpt: "Checkpoint", records: list[Record]) -> Measured:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class ReferenceLoss(Measurement):
+    """LESS: the gradient of each target prompt's reference answer's mean NLL."""
+
+    name = "less"
+    needs_reference = True
+
+    def key(self, run, ckpt):
+        return {"measurement": "reference_loss", "max_length": run.cfg.data.max_length}
+
+    def measure(self, run, ckpt, records):
+        max_len = run.cfg.data.max_length
+        seqs = [mean_nll_sequence(tokenize_pair(run.tokenizer, r.messages, r.response, max_len), i)
+                for i, r in enumerate(records)]
+        return Measured(seqs)
+
+
+@dataclass
+class PolicyGradient(Measurement):
+    """NICE: sum_k a_k grad NLL_sum(y_k | x) over K sampled completions y_k of each target prompt.
+
+    The rollouts, the metric and the policy settings come from the run's config
+    (``[rollouts]``, ``[metric]``, ``[policy]``)."""
+
+    name: str = "nice"
+    _prepared: dict[int, tuple[pd.DataFrame, dict[str, PromptWeights]]] = field(default_factory=dict, repr=False)
+
+    @property
+    def needs_reference(self) -> bool:  # type: ignore[override]
+        return False  # the rejection variant reads references; the config check refuses it when label-free
+
+    def key(self, run, ckpt):
+        return {"measurement": "policy_gradient", "rollouts": run.rollout_inputs(ckpt), "rewards": run.reward_inputs(),
+                "policy": applicable_settings(run.cfg.policy, run.cfg.data.label_free),
+                "max_length": run.cfg.data.max_length}
+
+    def weights(self, run: "Pipeline", ckpt: "Checkpoint") -> tuple[pd.DataFrame, dict[str, PromptWeights]]:
+        """The checkpoint's rollouts with a ``weight`` column, and the weights of each prompt."""
+        p = run.cfg.policy
+        df = run.rollouts(ckpt)
+        ref = run.reference_rewards() if p.variant == "rejection" else {}
+        weights, per_prompt = np.zeros(len(df)), {}
+        for pid, idx in df.groupby("prompt_id", sort=False).groups.items():
+            idx = list(idx)
+            pw = policy_weights(df.loc[idx, "reward"].tolist(), variant=p.variant, baseline=p.baseline,
+                                topk=p.topk, reference_reward=ref.get(pid),
+                                fallback_to_reference=p.fallback_to_reference and pid in ref,
+                                divide_by_kept=p.divide_by_kept)
+            weights[idx] = pw.completion
+            per_prompt[pid] = pw
+        df["weight"] = weights
+        return df, per_prompt
+
+    def prepare(self, run, ckpt):
+        df, per_prompt = self.weights(run, ckpt)
+        self._prepared[ckpt.epoch] = (df, per_prompt)
+        silent = [pid for pid, pw in per_prompt.items() if not pw.signal]
+        if silent:
+            run.log(f"epoch {ckpt.epoch}: {len(silent)} of {len(per_prompt)} target prompts carry no signal "
+                    "(every policy weight is zero); left out of the aggregate")
+        return {pid: {"signal": pw.signal, "note": pw.note, "reference_weight": pw.reference}
+                for pid, pw in per_prompt.items()}
+
+    def measure(self, run, ckpt, records):
+        if ckpt.epoch not in self._prepared:
+            self.prepare(run, ckpt)
+        df, per_prompt = self._prepared[ckpt.epoch]
+        by_prompt = {pid: rows for pid, rows in df.groupby("prompt_id", sort=False)}
+        seqs: list[WeightedSequence] = []
+        valid = []
+        for j, rec in enumerate(records):
+            pw = per_prompt[rec.id]
+            valid.append(bool(pw.signal))
+            rows = by_prompt.get(rec.id)
+            p_ids = prompt_ids(run.tokenizer, rec.messages)
+            if rows is not None:
+                for toks, eos, w in zip(rows["token_ids"], rows["ended_with_eos"], rows["weight"]):
+                    seq = completion_sequence(run, p_ids, list(toks), bool(eos), float(w), j) if w != 0 else None
+                    if seq is not None:
+                        seqs.append(seq)
+            if pw.reference:
+                ref = tokenize_pair(run.tokenizer, rec.messages, rec.response, run.cfg.data.max_length)
+                seq = mean_nll_sequence(ref, j)
+                n = max(ref.n_response_tokens, 1)  # summed NLL, as for completions (the reference's fallback)
+                seq.weights = [x * n * pw.reference for x in seq.weights]
+                seqs.append(seq)
+        return Measured(seqs, valid)
+
+
+def completion_sequence(run: "Pipeline", p_ids: list[int], toks: list[int], ended_with_eos: bool, weight: float,
+                        group: int) -> WeightedSequence | None:
+    """A sampled completion as a weighted sequence: prompt (weight 0) + the sampled tokens, with the
+    end-of-sequence token only where the model sampled it (``policy.include_eos``). None when the
+    completion has no token to take a gradient over."""
+    eos = run.tokenizer.eos_token_id
+    comp = list(toks)
+    if ended_with_eos and eos is not None and run.cfg.policy.include_eos:
+        comp.append(eos)
+    comp = comp[: max(1, run.cfg.data.max_length - len(p_ids))]
+    if not comp:
+        return None
+    per_token = weight / len(comp) if run.cfg.policy.token_normalize else weight
+    return WeightedSequence(p_ids + comp, [0.0] * len(p_ids) + [per_token] * len(comp), group)
+
+
+BUILTIN = {"less": ReferenceLoss, "nice": PolicyGradient}
+
+
+def as_measurement(method: "str | Measurement") -> Measurement:
+    """``"less"`` / ``"nice"`` or a :class:`Measurement` instance."""
+    if isinstance(method, Measurement):
+        return method
+    if isinstance(method, str) and method in BUILTIN:
+        return BUILTIN[method]()
+    raise ValueError(f"method must be one of {sorted(BUILTIN)} or a nice_kit.measurements.Measurement, not {method!r}")
