@@ -48,7 +48,7 @@ def _subtask_columns(subtasks: list[str], valid: torch.Tensor) -> list[tuple[str
 
 def influence_scores(train: Sequence, val: list[torch.Tensor], weights: list[float],
                      subtasks: list[str], valid: torch.Tensor | None = None,
-                     aggregate: str = "max_of_means", block_rows: int = 32768) -> np.ndarray:
+                     aggregate: str = "max_of_means", block_rows: int = 8192) -> np.ndarray:
     """Scores of shape (n_train,).
 
     ``train[c]`` (n, d) and ``val[c]`` (m, d) are unit-normalised projected gradients at checkpoint c

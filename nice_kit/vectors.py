@@ -3,8 +3,8 @@
 A vector stage writes numbered chunk files (``chunk_*.safetensors``: ``vectors`` float16 unit rows,
 ``norms`` float32 lengths before normalisation, optionally ``valid``); once every chunk exists they
 are streamed into ``vectors.npy`` (float16, n x d) and ``extras.npz``, never holding the whole matrix
-in memory. Readers memory-map ``vectors.npy`` and take rows in blocks, so a pool of 270k examples x
-8192 dimensions x several checkpoints is scored on a laptop.
+in memory. Readers take rows in blocks with plain file reads (no mapping that stays resident), so a
+pool of 270k examples x 8192 dimensions x several checkpoints is scored on a laptop.
 """
 
 from __future__ import annotations
@@ -32,6 +32,12 @@ def chunk_tensors(vectors: torch.Tensor, norms: torch.Tensor, valid: torch.Tenso
     return out
 
 
+def write_npy_header(f, shape: tuple[int, int]) -> None:
+    """The header of a float16 C-order ``.npy`` file of ``shape``; the rows follow as raw bytes."""
+    np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(STORE_DTYPE).str, "fortran_order": False,
+                                             "shape": tuple(int(x) for x in shape)})
+
+
 def merge_chunks(stage: Stage, n_items: int, chunk_size: int) -> None:
     """Stream the stage's chunk files into ``vectors.npy`` + ``extras.npz`` (atomically) and mark it done."""
     chunks = shard_chunks(n_items, chunk_size, (0, 1))
@@ -39,17 +45,19 @@ def merge_chunks(stage: Stage, n_items: int, chunk_size: int) -> None:
     d = first["vectors"].shape[1]
     tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
     tmp = stage.path / f".vectors.npy.{tag}"
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=STORE_DTYPE, shape=(n_items, d))
     norms = np.zeros(n_items, dtype=np.float32)
     valid = np.ones(n_items, dtype=bool) if "valid" in first else None
-    for c, start, stop in chunks:
-        t = first if c == chunks[0][0] else load_tensors(stage.chunk_path(c))
-        out[start:stop] = t["vectors"].numpy()
-        norms[start:stop] = t["norms"].numpy()
-        if valid is not None:
-            valid[start:stop] = t["valid"].numpy() > 0
-    out.flush()
-    del out
+    with open(tmp, "wb") as out:
+        write_npy_header(out, (n_items, d))
+        for c, start, stop in chunks:
+            t = first if c == chunks[0][0] else load_tensors(stage.chunk_path(c))
+            rows = t["vectors"].numpy().astype(STORE_DTYPE, copy=False)
+            if rows.shape != (stop - start, d):
+                raise RuntimeError(f"{stage.chunk_path(c)}: {rows.shape} rows, expected {(stop - start, d)}")
+            out.write(np.ascontiguousarray(rows).tobytes())
+            norms[start:stop] = t["norms"].numpy()
+            if valid is not None:
+                valid[start:stop] = t["valid"].numpy() > 0
     extras = {"norms": norms} if valid is None else {"norms": norms, "valid": valid}
     tmp_extras = stage.path / f".extras.{tag}.npz"
     with open(tmp_extras, "wb") as f:
@@ -61,36 +69,54 @@ def merge_chunks(stage: Stage, n_items: int, chunk_size: int) -> None:
 
 @dataclass
 class StoredVectors:
-    """One finished vector stage: ``rows(a, b)`` gives float32 unit rows; ``valid`` and ``norms`` per row."""
+    """One finished vector stage: ``rows(a, b)`` reads float32 unit rows; ``valid`` and ``norms`` per row."""
 
     path: Path
-    vectors: np.ndarray  # memory-mapped (n, d) float16
+    shape: tuple[int, int]
+    offset: int  # bytes before the first row in vectors.npy
     norms: np.ndarray
     valid: np.ndarray | None
     ids: list[str]
     spec: ProjectionSpec
 
     def __len__(self) -> int:
-        return self.vectors.shape[0]
+        return self.shape[0]
 
     @property
     def dim(self) -> int:
-        return self.vectors.shape[1]
+        return self.shape[1]
 
     def rows(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.vectors[start:stop], dtype=np.float32))
+        """Rows ``start:stop`` as float32, read from disk (only those rows)."""
+        n, d = self.shape
+        stop = n if stop is None else min(stop, n)
+        start = max(0, min(start, stop))
+        itemsize = np.dtype(STORE_DTYPE).itemsize
+        with open(self.path / "vectors.npy", "rb") as f:
+            f.seek(self.offset + start * d * itemsize)
+            data = np.frombuffer(f.read((stop - start) * d * itemsize), dtype=STORE_DTYPE)
+        return torch.from_numpy(data.reshape(stop - start, d).astype(np.float32))
 
     def all(self) -> torch.Tensor:
         return self.rows(0, None)
 
+    def row(self, i: int) -> torch.Tensor:
+        return self.rows(i, i + 1)[0]
+
 
 def open_vectors(folder: Path) -> StoredVectors:
-    """Open a finished vector stage folder (memory-mapped; nothing is read until rows are asked for)."""
+    """Open a finished vector stage folder (nothing is read until rows are asked for)."""
     folder = Path(folder)
-    vectors = np.load(folder / "vectors.npy", mmap_mode="r")
+    with open(folder / "vectors.npy", "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if fortran or np.dtype(dtype) != np.dtype(STORE_DTYPE) or len(shape) != 2:
+        raise RuntimeError(f"{folder / 'vectors.npy'}: not a C-order float16 matrix; recompute this stage")
     extras = np.load(folder / "extras.npz")
     ids = json.loads((folder / "ids.json").read_text())
-    if len(ids) != vectors.shape[0]:
-        raise RuntimeError(f"{folder}: {len(ids)} ids for {vectors.shape[0]} vectors; recompute this stage")
+    if len(ids) != shape[0]:
+        raise RuntimeError(f"{folder}: {len(ids)} ids for {shape[0]} vectors; recompute this stage")
     valid = extras["valid"] if "valid" in extras.files else None
-    return StoredVectors(folder, vectors, extras["norms"], valid, ids, load_spec(folder))
+    return StoredVectors(folder, tuple(shape), offset, extras["norms"], valid, ids, load_spec(folder))

@@ -54,7 +54,7 @@ def test_vectors_are_unit_rows_with_their_projection_recorded(finished):
     assert train[0].shape == (len(p.pool), 256)
     torch.testing.assert_close(train[0].norm(dim=1), torch.ones(len(p.pool)), rtol=0, atol=2e-3)  # float16 rows
     stored = p.stored_vectors("train")[0]
-    assert stored.vectors.dtype == np.float16 and (stored.norms > 0).all()
+    assert (stored.path / "vectors.npy").stat().st_size < len(p.pool) * 256 * 2 + 1024 and (stored.norms > 0).all()  # float16
     spec = json.loads((p.run_dir / "grads" / "train" / "epoch_1" / "projection.json").read_text())
     assert spec["kind"] == "sjlt" and spec["dim"] == 256 and spec["input_dim"] > 0
 
