@@ -13,6 +13,7 @@ are read, before any stage runs; :func:`metric_columns` builds the columns a met
 from __future__ import annotations
 
 import difflib
+import os
 import tomllib
 import types
 import typing
@@ -212,13 +213,17 @@ def _build(cls, d: Any, where: str, section: str) -> tuple[Any, list[str]]:
         return cls(), [f"{where}: {what}: expected a table of settings, got {_describe(d)}"]
     known = {f.name: f for f in fields(cls)}
     problems = []
+    unknown = [str(name) for name in d if name not in known]
+    if unknown:
+        hints = [f"{name!r} -> {near[0]!r}" for name in unknown
+                 for near in [difflib.get_close_matches(name, list(known), n=1)] if near]
+        hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+        at = f"[{section}]: " if section else ""
+        problems.append(f"{where}: {at}unknown setting(s) {unknown}{hint}; known: {', '.join(known)}")
     kwargs = {}
     defaults = cls()
     for name, value in d.items():
         if name not in known:
-            near = difflib.get_close_matches(str(name), list(known), n=1)
-            hint = f"did you mean {near[0]!r}? " if near else ""
-            problems.append(f"{where}: {_label(section, str(name))}: unknown setting; {hint}known: {', '.join(known)}")
             continue
         default = getattr(defaults, name)
         if is_dataclass(default):
@@ -411,6 +416,8 @@ def _eval_methods() -> tuple[str, ...]:
     return EVAL_METHODS
 
 
+_PATH_SETTINGS = {("", "model"), ("data", "pool"), ("data", "target_val"), ("data", "target_test")}
+
 # (section, setting) -> checks of its value once its type is right; a setting not listed here (one
 # added later) still has its type checked against the dataclass annotation
 RULES: dict[tuple[str, str], tuple[Callable[[Any], str | None], ...]] = {
@@ -476,6 +483,8 @@ def _check_fields(obj: Any, section: str) -> tuple[list[tuple[str, str]], set[st
         hint = hints.get(f.name, Any)
         if section == "metric" and f.name == "name" and callable(value):
             continue  # a metric given as a function (Python only)
+        if (section, f.name) in _PATH_SETTINGS and isinstance(value, os.PathLike):
+            value = os.fspath(value)  # a pathlib.Path where a path is expected (Python only)
         if not _is(value, hint):
             problems.append((_label(section, f.name), f"expected {_expected(hint)}, got {_describe(value)}"))
             bad.add(f.name)
@@ -506,7 +515,7 @@ def validate_config(cfg: RunConfig, where: str | None = None, check_model: bool 
         from .models import check_model as model_problem
 
         try:
-            model_problem(cfg.model)
+            model_problem(os.fspath(cfg.model))
         except FileNotFoundError as err:  # models.ModelNotAvailable
             problems.append(("model", str(err)))
     if problems:

@@ -304,15 +304,21 @@ def save_records(records: Iterable[Record], path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for r in records:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+            f.write(json.dumps(r.to_json(), ensure_ascii=False, default=str) + "\n")  # str: dates from tables
     tmp.replace(path)
 
 
 def file_digest(path: str | Path) -> str:
+    """A short digest of a file's bytes, or of a folder's files (names and bytes, in name order)."""
+    path = Path(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            h.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()[:16]
 
 
@@ -368,7 +374,7 @@ def tokenize_records(tokenizer, records: list[Record], max_length: int) -> tuple
     out = []
     for rec in records:
         if rec.response is None:
-            raise DataError(f"record {rec.id!r} has no response to tokenise")
+            raise DataError(f"{rec.origin + ': ' if rec.origin else ''}record {rec.id!r} has no response to tokenise")
         out.append(tokenize_pair(tokenizer, rec.messages, rec.response, max_length))
     return out, sum(t.truncated for t in out)
 

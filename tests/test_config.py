@@ -154,9 +154,10 @@ def test_bad_names(tmp_path, text, expected):
 
 def test_unknown_setting_suggests_the_known_one(tmp_path):
     path, msg = config_error(tmp_path, "[rollouts]\ntempreature = 1.2\n")
-    assert f"{path}: [rollouts] tempreature: unknown setting; did you mean 'temperature'?" in msg
+    assert f"{path}: [rollouts]: unknown setting(s) ['tempreature'] (did you mean 'tempreature' -> 'temperature'?)" \
+        in msg
     path, msg = config_error(tmp_path, "[rollout]\nk = 2\n")
-    assert f"{path}: rollout: unknown setting; did you mean 'rollouts'?" in msg
+    assert f"{path}: unknown setting(s) ['rollout'] (did you mean 'rollout' -> 'rollouts'?)" in msg
     path, msg = config_error(tmp_path, 'metric = "length"\n')
     assert f"{path}: [metric]: expected a table of settings, got the string 'length'" in msg
 
@@ -242,6 +243,7 @@ def test_from_dict_and_configs_built_in_python():
         return [float(sum(ch in "aeiou" for ch in c)) for c in completions]
 
     cfg.metric.name = vowels  # a metric given as a function is allowed in Python
+    cfg.data.pool = ROOT / "data" / "arith" / "pool.jsonl"  # and paths as pathlib.Path
     validate_config(cfg)
     cfg.rollouts.k = -3
     with pytest.raises(ConfigError, match=r"^notebook: \[rollouts\] k: must be at least 1, got -3"):

@@ -221,3 +221,15 @@ def test_column_mapping(tmp_path):
 
     pq.write_table(table(alpaca), tmp_path / "a.parquet")
     assert as_tuples(load_records(tmp_path / "a.parquet", columns=mapping)) == as_tuples(recs)
+
+
+def test_digest_of_a_file_and_of_a_folder(tmp_path):
+    from nice_kit.data import file_digest
+
+    folder = save_like_datasets(tmp_path / "pool", ROWS, shards=1)
+    before = file_digest(folder)
+    assert before == file_digest(folder) and len(before) == 16
+    save_like_datasets(tmp_path / "other", ROWS[:1], shards=1)
+    assert file_digest(tmp_path / "other") != before
+    path = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    assert file_digest(path) != file_digest(write_jsonl(tmp_path / "q.jsonl", ROWS[:1]))
