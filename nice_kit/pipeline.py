@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics as metrics_mod
-from .config import RunConfig
+from .config import RunConfig, check_targets, metric_columns, validate_config
 from .data import Record, collate, file_digest, load_records, save_records, tokenize_records
 from .gradients import WeightedSequence, adam_precondition, gradient_dim, group_gradients, mean_nll_sequence
 from .influence import influence_scores, top_fraction
@@ -96,6 +96,7 @@ class Pipeline:
     """One run of the pipeline: a config and the run directory its stages write to."""
 
     def __init__(self, config: RunConfig, run_dir: str | Path, model=None, tokenizer=None, verbose: bool = True):
+        validate_config(config, check_model=model is None)  # a config edited in Python is checked too
         self.cfg = config
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +121,7 @@ class Pipeline:
     # -------------------------------------------------------------------------------------- inputs
     @cached_property
     def pool(self) -> list[Record]:
-        return load_records(self.cfg.data.pool, require_response=True)
+        return load_records(self.cfg.data.pool, require_response=True, columns=self.cfg.data.columns)
 
     @cached_property
     def target_val(self) -> list[Record]:
@@ -131,10 +132,11 @@ class Pipeline:
         return self._target(self.cfg.data.target_test)
 
     def _target(self, path: str) -> list[Record]:
-        records = load_records(path, require_response=not self.cfg.data.label_free)
+        records = load_records(path, require_response=not self.cfg.data.label_free, columns=self.cfg.data.columns)
         if self.cfg.data.label_free:  # label-free: no reference answer is read anywhere
             for r in records:
                 r.response = None
+        check_targets(records, self.cfg, path)  # what the metric needs of each record, before any stage
         return records
 
     @property
@@ -186,8 +188,9 @@ class Pipeline:
         """What the warmup depends on: the pool, the model, LoRA and warmup settings and the seed.
         Not the target task: a new target reuses the warmup and the training gradients."""
         c = self.cfg
-        return {"model": c.model, "data.pool": self._pool_digest, "data.max_length": c.data.max_length,
-                "lora": c.lora.__dict__, "warmup": c.warmup.__dict__, "seed": c.seed}
+        return {"model": c.model, "data.pool": self._pool_digest, "data.columns": c.data.columns,
+                "data.max_length": c.data.max_length, "lora": c.lora.__dict__, "warmup": c.warmup.__dict__,
+                "seed": c.seed}
 
     def train_inputs(self, ckpt: Checkpoint) -> dict[str, Any]:
         return {**self.warmup_inputs(), "epoch": ckpt.epoch, "projection": self.projection_spec().to_dict()}
@@ -219,7 +222,8 @@ class Pipeline:
 
     # -------------------------------------------------------------------------------------- stages
     def prepare(self) -> dict[str, Any]:
-        """Check and tokenise the data; report truncation. Writes prepare/stats.json."""
+        """Check the data (every record, and what the metric needs of each target record) and tokenise
+        it; report truncation. Writes prepare/stats.json."""
         max_len = self.cfg.data.max_length
         pool_tok, pool_trunc = tokenize_records(self.tokenizer, self.pool, max_len)
         stats = {
@@ -359,17 +363,8 @@ class Pipeline:
     def metric_columns(self, records: list[Record]) -> tuple[dict[str, list[Any]], list[str], list[str]]:
         """The columns a metric receives for ``records`` (one entry per record), the names passed and
         the names withheld. Label-free: no reference column (``data.reference_columns``) and no
-        reference answer reach any metric."""
-        names = sorted({k for r in records for k in r.columns})
-        cols = {n: [r.columns.get(n) for r in records] for n in names}
-        withheld: list[str] = []
-        if self.cfg.data.label_free:
-            refs = set(getattr(self.cfg.data, "reference_columns", ()) or ())
-            withheld = [n for n in names if n in refs]
-            cols = {n: v for n, v in cols.items() if n not in refs}
-        else:
-            cols["response"] = [r.response for r in records]
-        return cols, sorted(cols), withheld
+        reference answer reach any metric (:func:`nice_kit.config.metric_columns`)."""
+        return metric_columns(records, self.cfg)
 
     def rollouts(self, ckpt: Checkpoint | None = None) -> pd.DataFrame:
         """Sampled completions of every target prompt with their rewards (sampled once, re-scored when

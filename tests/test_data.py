@@ -1,3 +1,4 @@
+import json
 
 import pytest
 
@@ -84,3 +85,151 @@ def test_collate_pads_right_and_ignores_padding(tokenizer):
     batch = collate([a, b], tokenizer.pad_token_id)
     n = len(b.input_ids)
     assert batch["attention_mask"][1].sum() == n and (batch["labels"][1, n:] == IGNORE_INDEX).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encodings (hostile-input probe, issue 7 item 16)
+
+
+def test_non_utf8_bytes_name_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"id": "a", "prompt": "x", "response": "y"}\n{"id": "b", "prompt": "caf\xe9", "response": "y"}\n')
+    with pytest.raises(DataError) as err:
+        load_records(path)
+    assert f"{path}:2: not valid UTF-8 (byte 0xe9" in str(err.value)
+
+
+def test_a_utf8_bom_is_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD[0]).encode() + b"\n" + json.dumps(GOOD[1]).encode() + b"\n")
+    recs = load_records(path)
+    assert [r.id for r in recs] == ["a", "7"] and recs[0].response == "4"
+
+
+def test_a_lone_surrogate_names_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", [GOOD[0], '{"id": "b", "prompt": "x\\ud800y", "response": "z"}'])
+    with pytest.raises(DataError) as err:
+        load_records(path)
+    assert f"{path}:2: a string holds a lone UTF-16 surrogate" in str(err.value)
+    # a proper pair is one character and loads
+    path = write_jsonl(tmp_path / "pair.jsonl", ['{"id": "b", "prompt": "smile \\ud83d\\ude00", "response": "z"}'])
+    assert load_records(path)[0].prompt == "smile \U0001F600"
+
+
+def test_records_remember_where_they_were_read(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [GOOD[0], "", GOOD[1]])
+    a, b = load_records(path)
+    assert (a.origin, a.line, b.origin, b.line) == (f"{path}:1", 1, f"{path}:3", 3)
+    assert "origin" not in a.to_json() and a == load_records(path)[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parquet, datasets folders and column mappings (issue 8 item 6)
+
+ROWS = [
+    {"id": "a", "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], "task": "t"},
+    {"id": "b", "prompt": "3+3?", "response": "6", "task": "u"},
+]
+
+
+def as_tuples(records):
+    return [(r.id, r.messages, r.response, r.columns) for r in records]
+
+
+def table(rows):
+    """An Arrow table with every row's columns, null where a row lacks one (as tables are)."""
+    import pyarrow as pa
+
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    return pa.Table.from_pylist([{k: r.get(k) for k in names} for r in rows])
+
+
+def test_parquet_reads_like_jsonl(tmp_path):
+    import pyarrow.parquet as pq
+
+    pq.write_table(table(ROWS), tmp_path / "pool.parquet")  # nulls where a row lacks a column
+    recs = load_records(tmp_path / "pool.parquet")
+    assert as_tuples(recs) == as_tuples(load_records(write_jsonl(tmp_path / "pool.jsonl", ROWS)))
+    assert (recs[1].origin, recs[1].line) == (f"{tmp_path / 'pool.parquet'}: row 1", 1)
+    bad = ROWS + [{"id": "c", "prompt": "x", "response": " ", "task": "t"}]
+    pq.write_table(table(bad), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=rf"{tmp_path / 'bad.parquet'}: row 2 \(id c\): the response is empty"):
+        load_records(tmp_path / "bad.parquet")
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        load_records(tmp_path / "broken.parquet")
+
+
+def save_like_datasets(folder, rows, shards=2):
+    """A folder as datasets.Dataset.save_to_disk writes it: Arrow stream shards listed in state.json."""
+    import pyarrow as pa
+
+    folder.mkdir(parents=True)
+    data = table(rows)
+    names = []
+    per = -(-len(rows) // shards)
+    for s in range(shards):
+        name = f"data-{s:05d}-of-{shards:05d}.arrow"
+        with pa.OSFile(str(folder / name), "wb") as sink, pa.ipc.new_stream(sink, data.schema) as writer:
+            writer.write_table(data.slice(s * per, per))
+        names.append(name)
+    (folder / "state.json").write_text(json.dumps({
+        "_data_files": [{"filename": n} for n in names], "_fingerprint": "f", "_format_columns": None,
+        "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}))
+    (folder / "dataset_info.json").write_text(json.dumps({"citation": "", "description": "", "features": {}}))
+    return folder
+
+
+def test_a_folder_saved_by_datasets(tmp_path):
+    rows = ROWS + [{"id": f"x{i}", "prompt": f"{i}+1?", "response": str(i + 1), "task": "t"} for i in range(3)]
+    folder = save_like_datasets(tmp_path / "pool", rows)
+    assert as_tuples(load_records(folder)) == as_tuples(load_records(write_jsonl(tmp_path / "pool.jsonl", rows)))
+    # a DatasetDict with one split is read as that split; with several, the user picks one
+    (tmp_path / "dd").mkdir()
+    save_like_datasets(tmp_path / "dd" / "train", rows, shards=1)
+    (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+    assert [r.id for r in load_records(tmp_path / "dd")] == [r["id"] for r in rows]
+    (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    with pytest.raises(DataError, match="give the folder of one split"):
+        load_records(tmp_path / "dd")
+    dup = save_like_datasets(tmp_path / "dup", rows + [{"id": "a", "prompt": "q", "response": "r"}])
+    with pytest.raises(DataError, match=rf"{dup}: row 5: duplicate id 'a' \(first seen in row 0\)"):
+        load_records(dup)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match="not one saved by datasets' save_to_disk"):
+        load_records(tmp_path / "plain")
+
+
+def test_column_mapping(tmp_path):
+    alpaca = [{"idx": 1, "instruction": "2+2?", "output": "4", "label": "4"},
+              {"idx": 2, "instruction": "3+3?", "output": "6", "label": "6"}]
+    mapping = {"id": "idx", "prompt": "instruction", "response": "output", "answer": "label"}
+    recs = load_records(write_jsonl(tmp_path / "a.jsonl", alpaca), columns=mapping)
+    assert [(r.id, r.prompt, r.response, r.columns) for r in recs] == [("1", "2+2?", "4", {"answer": "4"}),
+                                                                       ("2", "3+3?", "6", {"answer": "6"})]
+    sharegpt = [{"key": "s1", "conversations": [{"from": "system", "value": "be brief"},
+                                                {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]
+    (rec,) = load_records(write_jsonl(tmp_path / "s.jsonl", sharegpt), columns={"id": "key", "messages": "conversations"})
+    assert rec.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert rec.response == "hello"
+    with pytest.raises(DataError, match=r"a.jsonl:1: no column 'key' \(read as 'id'\) named in the column mapping"):
+        load_records(tmp_path / "a.jsonl", columns={"id": "key", "prompt": "instruction", "response": "output"})
+    both = [{"id": "1", "prompt": "p", "instruction": "i", "response": "r"}]
+    with pytest.raises(DataError, match="also has a column 'prompt'"):
+        load_records(write_jsonl(tmp_path / "b.jsonl", both), columns={"prompt": "instruction"})
+    import pyarrow.parquet as pq
+
+    pq.write_table(table(alpaca), tmp_path / "a.parquet")
+    assert as_tuples(load_records(tmp_path / "a.parquet", columns=mapping)) == as_tuples(recs)
+
+
+def test_digest_of_a_file_and_of_a_folder(tmp_path):
+    from nice_kit.data import file_digest
+
+    folder = save_like_datasets(tmp_path / "pool", ROWS, shards=1)
+    before = file_digest(folder)
+    assert before == file_digest(folder) and len(before) == 16
+    save_like_datasets(tmp_path / "other", ROWS[:1], shards=1)
+    assert file_digest(tmp_path / "other") != before
+    path = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    assert file_digest(path) != file_digest(write_jsonl(tmp_path / "q.jsonl", ROWS[:1]))

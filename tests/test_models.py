@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import nice_kit.models as models
@@ -50,3 +51,64 @@ def test_lora_wrapping_and_thread_choice(tokenizer):
         assert timings[n] == min(timings.values())
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Offline only: nothing is ever downloaded (issue 7 item 21)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any connection attempt fails the test; the offline flags are restored afterwards."""
+    import socket
+
+    from huggingface_hub import constants
+
+    def refuse(*a, **k):
+        raise AssertionError("tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+def test_an_unknown_model_name_fails_at_once_naming_what_works_offline(no_network, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    for load in (load_model, models.load_tokenizer):
+        with pytest.raises(models.ModelNotAvailable) as err:
+            load("some-org/some-model-7b")
+        msg = str(err.value)
+        assert "'some-org/some-model-7b' is neither a local folder nor a model in the local Hugging Face cache" in msg
+        assert "never downloads" in msg and "names that work offline: SmolLM2-135M-Instruct" in msg
+        assert f"models in the Hugging Face cache {tmp_path / 'hub'}: none" in msg
+
+
+def test_a_missing_or_incomplete_local_model_folder(no_network, tmp_path):
+    with pytest.raises(models.ModelNotAvailable, match=f"{tmp_path / 'nowhere'}: no such model folder"):
+        load_model(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(models.ModelNotAvailable, match="no config.json in this folder"):
+        models.check_model(str(tmp_path / "empty"))
+    models.check_model("default")  # the bundled default needs nothing from the network
+
+
+def test_a_model_in_the_hugging_face_cache_loads_offline(no_network, tiny_model_dir, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from huggingface_hub import constants
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--some-org--tiny"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    assert models.cached_models() == ["some-org/tiny"]
+    assert models.resolve_model_path("some-org/tiny") == str(repo / "snapshots" / "0123abc")
+    model, tok = load_model("some-org/tiny")
+    assert model.config.vocab_size == len(tok)
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and constants.HF_HUB_OFFLINE is True  # offline from here on
+    with pytest.raises(models.ModelNotAvailable, match="models in the Hugging Face cache .*: some-org/tiny"):
+        models.check_model("some-org/other")

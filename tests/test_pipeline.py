@@ -169,9 +169,10 @@ def test_label_free_run_needs_no_reference_anywhere(tokenizer, small_data, tmp_p
     assert set(diag["method"]) == {"random", "pool", "nice"}
     with pytest.raises(ValueError, match="LESS needs reference answers"):
         p.validation_gradients("less")
-    bad = make(tokenizer, data, tmp_path / "lf2", metric={"name": "task_score", "params": {}})
-    with pytest.raises(ValueError, match="label-free mode needs a metric"):
-        bad.metric()
+    from nice_kit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="label-free mode withholds reference answers"):
+        make(tokenizer, data, tmp_path / "lf2", metric={"name": "task_score", "params": {}})
 
 
 def test_prompts_without_signal_are_reported_not_nan(finished):

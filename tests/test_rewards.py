@@ -59,3 +59,32 @@ def test_score_checks_what_a_metric_returns():
     with pytest.raises(ValueError, match="non-finite"):
         score(lambda p, c, **k: [float("nan")], ["a"], ["x"])
     assert score(lambda p, c, **k: [1, 0], ["a", "b"], ["x", "y"]) == [1.0, 0.0]
+
+
+def test_metrics_check_their_parameters_and_records_without_being_built():
+    info = metric_info("task_score")
+    assert info.param_problems({"extract": "fuzzy"}) == ["extract must be one of ['last_number', 'strict'], not 'fuzzy'"]
+    assert info.param_problems({"bogus": 1})[0].startswith("metric 'task_score' has no parameter 'bogus'")
+    assert info.param_problems({}) == [] and info.record_problems({}, {"task": "products", "answer": "1"}) == []
+    assert info.record_problems({}, {"task": "prodcts", "answer": "1"}) == [
+        "task 'prodcts' has no reasoning-gym scorer; did you mean 'products'?"]
+    assert metric_info("format").param_problems({"pattern": "("})[0].startswith("pattern '(' is not a valid")
+    assert metric_info("length").param_problems({"max_words": 0}) == [
+        "max_words must be an integer of at least 1, not 0"]
+
+
+def test_a_registered_metric_can_bring_its_own_checks():
+    built = []
+
+    def factory(threshold: float = 0.5):
+        built.append(threshold)
+        return lambda prompts, completions, **columns: [float(len(c) > threshold) for c in completions]
+
+    register_metric("test_checked", "Length above a threshold.", columns=("label",),
+                    check_params=lambda p: [] if p["threshold"] >= 0 else ["threshold must be >= 0"],
+                    check_record=lambda p, cols: [] if cols.get("label") in ("a", "b") else ["label must be a or b"])(
+        factory)
+    info = metric_info("test_checked")
+    assert info.param_problems({"threshold": -1}) == ["threshold must be >= 0"]
+    assert info.record_problems({}, {"label": "c"}) == ["label must be a or b"]
+    assert info.needed_columns({}) == ("label",) and built == []  # nothing was built to check

@@ -32,24 +32,53 @@ class MetricInfo:
     needs_reference: bool
     params: dict[str, Any] = field(default_factory=dict)  # parameter name -> default value
     columns: tuple[str, ...] | Callable[[dict[str, Any]], tuple[str, ...]] = ()
+    # optional checks run when a config is read / before any stage: each returns a list of problems
+    check_params: Callable[[dict[str, Any]], list[str]] | None = None
+    check_record: Callable[[dict[str, Any], dict[str, Any]], list[str]] | None = None
 
     def needed_columns(self, params: dict[str, Any] | None = None) -> tuple[str, ...]:
         """The target-record columns this metric reads, given its parameters."""
         cols = self.columns(dict(params or {})) if callable(self.columns) else self.columns
         return tuple(cols)
 
+    def with_defaults(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``params`` on top of the factory's defaults (what the factory will be called with)."""
+        return {**self.params, **(params or {})}
+
+    def param_problems(self, params: dict[str, Any] | None = None) -> list[str]:
+        """What is wrong with ``params`` (unknown names, then the metric's own check), without building it."""
+        params = dict(params or {})
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            takes = ", ".join(f"{k} (default {v!r})" for k, v in self.params.items()) or "no parameters"
+            return [f"metric {self.name!r} has no parameter {', '.join(map(repr, unknown))}; it takes {takes}"]
+        if self.check_params is None:
+            return []
+        return list(self.check_params(self.with_defaults(params)))
+
+    def record_problems(self, params: dict[str, Any] | None, columns: dict[str, Any]) -> list[str]:
+        """What is wrong with one target record's ``columns`` for this metric (beyond missing columns)."""
+        if self.check_record is None:
+            return []
+        return list(self.check_record(self.with_defaults(params), columns))
+
 
 _REGISTRY: dict[str, MetricInfo] = {}
 
 
 def register_metric(name: str, description: str, needs_reference: bool = False,
-                    columns: tuple[str, ...] | Callable[[dict[str, Any]], tuple[str, ...]] = ()):
+                    columns: tuple[str, ...] | Callable[[dict[str, Any]], tuple[str, ...]] = (),
+                    check_params: Callable[[dict[str, Any]], list[str]] | None = None,
+                    check_record: Callable[[dict[str, Any], dict[str, Any]], list[str]] | None = None):
     """Decorator registering ``factory(**params) -> metric`` under ``name``.
 
     ``needs_reference`` says whether the metric reads reference answers (or tests) from the target
     records; metrics that do not can drive label-free selection. ``columns`` names the target
     columns every record must have (or a function of the parameters giving them): the run checks
-    them before any stage starts.
+    them before any stage starts. ``check_params(params)`` and ``check_record(params, columns)``
+    (params with the defaults filled in, ``columns`` one target record's) return lists of problems;
+    they run when the config is read and before any stage, so that a mistake is not found after the
+    rollouts. Both must be cheap: no model loads.
     """
 
     def decorate(factory: Callable[..., Metric]) -> Callable[..., Metric]:
@@ -58,7 +87,8 @@ def register_metric(name: str, description: str, needs_reference: bool = False,
             for p in inspect.signature(factory).parameters.values()
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         }
-        _REGISTRY[name] = MetricInfo(name, factory, description, needs_reference, params, columns)
+        _REGISTRY[name] = MetricInfo(name, factory, description, needs_reference, params, columns,
+                                     check_params=check_params, check_record=check_record)
         return factory
 
     return decorate

@@ -3,6 +3,7 @@ sentiment, length and format. They register themselves in :mod:`nice_kit.metrics
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any
 
@@ -29,6 +30,24 @@ def last_number(completion: str) -> str:
 _EXTRACTORS = {"strict": strict_answer, "last_number": last_number}
 
 
+def _check_extract(params: dict[str, Any]) -> list[str]:
+    if params.get("extract") not in _EXTRACTORS:
+        return [f"extract must be one of {sorted(_EXTRACTORS)}, not {params.get('extract')!r}"]
+    return []
+
+
+def _check_task(params: dict[str, Any], columns: dict[str, Any]) -> list[str]:
+    """The record's ``task`` must name a reasoning-gym dataset (its scorer scores the answer)."""
+    from reasoning_gym.factory import DATASETS
+
+    task = columns.get("task")
+    if task is None or (isinstance(task, str) and task in DATASETS):
+        return []
+    near = difflib.get_close_matches(str(task), list(DATASETS), n=3)
+    hint = f"; did you mean {' or '.join(map(repr, near))}?" if near else f" ({len(DATASETS)} tasks are known)"
+    return [f"task {task!r} has no reasoning-gym scorer{hint}"]
+
+
 @register_metric(
     "task_score",
     "The bundled task's own scorer (reasoning-gym score_answer) on the extracted answer. "
@@ -36,6 +55,8 @@ _EXTRACTORS = {"strict": strict_answer, "last_number": last_number}
     "and takes the last number anywhere in the completion.",
     needs_reference=True,
     columns=("task", "answer"),
+    check_params=_check_extract,
+    check_record=_check_task,
 )
 def task_score(extract: str = "strict") -> Metric:
     import reasoning_gym
@@ -64,6 +85,7 @@ def task_score(extract: str = "strict") -> Metric:
     "1 if the extracted answer equals the reference answer exactly (after stripping), else 0.",
     needs_reference=True,
     columns=lambda params: (params.get("column", "answer"),),
+    check_params=_check_extract,
 )
 def exact_match(extract: str = "strict", column: str = "answer") -> Metric:
     if extract not in _EXTRACTORS:
@@ -96,6 +118,8 @@ def sentiment() -> Metric:
     "length",
     "1 when the completion has at most max_words words, falling linearly to 0 at twice that. "
     "Needs no reference.",
+    check_params=lambda p: [] if isinstance(p.get("max_words"), int) and p["max_words"] >= 1
+    else [f"max_words must be an integer of at least 1, not {p.get('max_words')!r}"],
 )
 def length(max_words: int = 5) -> Metric:
     if max_words < 1:
@@ -111,10 +135,21 @@ def length(max_words: int = 5) -> Metric:
     return metric
 
 
+def _check_pattern(pattern: Any) -> list[str]:
+    if not isinstance(pattern, str):
+        return [f"pattern must be a regular expression string, not {pattern!r}"]
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        return [f"pattern {pattern!r} is not a valid regular expression: {err}"]
+    return []
+
+
 @register_metric(
     "format",
     "1 if the whole completion (stripped) matches the regular expression pattern, else 0; the "
     "default asks for a bare integer. Needs no reference.",
+    check_params=lambda params: _check_pattern(params.get("pattern")),
 )
 def format_match(pattern: str = r"-?\d+") -> Metric:
     compiled = re.compile(pattern)
