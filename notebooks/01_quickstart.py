@@ -32,6 +32,7 @@
 
 # %%
 import pandas as pd
+from IPython.display import display
 
 from nice_kit.demo import demo_pipeline, fast_mode
 from nice_kit.evaluation import checkpoint_curve, compare, summarize
@@ -93,7 +94,7 @@ rollouts[["epoch", "prompt_id", "sample", "completion", "reward"]].head(8)
 from widgets import MetricPicker
 
 picker = MetricPicker(p)
-picker
+display(picker)
 
 # %% [markdown]
 # ## 4. Validation gradients: LESS and NICE
@@ -128,7 +129,7 @@ scores.describe()
 
 # %%
 diagnostics = p.run()
-diagnostics
+display(diagnostics)
 
 # %% [markdown]
 # ## 7. Does the selection help?
@@ -153,7 +154,7 @@ loss_vs_metric(results).show()
 # %%
 curve = checkpoint_curve(p)
 loss_vs_metric(curve).show()
-curve
+display(curve)
 
 # %% [markdown]
 # ## 8. Explore the scores
@@ -165,4 +166,4 @@ curve
 from widgets import InfluenceExplorer
 
 explorer = InfluenceExplorer(p)
-explorer
+display(explorer)

@@ -39,15 +39,12 @@
 # > one, but the numbers mean nothing. Without it, it uses the bundled SmolLM2-135M-Instruct.
 
 # %%
-import os
 import warnings
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
-import torch
+from IPython.display import display
 
 from nice_kit.demo import ROOT, fast_mode
 
@@ -150,7 +147,7 @@ for name, ids in subsets.items():
         rows.append({"subset": name, "seed": seed, **result})
         completions[name] = dict(kept)
 results = pd.DataFrame(rows)
-results
+display(results)
 
 # %% [markdown]
 # ## Loss and metric through the warmup
@@ -171,7 +168,7 @@ fig.add_trace(go.Scatter(x=curve["epoch"], y=curve["metric"], name=f"metric ({me
                          mode="lines+markers", yaxis="y2"))
 fig.update_layout(title="Warmup checkpoints: loss and metric on the test prompts",
                   xaxis_title="epoch (0 = base model)", yaxis_title="mean NLL of reference answers",
-                  yaxis2=dict(title="metric", overlaying="y", side="right"), height=380)
+                  yaxis2={"title": "metric", "overlaying": "y", "side": "right"}, height=380)
 fig.show()
 
 # %% [markdown]
@@ -193,7 +190,7 @@ fig = px.scatter(points, x="loss", y="metric", text="subset", color="subset",
 fig.update_traces(textposition="top center", marker_size=12)
 fig.update_layout(showlegend=False, height=420)
 fig.show()
-points
+display(points)
 
 # %% [markdown]
 # ### What full mode shows

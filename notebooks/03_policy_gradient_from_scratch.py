@@ -40,15 +40,13 @@
 # > one, but the numbers mean nothing. Without it, it uses the bundled SmolLM2-135M-Instruct.
 
 # %%
-import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import plotly.express as px
-import plotly.graph_objects as go
 import torch
+from IPython.display import display
 
 from nice_kit.demo import ROOT, fast_mode
 
@@ -116,9 +114,9 @@ estimates = {b: [] for b in ("none", "mean", "loo")}
 for _ in range(DRAWS):
     ys = rng.choice(len(answers), size=K, p=probs.numpy())
     rewards = r.numpy()[ys].tolist()
-    for b in estimates:
+    for b, found in estimates.items():
         a = torch.tensor(policy_weights(rewards, variant="vanilla", baseline=b).completion, dtype=torch.float64)
-        estimates[b].append(a @ grad_nll[ys])
+        found.append(a @ grad_nll[ys])
 
 def cosine(u, v):
     return float(u @ v / (u.norm() * v.norm() + 1e-30))
@@ -194,8 +192,20 @@ signs.round(6)
 # %%
 from nice_kit.config import RolloutSettings
 from nice_kit.data import load_records, prompt_ids, tokenize_records
-from nice_kit.gradients import WeightedSequence, group_gradients, loop_gradients, mean_nll_sequence
-from nice_kit.models import LoraSettings, add_lora, load_model, load_tokenizer, lora_parameters, tiny_model
+from nice_kit.gradients import (
+    WeightedSequence,
+    group_gradients,
+    loop_gradients,
+    mean_nll_sequence,
+)
+from nice_kit.models import (
+    LoraSettings,
+    add_lora,
+    load_model,
+    load_tokenizer,
+    lora_parameters,
+    tiny_model,
+)
 from nice_kit.rollouts import sample_rollouts
 
 if FAST:
@@ -295,7 +305,7 @@ sign_table = pd.DataFrame(rows)
 clear = sign_table["cos(g_z, G)"].abs() > 0.05
 assert (np.sign(sign_table.loc[clear, "cos(g_z, G)"]) == np.sign(sign_table.loc[clear, "ΔE (measured)"])).all()
 print(f"E = P(first token is a number) = {E0.item():.3g}")
-sign_table
+display(sign_table)
 
 # %% [markdown]
 # In full mode (SmolLM2) the pattern is readable: training on a bare-number answer raises the
@@ -314,7 +324,7 @@ sign_table
 # above.
 
 # %%
-from nice_kit.projection import Projector, ProjectionSpec
+from nice_kit.projection import ProjectionSpec, Projector
 
 D = 10_000
 gen = torch.Generator().manual_seed(0)
@@ -348,7 +358,7 @@ approx = (torch.nn.functional.normalize(proj.project(train_vecs), dim=1)
 fig = px.scatter(x=exact.flatten(), y=approx.flatten(),
                  labels={"x": "exact cosine", "y": f"cosine after projection to d={d}"},
                  title="Real LoRA gradients: projected against exact cosines")
-fig.add_shape(type="line", x0=-1, y0=-1, x1=1, y1=1, line=dict(dash="dot"))
+fig.add_shape(type="line", x0=-1, y0=-1, x1=1, y1=1, line={"dash": "dot"})
 fig.show()
 print(f"D = {train_vecs.shape[1]:,} -> d = {d}: mean |error| {float((approx - exact).abs().mean()):.3f}")
 

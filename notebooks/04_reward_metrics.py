@@ -39,15 +39,11 @@
 # > one, but the numbers mean nothing. Without it, it uses the bundled SmolLM2-135M-Instruct.
 
 # %%
-import os
 import warnings
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import plotly.express as px
-import plotly.graph_objects as go
-import torch
+from IPython.display import display
 
 from nice_kit.demo import ROOT, fast_mode
 
@@ -152,6 +148,7 @@ preview(mine, completions, target).round(3)
 
 # %%
 from nice_kit.metrics import score
+
 
 def broken(prompts, completions, **columns):
     return [float("nan")] * len(completions)
@@ -290,7 +287,7 @@ print("label_free:", lf.cfg.data.label_free, "| metric:", lf.cfg.metric)
 assert lf.cfg.metric.name == METRIC["name"] and lf.cfg.metric.params == METRIC["params"]
 assert all(r.response is None for r in lf.target_val + lf.target_test), "a reference answer was read"
 diagnostics = lf.run()
-diagnostics
+display(diagnostics)
 
 # %% [markdown]
 # `run()` went through warmup, training gradients, rollouts scored by the metric, NICE's
@@ -318,7 +315,7 @@ pool = {r.id: r for r in lf.pool}
 top = scores.sort_values("nice", ascending=False).head(8)
 top = top.assign(kind=[pool[i].columns.get("harm_kind") or "correct" for i in top["id"]],
                  response=[pool[i].response[:60] for i in top["id"]])
-top
+display(top)
 
 # %% [markdown]
 # To use a reward model or an LLM judge instead (both label-free), see the `reward_model` and

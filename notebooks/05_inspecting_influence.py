@@ -24,16 +24,23 @@
 
 # %%
 import pandas as pd
+from IPython.display import display
 
 from nice_kit.demo import demo_pipeline, fast_mode
-from widgets import (InfluenceExplorer, RolloutViewer, disagreements, influence_scatter, open_run,
-                     pool_frame, spearman)
+from widgets import (
+    InfluenceExplorer,
+    RolloutViewer,
+    disagreements,
+    influence_scatter,
+    pool_frame,
+    spearman,
+)
 
 pd.set_option("display.max_colwidth", 70)
 run_dir = "../runs/quickstart-fast" if fast_mode() else "../runs/default"  # the run of 01_quickstart (and of nice-kit run)
 p = demo_pipeline(run_dir)
 diagnostics = p.run()  # instant when 01_quickstart has run
-# a finished run can also be opened from disk alone, without loading the model: open_run(run_dir)
+# a finished run can also be opened from disk alone, without loading the model: widgets.open_run(run_dir)
 frame = pool_frame(p)
 frame.head()
 
@@ -64,10 +71,10 @@ summary = groups.groupby("group").agg(
     nice_percentile=("nice_rank", lambda r: float((1 - (r.astype(float) - 1) / n).mean() * 100)),
     less_percentile=("less_rank", lambda r: float((1 - (r.astype(float) - 1) / n).mean() * 100)),
 )
-summary
+display(summary)
 
 # %%
-diagnostics
+display(diagnostics)
 
 # %%
 import plotly.express as px
@@ -108,7 +115,7 @@ only[["picked_by"] + cols].sort_values("picked_by")
 # %%
 explorer = InfluenceExplorer(p, method="nice")
 explorer.flag.value = "harmful"
-explorer
+display(explorer)
 
 # %% [markdown]
 # ## The completions behind NICE's gradient
@@ -119,7 +126,7 @@ explorer
 
 # %%
 viewer = RolloutViewer(p)
-viewer
+display(viewer)
 
 # %%
 viewer.figure().show()  # static version of the selected prompt's rewards and weights

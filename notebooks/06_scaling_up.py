@@ -41,13 +41,10 @@
 # %%
 import os
 import warnings
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import plotly.express as px
-import plotly.graph_objects as go
 import torch
+from IPython.display import display
 
 from nice_kit.demo import ROOT, fast_mode
 
@@ -120,6 +117,7 @@ pd.DataFrame(changed, columns=["setting", "bundled default (SmolLM2, CPU)", "pap
 # %%
 import json
 
+
 def toml_value(v):
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -173,7 +171,7 @@ try:
     hf_config = AutoConfig.from_pretrained(BIG_MODEL, local_files_only=not HAS_CUDA)
     MODEL_AVAILABLE = True
     source = f"{BIG_MODEL}'s config"
-except Exception as err:  # no network, no local copy, gated repository ...
+except (OSError, ValueError) as err:  # no network, no local copy, gated repository, unknown model type
     from types import SimpleNamespace
 
     hf_config = SimpleNamespace(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
@@ -192,14 +190,14 @@ costs = pd.DataFrame([
     ("LoRA gradient dimension D", f"{D:,}  ({source})"),
     ("one full gradient (fp32)", f"{4 * D / GiB:.2f} GiB"),
     ("Adam moments kept per checkpoint", f"{8 * D / GiB:.2f} GiB x {C} checkpoints"),
-    ("projected pool gradients", f"{n_pool:,} examples x {C} checkpoints x {d} x 4 bytes = "
-                                 f"{n_pool * C * d * 4 / GiB:.3f} GiB"),
+    ("projected pool gradients",
+     f"{n_pool:,} examples x {C} checkpoints x {d} x 4 bytes = {n_pool * C * d * 4 / GiB:.3f} GiB"),
     ("... for a 270k-example pool (the paper's)", f"{270_000 * C * d * 4 / GiB:.0f} GiB"),
     ("gradient stage working memory (about 5 x chunk_size x D fp32)",
      f"{5 * big.gradients.chunk_size * 4 * D / GiB:.1f} GiB at chunk_size={big.gradients.chunk_size}"),
     ("warmup examples (5% of the pool)", f"{max(1, round(big.warmup.fraction * n_pool))}"),
-    ("rollouts to sample and score", f"{n_val} prompts x K={big.rollouts.k} x {C} checkpoints = "
-                                     f"{n_val * big.rollouts.k * C:,}"),
+    ("rollouts to sample and score",
+     f"{n_val} prompts x K={big.rollouts.k} x {C} checkpoints = {n_val * big.rollouts.k * C:,}"),
 ], columns=["quantity", "value"])
 with pd.option_context("display.max_colwidth", 120):
     display(costs)
@@ -262,7 +260,8 @@ def nice_kit_cli(*args):
     cmd = [sys.executable, "-m", "nice_kit.cli", *args, "--config", str(SHARD_DIR / "small.toml"),
            "--run-dir", str(SHARD_DIR / "run")]
     print("$ nice-kit", " ".join(args))
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"},
+                          check=False)
     if done.returncode != 0:
         print(done.stdout, done.stderr)
         raise RuntimeError(f"nice-kit {args[0]} failed")

@@ -69,6 +69,26 @@ def test_notebook_reads_fast_mode(path):
     assert "fast_mode()" in code, f"{path.name} does not read nice_kit.demo.fast_mode()"
 
 
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+def test_notebook_source_is_pyflakes_clean(path):
+    pyflakes_api = pytest.importorskip("pyflakes.api")  # a lint tool, not part of the install
+    from pyflakes.reporter import Reporter
+
+    class Collect:
+        def __init__(self):
+            self.lines: list[str] = []
+
+        def write(self, text):
+            self.lines.append(text)
+
+        def flush(self):
+            pass
+
+    out = Collect()
+    n = pyflakes_api.check(path.read_text(encoding="utf-8"), str(path), Reporter(out, out))
+    assert n == 0, "".join(out.lines)
+
+
 def test_readme_lists_every_notebook():
     readme = (NOTEBOOKS / "README.md").read_text(encoding="utf-8")
     missing = [p.stem for p in IPYNB if p.stem not in readme]
