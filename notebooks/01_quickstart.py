@@ -79,7 +79,8 @@ p.train_gradients()
 # ## 3. Rollouts and rewards (NICE)
 #
 # NICE samples several completions for each target prompt from the warmed-up model and scores them with the
-# metric. A prompt whose completions all get the same reward carries no signal: its policy gradient is zero.
+# metric. With the default mean baseline, a prompt whose completions all get the same reward carries no
+# signal: its policy gradient is zero.
 
 # %%
 rollouts = p.rollouts()

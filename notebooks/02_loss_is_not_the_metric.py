@@ -195,9 +195,10 @@ display(points)
 # %% [markdown]
 # ### What full mode shows
 #
-# Measured with SmolLM2-135M-Instruct on these tasks (`shared/NICE.md`; LoRA r=8 on q,k,v,o,
-# 48 training examples, 3 epochs, lr 3e-4, greedy decoding of 66 held-out prompts, the task's
-# strict scorer):
+# Measured with SmolLM2-135M-Instruct on these tasks in November 2026, on this project's 2-core
+# development machine (LoRA r=8 on q,k,v,o, 48 training examples, 3 epochs, lr 3e-4, greedy
+# decoding of 66 held-out prompts, the task's strict scorer; the setting and more measurements are
+# in [docs/method.md](../docs/method.md), "Loss is not the metric"):
 #
 # | task | base | trained on correct | 50% wrong answers | verbose answers |
 # |---|---|---|---|---|
@@ -211,7 +212,7 @@ display(points)
 #
 # This notebook's setting differs (30 examples per subset, both subtasks mixed in one test set of
 # 64 prompts, one seed), so expect the same *direction*, not the same numbers. One full-mode run
-# of this notebook (2 CPU cores, about 5 minutes) gave:
+# of this notebook (November 2026, 2 CPU cores, about 5 minutes) gave:
 #
 # | trained on | strict score | NLL of reference answers |
 # |---|---|---|
@@ -223,7 +224,7 @@ display(points)
 # Half wrong answers scored 0.03 lower for 0.08 nats more loss, a gap within the noise of one seed
 # (one standard error of the score is about 0.05 at 64 prompts; add seeds to `SEEDS` before reading
 # much into it, and note that on `basic_arithmetic` 3 epochs do not separate correct from
-# half-wrong data: NICE.md needed 5 epochs at lr 5e-4). The verbose answers cost almost all of the
+# half-wrong data: that took 5 epochs at lr 5e-4, docs/method.md). The verbose answers cost almost all of the
 # gain; here the loss agrees (no better than the base model's), and the disagreement shows up in
 # the next section instead, where the reading of the answer decides whether verbose data look bad
 # or good. In fast mode the tiny random model learns nothing and every number above is noise.
@@ -268,8 +269,9 @@ with pd.option_context("display.max_colwidth", 60):
     display(scored.groupby("trained on", sort=False).head(3)[["trained on", "completion", "strict", "lenient"]])
 
 # %% [markdown]
-# In full mode NICE.md measured the verbose-trained model at about 0 under the strict scorer and
-# 0.88 under the lenient one, against 0.32 for the correct-trained model (on `products`); this
+# Measured in full mode on `products` (docs/method.md, "The metric is a choice"), the
+# verbose-trained model scored about 0 under the strict scorer and 0.88 under the lenient one,
+# against 0.32 for the correct-trained model; this
 # notebook's run gave 0.04 strict and 0.41 lenient for the verbose-trained model, against 0.18 for
 # the correct-trained one: under the lenient reading, verbose data look *better* than correct data. Which reading is right
 # depends on how the answers will be consumed (a parser reading the first line, or a person).

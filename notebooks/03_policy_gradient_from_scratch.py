@@ -95,15 +95,17 @@ pd.DataFrame({"answer": answers, "logit": theta, "p": probs, "reward": r,
 # sample's NLL gradient: Ĝ = Σ_k a_k ∇NLL(y_k). nice_kit computes the weights with
 # `policy_weights(rewards, variant=..., baseline=...)`:
 #
-# * `baseline="none"` (the reference implementation's vanilla estimator): a_k = r_k / K;
+# * `baseline="none"`: a_k = r_k / K (the reference implementation's vanilla estimator, which
+#   sums without dividing by K: a scale that no cosine sees);
 # * `baseline="mean"`: a_k = (r_k − mean r) / K;
 # * `baseline="loo"`: a_k = (r_k − mean of the *other* rewards) / K.
 #
 # With positive rewards and no baseline every sampled answer is pushed up (its a_k > 0), and
 # the estimate only points the right way on average: it is noisy. Subtracting a baseline leaves
 # the expectation unchanged (leave-one-out exactly; the plain mean shrinks it by (K−1)/K, which a
-# cosine ignores) and removes most of the noise. When all K rewards are equal, `policy_weights`
-# returns zero weights and `signal=False`: such a prompt carries no information and is left out.
+# cosine ignores) and removes most of the noise. With a baseline, when all K rewards are equal
+# every weight is zero and `policy_weights` says `signal=False`: such a prompt carries no
+# information and is left out. Without a baseline its gradient is not zero, and it counts.
 
 # %%
 from nice_kit.policy import policy_weights
@@ -142,7 +144,7 @@ px.histogram(pd.DataFrame(cosines), x="cosine with the exact G", color="baseline
 # %% [markdown]
 # All three point the right way on average (cosine of the mean ≈ 1), but a single vanilla estimate
 # from 8 samples often points far off; with a baseline most estimates are close. nice_kit's default
-# is `baseline="mean"` (NICE.md, "where the reference is weak").
+# is `baseline="mean"` ([docs/method.md](../docs/method.md), "Departures from the reference").
 #
 # ## 3 · The sign convention
 #

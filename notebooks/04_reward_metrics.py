@@ -108,7 +108,7 @@ with pd.option_context("display.max_colwidth", 45):
 # Register a *factory* (its keyword arguments become the metric's parameters) that returns the
 # metric function. Here: partial credit for numbers close to the reference. A pass/fail metric on
 # a weak model gives all-zero rewards, hence no policy-gradient signal; partial credit keeps one
-# (NICE.md, "where the reference is weak").
+# ([docs/method.md](../docs/method.md), "Departures from the reference").
 
 # %%
 from nice_kit.metrics import last_number
@@ -163,7 +163,8 @@ except ValueError as err:
 #
 # The same completions, two readings of the answer. `strict` takes the first line; `last_number`
 # takes the last number anywhere. A model trained on verbose answers scores about 0 under the first
-# and 0.88 under the second (NICE.md, measured with SmolLM2-135M): the metric decides which data
+# and 0.88 under the second (SmolLM2-135M on `products`, measured in November 2026; see
+# [docs/method.md](../docs/method.md), "The metric is a choice"): the metric decides which data
 # look helpful.
 
 # %%
@@ -295,9 +296,9 @@ display(diagnostics)
 # reads the pool's hidden flags: the share of each harmful kind in NICE's selection against a
 # random one. A format metric can tell verbose or badly formatted answers from bare ones, not
 # right from wrong: expect fewer `verbose` and `bad_format` examples in the selection; any change
-# in `wrong_answer` is not something this metric asks for. One full-mode run selected 13% harmful
-# examples (pool: 35%), no verbose ones (pool: 10%), 10% wrong answers (pool: 19%), and only
-# on-task examples (pool: 74%). In fast mode these numbers are noise.
+# in `wrong_answer` is not something this metric asks for. One full-mode run (November 2026)
+# selected 13% harmful examples (pool: 35%), no verbose ones (pool: 10%), 10% wrong answers
+# (pool: 19%), and only on-task examples (pool: 74%). In fast mode these numbers are noise.
 #
 # The rollouts and their rewards, and the top-scored pool examples:
 

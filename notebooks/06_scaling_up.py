@@ -63,11 +63,13 @@ else:
 # %% [markdown]
 # ## The paper's settings as a RunConfig
 #
-# From the reference implementation (NICE.md): LoRA r=128, alpha=512, dropout 0.1 on the q, k, v, o
-# projections; warmup on a random 5% of the pool with AdamW at lr 2e-5, linear decay, warmup ratio
-# 0.03, effective batch 128, 4 epochs; projection to d=8192; K=20 completions per target prompt at
-# temperature 1.2, top-k 50, top-p 0.95 (reward-model tasks; code tasks use temperature 0.8 and stop
-# sequences); the vanilla policy gradient without a baseline; select the top 5%.
+# From the reference implementation (the files and commit are in
+# [docs/method.md](../docs/method.md), "The reference implementation's settings"): LoRA r=128,
+# alpha=512, dropout 0.1 on the q, k, v, o projections; warmup on a random 5% of the pool with
+# AdamW at lr 2e-5, linear decay, warmup ratio 0.03, effective batch 128, 4 epochs; projection to
+# d=8192; K=20 completions per target prompt at temperature 1.2, top-k 50, top-p 0.95 (reward-model
+# tasks; code tasks use temperature 0.8 and stop sequences); the vanilla policy gradient without a
+# baseline; select the top 5%.
 #
 # Two deliberate departures, both nice_kit's defaults: the projection is a sparse JL transform
 # (`sjlt`) rather than the reference's dense Rademacher matrix (same distortion, milliseconds instead

@@ -89,6 +89,14 @@ def test_notebook_source_is_pyflakes_clean(path):
     assert n == 0, "".join(out.lines)
 
 
+def test_notebooks_cite_only_files_in_the_repository():
+    for path in [*SOURCES, NOTEBOOKS / "README.md"]:
+        text = path.read_text(encoding="utf-8")
+        assert "shared/" not in text and "NICE.md" not in text, (
+            f"{path.name} cites a file outside the repository; cite docs/method.md instead")
+    assert (ROOT / "docs" / "method.md").exists()
+
+
 def test_readme_lists_every_notebook():
     readme = (NOTEBOOKS / "README.md").read_text(encoding="utf-8")
     missing = [p.stem for p in IPYNB if p.stem not in readme]
