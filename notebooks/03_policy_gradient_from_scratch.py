@@ -179,7 +179,9 @@ signs.round(6)
 #
 # Now the real machinery. A sequence's "answer" is a completion of several tokens, and
 # ∇NLL_sum(y | x) is the gradient of the summed NLL of its tokens given the prompt (prompt tokens
-# not counted). nice_kit batches many sequences through one forward/backward and splits the
+# not counted). The completion is exactly what the model sampled: its tokens (`token_ids`), plus the
+# end-of-sequence token when the model chose to stop (`ended_with_eos`); a completion cut by
+# `max_new_tokens` or a stop string has no end-of-sequence token to differentiate. nice_kit batches many sequences through one forward/backward and splits the
 # per-example LoRA gradients out of hooks (`group_gradients`), each sequence carrying its weight
 # a_k on every completion token and the index of the target prompt it belongs to. We check that
 # against the most direct computation: autograd on `Σ_k a_k · NLL_sum(y_k | x_j)`, one target
@@ -187,9 +189,9 @@ signs.round(6)
 #
 # The LoRA weights are randomised first: a fresh LoRA has B = 0, which makes every gradient with
 # respect to A vanish and the check half empty. Agreement is to floating-point precision: about
-# 1e-7 relative on the tiny model, about 1e-4 on SmolLM2 (fp32 rounding in the log-softmax over a
-# 49k-token vocabulary, magnified because the weights sum to zero and the per-completion gradients
-# largely cancel). A bug would show up as an error of order 1.
+# 1e-7 relative on the tiny model, between 1e-7 and 1e-4 on SmolLM2 (fp32 rounding in the
+# log-softmax over a 49k-token vocabulary, magnified because the weights sum to zero and the
+# per-completion gradients largely cancel). A bug would show up as an error of order 1.
 
 # %%
 from nice_kit.config import RolloutSettings
@@ -231,8 +233,8 @@ K = 4
 rollouts = sample_rollouts(model, tok, targets, RolloutSettings(k=K, max_new_tokens=6, temperature=1.0), seed=0)
 # Rewards from some metric; hand-picked here so that both prompts carry a signal.
 rewards = {targets[0].id: [1.0, 0.0, 0.5, 0.0], targets[1].id: [0.2, 0.9, 0.9, 0.1]}
-pd.DataFrame(rollouts)[["prompt_id", "sample", "completion"]].assign(
-    reward=[rw for t in targets for rw in rewards[t.id]])
+display(pd.DataFrame(rollouts)[["prompt_id", "sample", "completion", "ended_with_eos"]].assign(
+    reward=[rw for t in targets for rw in rewards[t.id]]))
 
 # %%
 eos = tok.eos_token_id
@@ -247,7 +249,10 @@ def nll_sum(prompt, completion):
 
 for j, rec in enumerate(targets):
     p_ids = prompt_ids(tok, rec.messages)
-    comps = [row["token_ids"] + [eos] for row in rollouts if row["prompt_id"] == rec.id]  # + end of turn
+    # the sampled tokens, and the end-of-sequence token only where the model sampled it (a completion
+    # cut by max_new_tokens or a stop string has none: no gradient through a token never sampled)
+    comps = [row["token_ids"] + ([eos] if row["ended_with_eos"] else [])
+             for row in rollouts if row["prompt_id"] == rec.id]
     a = policy_weights(rewards[rec.id], variant="vanilla", baseline="mean").completion
     # nice_kit's way: one weighted sequence per completion, grouped by target prompt
     seqs += [WeightedSequence(p_ids + c, [0.0] * len(p_ids) + [w] * len(c), group=j) for c, w in zip(comps, a)]
@@ -305,7 +310,10 @@ for i, rec in enumerate(pool):
                  "ΔE (measured)": dE, "first order": float(step @ G_first)})
 sign_table = pd.DataFrame(rows)
 clear = sign_table["cos(g_z, G)"].abs() > 0.05
+assert clear.any(), "no pool example has |cos| > 0.05: the sign check would check nothing"
 assert (np.sign(sign_table.loc[clear, "cos(g_z, G)"]) == np.sign(sign_table.loc[clear, "ΔE (measured)"])).all()
+print(f"sign of the cosine = sign of the measured change for each of the {int(clear.sum())} (of {len(pool)}) examples "
+      "with |cos| > 0.05")
 print(f"E = P(first token is a number) = {E0.item():.3g}")
 display(sign_table)
 
