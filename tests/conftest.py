@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(1)  # tiny models run several times faster on one thread (NICE.md)
+torch.set_num_threads(1)  # tiny models run several times faster on one thread (docs/method.md, "Measured")
 
 ROOT = Path(__file__).resolve().parent.parent
 
