@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nice_kit.config import RunConfig  # noqa: E402
+from nice_kit.diagnostics import selection_diagnostics  # noqa: E402
 from nice_kit.pipeline import Pipeline  # noqa: E402
 
 VARIANTS = {
@@ -57,7 +58,7 @@ def main() -> None:
             p._base_model, p._tokenizer, p._peft = model
         p.validation_gradients("nice")
         model = (p._base_model, p._tokenizer, p._peft)
-        diag = p.diagnostics(p.select(p.scores(["nice"])))
+        diag = selection_diagnostics(p, p.select(p.scores(["nice"])))
         row = diag[diag["method"] == "nice"].iloc[0].to_dict()
         rows.append({"variant": name, **{k: v for k, v in row.items() if k.endswith("share")}})
         print(pd.DataFrame(rows).tail(1).to_string(index=False, header=len(rows) == 1), flush=True)

@@ -3,7 +3,17 @@
 
 import warnings
 
-from .metrics import *  # noqa: F401,F403
-from .metrics import __all__  # noqa: F401
+from .metrics import (  # noqa: F401
+    Metric,
+    MetricInfo,
+    get_metric,
+    last_number,
+    list_metrics,
+    metric_info,
+    register_metric,
+    require_column,
+    score,
+    strict_answer,
+)
 
 warnings.warn("nice_kit.rewards moved to nice_kit.metrics; import from there", DeprecationWarning, stacklevel=2)

@@ -100,7 +100,7 @@ big = RunConfig.from_dict({
     "selection": {"fraction": 0.05},
     "evaluation": {"fraction": 0.05, "seeds": [0, 1, 2], "epochs": 4, "lr": 2e-5, "batch_size": 8,
                    "max_new_tokens": 256},
-})
+}, check_model=False)  # the big model need not be on this machine to write its config
 
 def flat(d, prefix=""):
     out = {}
@@ -144,7 +144,7 @@ RUN_DIR = ROOT / "runs" / ("nb06-fast" if FAST else "nb06")
 RUN_DIR.mkdir(parents=True, exist_ok=True)
 BIG_TOML = RUN_DIR / "big.toml"
 BIG_TOML.write_text(to_toml(big))
-assert RunConfig.from_file(BIG_TOML) == big
+assert RunConfig.from_file(BIG_TOML, check_model=False) == big
 print(BIG_TOML.read_text())
 
 
@@ -215,7 +215,7 @@ with pd.option_context("display.max_colwidth", 120):
 # The training-gradient stage costs one forward and backward pass per pool example and checkpoint,
 # and the pool is split into chunks of `gradients.chunk_size` examples, each written to its own
 # file. `--shard i/N` computes only the chunks c with c mod N = i; whichever shard finishes last finds
-# every chunk on disk and merges them into `vectors.safetensors`, equal to an unsharded run. An
+# every chunk on disk and merges them into `vectors.npy`, equal to an unsharded run. An
 # interrupted shard resumes at its first missing chunk. On one machine with 4 GPUs:
 #
 # ```bash
@@ -277,18 +277,16 @@ for folder in sorted((SHARD_DIR / "run" / "grads" / "train").glob("epoch_*")):
     print(folder.name, sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors"))
 
 # %%
-from nice_kit.runs import load_tensors
-
 # The same stage without sharding, in this process, in a second run directory with the same warmup.
 whole = SHARD_DIR / "unsharded"
 shutil.copytree(SHARD_DIR / "run" / "warmup", whole / "warmup")
 reference = Pipeline(RunConfig.from_file(SHARD_DIR / "small.toml"), whole, verbose=False)
 reference.train_gradients()
-for folder in sorted((SHARD_DIR / "run" / "grads" / "train").glob("epoch_*")):
-    sharded = load_tensors(folder / "vectors.safetensors")["vectors"]
-    single = load_tensors(whole / "grads" / "train" / folder.name / "vectors.safetensors")["vectors"]
-    assert sharded.shape == single.shape and torch.allclose(sharded, single, atol=1e-5)
-    print(f"{folder.name}: {tuple(sharded.shape)} merged from 2 shards == unsharded")
+sharded_run = Pipeline(RunConfig.from_file(SHARD_DIR / "small.toml"), SHARD_DIR / "run", verbose=False)
+for ckpt, sharded, single in zip(reference.checkpoints, sharded_run.load_vectors("train")[0],
+                                 reference.load_vectors("train")[0]):
+    assert sharded.shape == single.shape and torch.equal(sharded, single)
+    print(f"epoch {ckpt.epoch}: {tuple(sharded.shape)} merged from 2 shards == unsharded, bit for bit")
 
 # %% [markdown]
 # ## The big run (GPU only)
