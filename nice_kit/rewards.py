@@ -16,4 +16,7 @@ from .metrics import (  # noqa: F401
     strict_answer,
 )
 
+__all__ = ["Metric", "MetricInfo", "get_metric", "last_number", "list_metrics", "metric_info", "register_metric",
+           "require_column", "score", "strict_answer"]
+
 warnings.warn("nice_kit.rewards moved to nice_kit.metrics; import from there", DeprecationWarning, stacklevel=2)
