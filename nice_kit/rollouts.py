@@ -26,6 +26,7 @@ What a rollout row records: see :func:`sample_rollouts`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -193,13 +194,102 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, oom)
 
 
+@functools.lru_cache(maxsize=None)
+def _buffered_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferedLayer(DynamicLayer):
+        """A full-attention cache layer whose keys and values live in buffers sized for the whole
+        decode (prompt + max_new_tokens): a step writes one position in place instead of
+        concatenating (copying) the whole cache, and dropping finished rows compacts in place."""
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.length, self.rows = capacity, 0, 0
+            self._k: torch.Tensor | None = None
+            self._v: torch.Tensor | None = None
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            self.device = key_states.device
+            cap = max(self.capacity, key_states.shape[-2])
+            self._k = key_states.new_empty((*key_states.shape[:2], cap, key_states.shape[-1]))
+            self._v = value_states.new_empty((*value_states.shape[:2], cap, value_states.shape[-1]))
+            self.rows, self.length, self.is_initialized = key_states.shape[0], 0, True
+
+        def _views(self):
+            self.keys = self._k[: self.rows, :, : self.length]
+            self.values = self._v[: self.rows, :, : self.length]
+            return self.keys, self.values
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n = key_states.shape[-2]
+            if self.length + n > self._k.shape[-2]:  # more than planned: grow (not reached by our loop)
+                grow = max(n, self._k.shape[-2])
+                self._k = torch.cat([self._k, self._k.new_empty((*self._k.shape[:2], grow, self._k.shape[-1]))], -2)
+                self._v = torch.cat([self._v, self._v.new_empty((*self._v.shape[:2], grow, self._v.shape[-1]))], -2)
+            self._k[: self.rows, :, self.length:self.length + n] = key_states
+            self._v[: self.rows, :, self.length:self.length + n] = value_states
+            self.length += n
+            return self._views()
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if not self.is_initialized or self.length == 0:
+                return
+            n, length = len(indices), self.length
+            picked_k, picked_v = self._k[indices, :, :length], self._v[indices, :, :length]
+            if n > self._k.shape[0]:  # expansion (shared prefill -> K rows): new buffers
+                self._k = self._k.new_empty((n, *self._k.shape[1:]))
+                self._v = self._v.new_empty((n, *self._v.shape[1:]))
+            self._k[:n, :, :length], self._v[:n, :, :length] = picked_k, picked_v
+            self.rows = n
+            self._views()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            self.batch_select_indices(torch.arange(self.rows, device=self._k.device).repeat_interleave(repeats))
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            self.batch_select_indices(beam_idx)
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove > 0:
+                raise ValueError("crop takes a negative number of tokens to remove")
+            if self.is_initialized:
+                self.length = max(0, self.length + tokens_to_remove)
+                self._views()
+
+        def reset(self) -> None:
+            self.length, self.rows, self._k, self._v = 0, 0, None, None
+            self.keys = self.values = None
+            self.is_initialized = False
+
+    return BufferedLayer
+
+
+def _new_cache(model, capacity: int):
+    """A DynamicCache whose full-attention layers are :func:`_buffered_layer_class` layers of ``capacity``
+    positions (sliding-window and other special layers are left as transformers makes them)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    layer_class = _buffered_layer_class()
+    cache = DynamicCache(config=model.config)
+    if cache.layers:
+        cache.layers = [layer_class(capacity) if type(x) is DynamicLayer else x for x in cache.layers]
+    elif getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
+        cache.layer_class_to_replicate = lambda: layer_class(capacity)
+    return cache
+
+
 @torch.no_grad()
 def _decode_batch(model, tokenizer, prompts: list[list[int]], counts: list[int], keys: np.ndarray, *,
                   temperature: float, top_k: int, top_p: float, max_new_tokens: int, stop: tuple[str, ...],
                   eos_ids: set[int], pad_id: int, keep_one_logit: bool) -> list[Decoded]:
     """Decode ``counts[i]`` rows of prompt ``i`` (rows in that order, with ``keys``): one prefill per prompt."""
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -210,7 +300,7 @@ def _decode_batch(model, tokenizer, prompts: list[list[int]], counts: list[int],
     ids, mask = ids.to(device), mask.to(device)
     position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
-    cache = DynamicCache(config=model.config)
+    cache = _new_cache(model, width + max_new_tokens)
     extra = {"logits_to_keep": 1} if keep_one_logit else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True, **extra)
     if cache.get_seq_length() != width:
@@ -219,8 +309,7 @@ def _decode_batch(model, tokenizer, prompts: list[list[int]], counts: list[int],
     logits = out.logits[:, -1, :].float()
     del out
     if any(c != 1 for c in counts):  # share the prefill: expand each prompt's cache to its rows
-        expand = torch.repeat_interleave(torch.arange(len(prompts), device=device),
-                                         torch.tensor(counts, device=device))
+        expand = torch.tensor([i for i, c in enumerate(counts) for _ in range(c)], device=device)
         cache.batch_select_indices(expand)
         logits, mask = logits[expand], mask[expand]
     next_pos = mask.sum(-1)

@@ -13,7 +13,8 @@ import torch
 from nice_kit.config import RolloutSettings
 from nice_kit.data import Record, load_records, prompt_ids
 from nice_kit.rollouts import (
-    cut_at_stop, decode, filter_logits, greedy_completions, row_key, sample_rollouts, sample_tokens, step_uniforms,
+    _new_cache, cut_at_stop, decode, filter_logits, greedy_completions, row_key, sample_rollouts, sample_tokens,
+    step_uniforms,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -419,3 +420,45 @@ def test_lora_model_in_training_mode_is_sampled_in_eval_mode(tokenizer, records)
     assert a == b  # dropout is off while sampling
     plain = sample_rollouts(_untied_tiny_model(tokenizer, seed=3), tokenizer, records[:2], s, seed=0)
     assert [r["token_ids"] for r in a] != [r["token_ids"] for r in plain]  # the adapter is used
+
+
+def test_buffered_cache_layers_hold_what_dynamic_layers_hold(model):
+    """The in-place cache layers used by the loop against transformers' concatenating DynamicLayer."""
+    from transformers.cache_utils import DynamicLayer
+
+    cache = _new_cache(model, capacity=12)
+    assert len(cache.layers) == model.config.num_hidden_layers
+    buffered, plain = cache.layers[0], DynamicLayer()
+    assert type(buffered).__name__ == "BufferedLayer"
+    g = torch.Generator().manual_seed(0)
+
+    def kv(rows, n):
+        return torch.randn(rows, 2, n, 8, generator=g), torch.randn(rows, 2, n, 8, generator=g)
+
+    def same():
+        assert buffered.get_seq_length() == plain.get_seq_length()
+        assert torch.equal(buffered.keys, plain.keys) and torch.equal(buffered.values, plain.values)
+
+    k, v = kv(2, 5)  # prefill of 2 prompts
+    for layer in (buffered, plain):
+        out = layer.update(k, v)
+    assert torch.equal(out[0], k)
+    same()
+    expand = torch.tensor([0, 0, 0, 1, 1])  # K samples share the prefill
+    for layer in (buffered, plain):
+        layer.batch_select_indices(expand)
+    same()
+    for step, keep in enumerate([None, torch.tensor([0, 2, 3, 4]), None, torch.tensor([1, 3]), None]):
+        if keep is not None:  # finished rows dropped
+            for layer in (buffered, plain):
+                layer.batch_select_indices(keep)
+            same()
+        k, v = kv(plain.keys.shape[0], 1)
+        outs = [layer.update(k, v) for layer in (buffered, plain)]
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+        same()
+    assert buffered.get_seq_length() == 10 and buffered._k.shape[-2] == 12  # written in place, no growth
+    k, v = kv(2, 4)  # past the planned capacity: grows instead of failing
+    for layer in (buffered, plain):
+        layer.update(k, v)
+    same()
