@@ -319,7 +319,7 @@ def _decode_batch(model, tokenizer, prompts: list[list[int]], counts: list[int],
     tokens: list[list[int]] = [[] for _ in range(n_rows)]
     results: list[Decoded | None] = [None] * n_rows
     for step in range(max_new_tokens):
-        u = torch.from_numpy(step_uniforms(keys[live], step)).to(device)
+        u = torch.from_numpy(step_uniforms(keys[live], step)).to(device=device, dtype=_cdf_dtype(device))
         chosen = sample_tokens(logits, u, temperature, top_k, top_p)
         chosen_list = chosen.tolist()
         check_stop = []
