@@ -390,7 +390,10 @@ def decode(model, tokenizer, prompts: list[list[int]], keys: list[list[int]], *,
                 if not batch:  # one prompt's samples do not fit alone: take as many as fit
                     n = max(1, fit)
                     batch.append((i, samples[:n]))
-                    pending[0] = (i, samples[n:])
+                    if samples[n:]:
+                        pending[0] = (i, samples[n:])
+                    else:
+                        pending.popleft()
                     rows = n
                 break
             try:

@@ -378,6 +378,11 @@ def test_batches_respect_the_token_budget_and_split_large_prompts(model, tokeniz
     rows_after = [calls.shapes[i + 1][0] if i + 1 < len(calls.shapes) else 0 for i, _ in prefills]
     for (_, (_, w)), rows in zip(prefills, rows_after):
         assert rows * (w + 4) <= budget
+    # a budget below one row of any prompt: one row per batch, same rows
+    with _Calls(model) as calls:
+        tiny = sample_rollouts(model, tokenizer, records, _settings(k=4, max_new_tokens=4, max_batch_tokens=1), seed=9)
+    assert _by_key(tiny) == _by_key(base)
+    assert max(n for n, _ in calls.shapes) == 1 and sum(length > 1 for _, length in calls.shapes) == 4 * len(records)
 
 
 def test_out_of_memory_lowers_the_batch_and_retries(model, tokenizer, records):
