@@ -100,13 +100,17 @@ def bench_rollouts(args) -> None:
     for rep in range(args.repeats):
         for name, fn in ways.items():
             _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             t0, c0 = time.perf_counter(), time.process_time()
             toks = fn(recs, settings)
             _sync(device)
             secs, cpu = time.perf_counter() - t0, time.process_time() - c0
             rates.setdefault(name, []).append(toks / secs)
+            peak = (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+                    if device.type == "cuda" else "")
             print(f"{name:58s}: {toks / secs:8.1f} completion tokens/s ({toks} tokens in {secs:.2f} s; "
-                  f"{cpu:.2f} s of CPU time, {toks / cpu:.1f} tokens per CPU second)")
+                  f"{cpu:.2f} s of CPU time, {toks / cpu:.1f} tokens per CPU second{peak})")
     old, new_rate = (max(v) for v in rates.values())
     print(f"speed-up (best of {args.repeats}): {new_rate / old:.2f}x")
 
