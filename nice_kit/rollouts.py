@@ -19,7 +19,9 @@ How it works:
   distribution (temperature, then top-k, then top-p, with Hugging Face's semantics; candidates in
   token-id order). A completion therefore depends only on its own key and the model, never on the
   batch, the token budget, the order of the records or which prompts share a batch (up to float
-  rounding of the logits when the batch shape changes).
+  rounding of the logits when the batch shape changes). Only temperature, top-k and top-p shape the
+  distribution: other sampling options of a model's ``generation_config`` (repetition penalty, min-p,
+  ...) are not applied.
 
 What a rollout row records: see :func:`sample_rollouts`.
 """
