@@ -72,7 +72,10 @@ class RolloutSettings:
     top_p: float = 0.95
     max_new_tokens: int = 16
     stop: list[str] = field(default_factory=list)
-    batch_size: int = 64  # sequences generated together
+    batch_size: int = 256  # most sequences (prompts x samples) decoded together
+    # most KV-cache positions per batch, rows x (longest prompt + max_new_tokens); the K samples of a
+    # prompt share one prefill. Results do not depend on batch_size or max_batch_tokens.
+    max_batch_tokens: int = 32768
 
 
 @dataclass
@@ -459,6 +462,7 @@ RULES: dict[tuple[str, str], tuple[Callable[[Any], str | None], ...]] = {
     ("rollouts", "max_new_tokens"): (_at_least(1),),
     ("rollouts", "stop"): (_non_empty_strings,),
     ("rollouts", "batch_size"): (_at_least(1),),
+    ("rollouts", "max_batch_tokens"): (_at_least(1),),
     ("policy", "variant"): (_choices(_variants),),
     ("policy", "baseline"): (_choices(_baselines),),
     ("policy", "topk"): (_at_least(1),),

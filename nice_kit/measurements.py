@@ -163,8 +163,10 @@ class PolicyGradient(Measurement):
             rows = by_prompt.get(rec.id)
             p_ids = prompt_ids(run.tokenizer, rec.messages)
             if rows is not None:
-                for toks, eos, w in zip(rows["token_ids"], rows["ended_with_eos"], rows["weight"]):
-                    seq = completion_sequence(run, p_ids, list(toks), bool(eos), float(w), j) if w != 0 else None
+                eos_ids = rows["eos_token_id"] if "eos_token_id" in rows else [None] * len(rows)
+                for toks, eos, eos_id, w in zip(rows["token_ids"], rows["ended_with_eos"], eos_ids, rows["weight"]):
+                    seq = (completion_sequence(run, p_ids, list(toks), bool(eos), float(w), j,
+                                               eos_id=None if pd.isna(eos_id) else int(eos_id)) if w != 0 else None)
                     if seq is not None:
                         seqs.append(seq)
             if pw.reference:
@@ -177,11 +179,12 @@ class PolicyGradient(Measurement):
 
 
 def completion_sequence(run: "Pipeline", p_ids: list[int], toks: list[int], ended_with_eos: bool, weight: float,
-                        group: int) -> WeightedSequence | None:
+                        group: int, eos_id: int | None = None) -> WeightedSequence | None:
     """A sampled completion as a weighted sequence: prompt (weight 0) + the sampled tokens, with the
-    end-of-sequence token only where the model sampled it (``policy.include_eos``). None when the
-    completion has no token to take a gradient over."""
-    eos = run.tokenizer.eos_token_id
+    end-of-sequence token only where the model sampled it (``policy.include_eos``; ``eos_id`` is the
+    one it sampled, when a model has several). None when the completion has no token to take a
+    gradient over."""
+    eos = eos_id if eos_id is not None else run.tokenizer.eos_token_id
     comp = list(toks)
     if ended_with_eos and eos is not None and run.cfg.policy.include_eos:
         comp.append(eos)

@@ -45,7 +45,7 @@ from .influence import influence_scores, top_fraction
 from .measurements import Measurement, PolicyGradient, as_measurement
 from .models import add_lora, load_model, load_tokenizer, set_threads
 from .projection import Projector, ProjectionSpec, normalize_rows, save_spec
-from .rollouts import sample_rollouts
+from .rollouts import SAMPLER, sample_rollouts
 from .runs import (Stage, StaleResultError, atomic_write_text, fingerprint, load_tensors, open_stage, read_stage,
                    save_tensors, shard_chunks)
 from .vectors import StoredVectors, chunk_tensors, merge_chunks, open_vectors
@@ -198,7 +198,7 @@ class Pipeline:
     def rollout_inputs(self, ckpt: Checkpoint) -> dict[str, Any]:
         """What the sampled completions depend on (not the metric: rewards are kept beside them)."""
         settings = {k: v for k, v in self.cfg.rollouts.__dict__.items() if k not in _ROLLOUT_SPEED_SETTINGS}
-        return {**self.warmup_inputs(), "epoch": ckpt.epoch, "rollouts": settings,
+        return {**self.warmup_inputs(), "epoch": ckpt.epoch, "rollouts": settings, "sampler": SAMPLER,
                 "data.target_val prompts": _records_digest(self.target_val, with_response=False)}
 
     def metric_key(self) -> dict[str, Any]:
@@ -388,7 +388,7 @@ class Pipeline:
             atomic_write_text(samples_path, "\n".join(rows) + "\n")
             atomic_write_text(stage.path / "sampling.json", json.dumps(self.cfg.rollouts.__dict__, indent=1))
             stage.mark_done()
-        df = pd.read_json(samples_path, lines=True, dtype={"prompt_id": str})
+        df = pd.read_json(samples_path, lines=True, dtype={"prompt_id": str, "eos_token_id": "Int64"})
         df.insert(0, "epoch", ckpt.epoch)
         df["reward"] = self._rewards(stage.path, df)
         return df
