@@ -189,3 +189,15 @@ def test_evaluation_varies_selection_and_finetuning_seeds(tokenizer, small_data,
     n = len(trained)
     evaluation.compare(p, methods=["random", "nice", "full"], seeds=[0, 1], selection_seeds=[0, 1])
     assert len(trained) == n  # every row was kept: nothing retrained
+
+
+def test_rollouts_do_not_depend_on_chunk_or_batch_sizes(done, tokenizer, tmp_path):
+    data = {k: getattr(done.cfg.data, k) for k in ("pool", "target_val", "target_test")}
+    frames = []
+    for i, (chunk, batch) in enumerate(((1, 1), (2, 3), (64, 256))):
+        shutil.copytree(done.run_dir / "warmup", tmp_path / f"r{i}" / "warmup")
+        q = make(tokenizer, data, tmp_path / f"r{i}", gradients={"chunk_size": chunk}, rollouts={"batch_size": batch})
+        frames.append(q.rollouts(q.checkpoints[-1])[["prompt_id", "sample", "token_ids", "completion"]])
+    for f in frames[1:]:
+        pd.testing.assert_frame_equal(frames[0], f)
+    assert frames[0].equals(done.rollouts(done.checkpoints[-1])[["prompt_id", "sample", "token_ids", "completion"]])
