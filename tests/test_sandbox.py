@@ -16,6 +16,7 @@ import warnings
 import pytest
 
 from nice_kit.metrics import sandbox
+from nice_kit.metrics.code import _HARNESS
 from nice_kit.metrics.sandbox import run_untrusted, sandbox_kind
 
 TIMEOUT = 2.0
@@ -538,8 +539,42 @@ for landlock in (True, False):
     out["landlock" if landlock else "no landlock"] = res
 if out["kind"] == "bubblewrap":
     out["bubblewrap userns"] = sb.run_untrusted(USERNS, isolation="bubblewrap").stdout
+
+# The code metrics' harness, as this user: an honest program, and one that writes pass lines into
+# every descriptor of its parent (the harness) and kills it, so nothing contradicts them.
+units = [["assert add(1, 2) == 3", True], ["assert add(2, 2) == 4", True]]
+for kind in ["rlimits-only"] + (["bubblewrap"] if out["kind"] == "bubblewrap" else []):
+    for name, program in (("honest", "def add(a, b):\n    return a + b\n"), ("forge", PROC_FORGE)):
+        payload = json.dumps({"program": program, "units": units, "entry_point": "add", "bind_candidate": False})
+        r = sb.run_untrusted(HARNESS, stdin=payload, report_channel=True, isolation=kind)
+        out["harness %s %s" % (kind, name)] = r.report
 print("RESULT", json.dumps(out))
 '''
+
+PROC_FORGE = """
+import os
+def add(a, b):
+    own = set()
+    for fd in os.listdir('/proc/self/fd'):
+        try:
+            own.add(os.readlink('/proc/self/fd/' + fd))
+        except OSError:
+            pass
+    lines = ''.join('%d pass\\n' % i for i in range(4)).encode()
+    try:
+        fds = os.listdir('/proc/%d/fd' % os.getppid())
+    except OSError:
+        fds = []
+    for fd in fds:
+        path = '/proc/%d/fd/%s' % (os.getppid(), fd)
+        try:
+            if os.readlink(path) not in own:
+                with open(path, 'wb') as out:
+                    out.write(lines)
+        except OSError:
+            pass
+    os.kill(os.getppid(), 9)
+"""
 
 
 def test_fallback_as_a_normal_user():
@@ -552,7 +587,7 @@ def test_fallback_as_a_normal_user():
     try:
         shutil.copy(sandbox.__file__, os.path.join(here, "sandbox_under_test.py"))
         with open(os.path.join(here, "as_user.py"), "w") as f:
-            f.write(f"USERNS = {USERNS!r}\n" + AS_USER)
+            f.write(f"USERNS = {USERNS!r}\nHARNESS = {_HARNESS!r}\nPROC_FORGE = {PROC_FORGE!r}\n" + AS_USER)
         kwargs: dict = {}
         python = sys.executable
         if IS_ROOT:  # a throwaway uid; the repository's venv may not be readable by it (e.g. under /root)
@@ -583,3 +618,7 @@ def test_fallback_as_a_normal_user():
         assert not out["landlock"]["write_outside"][0], out["landlock"]["write_outside"]
     if out["kind"] == "bubblewrap":  # unprivileged bubblewrap: --disable-userns (0.8) and seccomp
         assert f"UNSHARE -1 {errno.EPERM}" in out["bubblewrap userns"], out["bubblewrap userns"]
+    # item 20 as a normal user: the harness is non-dumpable, so its report channel is out of reach
+    for kind in ["rlimits-only"] + (["bubblewrap"] if out["kind"] == "bubblewrap" else []):
+        assert out[f"harness {kind} honest"] == "0 pass\n1 pass\n", out
+        assert "pass" not in out[f"harness {kind} forge"], out

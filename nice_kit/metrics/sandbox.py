@@ -351,6 +351,8 @@ if sys.platform.startswith("linux"):
         _prctl(4, 0)  # PR_SET_DUMPABLE 0: the code (same uid) cannot ptrace us or open /proc/<us>/*
         _pid = os.fork()
         if _pid:
+            if _rfd is not None:
+                os.close(3)  # only the code's process holds the report channel
             _supervise(_pid)
         os.setpgid(0, 0)  # its own group: killpg(0) cannot reach the supervisor
         _info["supervisor"] = True
