@@ -470,16 +470,16 @@ def tgkill():
     if nr is not None and libc.syscall(nr, SCORING, SCORING, 9) != 0:
         raise OSError(ctypes.get_errno(), 'tgkill')
 attempts = [lambda: os.kill(os.getppid(), 9), lambda: os.kill(SCORING, 9), lambda: os.killpg(os.getpgid(SCORING), 9),
-            lambda: os.kill(SCORING, signal.SIGSTOP), tgkill]
+            lambda: os.kill(SCORING, signal.SIGSTOP), tgkill]  # each refused
 def sigio():  # SIGIO-style delivery: make the scoring process the owner of a pipe, with SIGKILL
     r, w = os.pipe()
     fcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC | os.O_NONBLOCK)
     fcntl.fcntl(r, 10, 9)  # F_SETSIG SIGKILL
     fcntl.fcntl(r, fcntl.F_SETOWN, SCORING)
     os.write(w, b'x')
-attempts.append(sigio)
+attempts.append(sigio)  # the fcntl calls may succeed (Landlock ABI 6 then drops the signal)
 if THROWAWAY:
-    attempts.append(lambda: os.kill(-1, 9))
+    attempts.append(lambda: os.kill(-1, 9))  # reports success even when every target refused it
 for attempt in attempts:
     try:
         attempt()
@@ -600,7 +600,7 @@ def test_fallback_as_a_normal_user():
         secret = "nice-secret-" + os.urandom(8).hex()
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "NICE_SECRET": secret, "TMPDIR": "/tmp", "HOME": here}
         proc = subprocess.run([python, "-I", os.path.join(here, "as_user.py"), "1" if IS_ROOT else "0"],
-                              capture_output=True, text=True, env=env, timeout=120, cwd=here, **kwargs)
+                              capture_output=True, text=True, env=env, timeout=60, cwd=here, **kwargs)
     finally:
         shutil.rmtree(here, ignore_errors=True)
     assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])  # -9: it was killed
@@ -609,7 +609,8 @@ def test_fallback_as_a_normal_user():
     for variant in ("landlock", "no landlock"):
         res = out[variant]
         assert res["secret"][0] == 0 and not res["secret"][1] and "FOUND []" in res["secret"][2], (variant, res["secret"])
-        assert "SENT" not in res["kill"][0] and "refused" in res["kill"][0], (variant, res["kill"])
+        # the script survived all attempts (or returncode above is -9); the direct ones were refused
+        assert res["kill"][0].split("\n")[:5] == ["refused 1"] * 5, (variant, res["kill"])
         pid, survived, seconds, _ = res["daemon"]
         assert not survived and seconds < 3, (variant, res["daemon"])
         assert f"UNSHARE -1 {errno.EPERM}" in res["userns"], (variant, res["userns"])

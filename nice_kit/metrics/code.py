@@ -1,17 +1,36 @@
 """Metrics that execute code: share of unit tests a completion passes, and HumanEval.
 
-Every completion runs in its own sandboxed process (:func:`nice_kit.metrics.sandbox.run_untrusted`): the
-program (``code_prefix`` + completion, markdown fences stripped) is executed, then each test in
-the same process, each inside its own ``try``/``except``. After each test a trusted harness writes
-a pass/fail marker carrying a per-run random nonce, which the completion never sees in its source,
-argv, environment or files (it arrives on stdin and is read before the completion runs), so
-printing look-alike markers does not count. A crash, a timeout or a resource limit leaves the
-remaining tests unreported, and unreported tests count as failed.
+Every completion is scored in its own sandboxed run (:func:`nice_kit.metrics.sandbox.run_untrusted`)
+holding two processes:
 
-What the nonce does not stop: the completion runs in the same interpreter as the tests, so code
-written to cheat on purpose (an object whose ``__eq__`` is always true, or digging the nonce out
-of the interpreter's memory) can still pass asserts. That is inherent to assert-based tests (the
-HumanEval harness has the same property); the sandbox keeps such code from harming the host.
+* the candidate process loads the program (``code_prefix`` + completion, markdown fences
+  stripped) and does nothing else than answer requests: call this object with these arguments,
+  get this attribute, iterate, ``len``, ``[]``, ``in``, truth;
+* the harness process runs the tests (each in its own ``try``/``except``), with the program's
+  top-level names bound to stand-ins that forward those requests over a pipe, and decides every
+  verdict itself. Values cross as a tagged JSON that decodes only to builtin literals (``None``,
+  ``bool``, ``int``, ``float``, ``str``, ``bytes``, ``complex``, ``list``, ``tuple``, ``set``,
+  ``dict``; numpy numbers and builtin subclasses such as namedtuples arrive as their base type) or
+  to opaque handles on the candidate's other objects (called, iterated... through the pipe;
+  ``==`` on a handle is identity).
+
+The harness forks the candidate before it reads the tests, makes itself non-dumpable (a process of
+the same uid can neither ptrace it nor open its ``/proc/<pid>/fd`` or ``mem``), and writes the
+verdicts to the sandbox's report channel (file descriptor 3), which only it holds. So nothing the
+completion does in its own process (walking ``sys._getframe`` up its stack, patching builtins,
+printing look-alike lines, exiting early, writing to every descriptor it can find, killing the
+harness, returning an object whose ``__eq__`` is always true) turns a failed test into a passed
+one: the worst it can do is fail tests. A crash, a timeout or a resource limit leaves the
+remaining tests unreported, and unreported tests count as failed; a candidate that dies fails the
+tests after it.
+
+What remains: the completion still computes the answers, so it can return right answers it looked
+up (the sandbox gives it a read-only view of the host's world-readable files, which may include
+a dataset with the tests). Semantics that differ from running everything in one interpreter:
+arguments are copies (a test cannot see the candidate mutate a list it passed), the candidate's
+top-level values are copied when it has loaded, tests cannot pass their own functions or objects
+to the candidate, and ``isinstance`` against a class the candidate defines fails. All 164
+HumanEval reference solutions score 1 under both modes.
 
 Registered metrics: ``code_tests`` (records with ``tests``: assert statements) and ``humaneval``
 (records in HumanEval's format: ``test`` defining ``check(candidate)`` and ``entry_point``).
@@ -526,9 +545,9 @@ def run_tests(
     memory_mb: int = 512,
     isolation: str = "auto",
 ) -> TestOutcome:
-    """Run ``program`` and then each test (Python source, usually one ``assert``) in one sandboxed
-    process; say which tests passed. With ``entry_point``, a program that does not define that
-    name fails every test."""
+    """Load ``program`` in a sandboxed candidate process and run each test (Python source, usually
+    one ``assert``) against it from the harness process (see the module's docstring); say which
+    tests passed. With ``entry_point``, a program that does not define that name fails every test."""
     return _run_units(
         program,
         [(t, True) for t in tests],
@@ -600,7 +619,8 @@ def _check_mode(mode: str) -> None:
     "code_tests",
     "Runs the completion (markdown code fences stripped; the code_prefix column, or a prompt that is "
     "itself a Python stub, is prepended) in a sandbox, then the record's tests (assert statements) "
-    "in the same process. mode='partial': share of tests passed; 'pass_fail': 1 only if all pass. "
+    "in a harness process that calls the program over a pipe and decides each verdict itself. "
+    "mode='partial': share of tests passed; 'pass_fail': 1 only if all pass. "
     "A crash, timeout or resource limit fails the tests not yet run.",
     needs_reference=True,
     columns=("tests",),

@@ -40,8 +40,9 @@ could set up) the child is a plain process of the same kernel, with on Linux:
   access to processes outside the sandbox (so no ``/proc/<pid>/environ`` or ``/proc/<pid>/mem`` of
   the scoring process), no TCP (ABI 4), no signals or abstract unix sockets out of the sandbox
   (ABI 6);
-* seccomp (x86-64, arm64): no sockets at all, no ptrace, signals only to itself and its own
-  process group, no ``F_SETOWN``-style signal delivery, no io_uring, no new user namespaces;
+* seccomp (x86-64, arm64): no sockets at all, no ptrace, no io_uring, no new user namespaces,
+  and where Landlock cannot scope signals (ABI < 6), signals only to itself and its own process
+  group (not to its children by pid) and no ``F_SETOWN``-style signal delivery;
 * as root, the random uid; as a normal user the code keeps the user's own uid (nothing else is
   possible without privileges), so the parent is made non-dumpable while fallback runs are active
   (its environment and memory are then unreadable by the same uid even without Landlock);
@@ -297,7 +298,7 @@ _SYSCALLS = {
 }
 
 
-def _seccomp(ctypes, prctl, fallback):
+def _seccomp(ctypes, prctl, fallback, signals):
     machine = os.uname().machine
     if machine not in _SYSCALLS or sys.byteorder != "little":
         return False
@@ -319,16 +320,17 @@ def _seccomp(ctypes, prctl, fallback):
 
     no_newuser = [(LD, 0, 0, 16), (JSET, 0, 1, 0x10000000), (RET, 0, 0, EPERM), (RET, 0, 0, ALLOW)]
     prog += block("unshare", no_newuser) + block("clone", no_newuser) + block("clone3", [(RET, 0, 0, ENOSYS)])
-    if fallback:
+    if fallback and signals:  # without Landlock's signal scope (ABI 6): only to itself and its group
         me = os.getpid()
         prog += block("kill", arg(0, [0, me, -me], True))
         for name in ("tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"):
             prog += block(name, arg(0, [me], True))
-        for name in ("pidfd_send_signal", "pidfd_getfd", "ptrace", "process_vm_readv", "process_vm_writev",
-                     "socket", "io_uring_setup"):
-            prog += block(name, [(RET, 0, 0, EPERM)])
+        prog += block("pidfd_send_signal", [(RET, 0, 0, EPERM)])
         prog += block("fcntl", arg(1, [8, 10, 15], False))  # F_SETOWN, F_SETSIG, F_SETOWN_EX
         prog += block("ioctl", arg(1, [0x8901, 0x8902], False))  # FIOSETOWN, SIOCSPGRP
+    if fallback:
+        for name in ("pidfd_getfd", "ptrace", "process_vm_readv", "process_vm_writev", "socket", "io_uring_setup"):
+            prog += block(name, [(RET, 0, 0, EPERM)])
     prog.append((RET, 0, 0, ALLOW))
 
     class Insn(ctypes.Structure):
@@ -359,7 +361,7 @@ if sys.platform.startswith("linux"):
     _prctl(38, 1)  # PR_SET_NO_NEW_PRIVS
     if _c["landlock"]:
         _info["landlock"] = _landlock(_ct, _libc, _c["workdir"])
-    _info["seccomp"] = _seccomp(_ct, _prctl, _c["fallback"])
+    _info["seccomp"] = _seccomp(_ct, _prctl, _c["fallback"], _info["landlock"] < 6)
     del _ct, _libc, _prctl
 if _c["site"]:
     import site
@@ -1103,12 +1105,15 @@ def _fallback_warning(features: dict) -> str:
         lacks.append("no Landlock: it can write wherever its uid can write"
                      + (" (all of your files)" if features["own_uid"] else " (world-writable places)"))
     if features["seccomp"]:
-        has.append("seccomp (no sockets, no ptrace, signals only to itself, no new user namespaces)")
+        has.append("seccomp (no sockets, no ptrace, no new user namespaces"
+                   + (")" if features["landlock"] >= 6 else ", signals only to itself and its group)"))
     else:
-        lacks.append("no seccomp: it can open network connections and signal processes of its uid")
+        lacks.append("no seccomp: it can open network connections" + (" (not TCP)" if features["landlock"] >= 4 else "")
+                     + ("" if features["landlock"] >= 6 else " and signal processes of its uid"))
     if features["own_uid"]:
-        lacks.append("it runs as your own user: it can READ every file you can read (keys, tokens) and see "
-                     "your processes; this process is made non-dumpable while it runs, your other processes are not")
+        lacks.append("it runs as your own user: it can READ every file you can read (keys, tokens) and see your "
+                     "processes" + ("; this process is made non-dumpable while it runs, your other processes are not"
+                                    if _LINUX else ", read their memory and environment, and signal them"))
     else:
         lacks.append("it can read world-readable files")
     lacks.append("its work dir is on the host disk, size checked every 20 ms")
