@@ -345,6 +345,8 @@ def fill(where, n=200):  # up to 200 files of 1 MB
     return written, err
 print('TMP', *fill('/tmp'), flush=True)
 print('CWD', *fill('.'), flush=True)
+print('DEVSHM', *fill('/dev/shm', 2), flush=True)  # other tmpfs mounts must not be writable
+print('DEVDIR', *fill('/dev', 2), flush=True)
 st_cwd, st_tmp, st_root = os.stat('.'), os.stat('/tmp'), os.stat('/')
 vfs = os.statvfs('.')
 print('DEV', st_cwd.st_dev == st_tmp.st_dev, st_cwd.st_dev != st_root.st_dev, vfs.f_blocks * vfs.f_frsize)
@@ -363,6 +365,7 @@ def test_bubblewrap_bounds_tmp_and_work_dir():
     tmp_written, tmp_err = int(lines["TMP"][0]), int(lines["TMP"][1])
     cwd_written, cwd_err = int(lines["CWD"][0]), int(lines["CWD"][1])
     assert tmp_err == errno.ENOSPC and cwd_err == errno.ENOSPC
+    assert lines["DEVSHM"][0] == "0" and lines["DEVDIR"][0] == "0", r.stdout
     assert tmp_written + cwd_written <= DEFAULT_DISK_MB * 1024 * 1024
     same_fs, not_root_fs, size = lines["DEV"]
     assert same_fs == "True" and not_root_fs == "True" and int(size) == DEFAULT_DISK_MB * 1024 * 1024
@@ -416,6 +419,18 @@ def test_no_nested_user_namespaces(mode):
     assert f"UNSHARE -1 {errno.EPERM}" in r.stdout, r.stdout
     if os.uname().machine in ("x86_64", "aarch64"):
         assert f"CLONE -1 {errno.EPERM}" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_system_v_shared_memory(mode):
+    """System V segments escape every limit (and outlive a fallback run): shmget and msgget fail."""
+    code = (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "print('SHM', libc.shmget(0, 1 << 20, 0o1600), ctypes.get_errno())\n"  # IPC_PRIVATE, IPC_CREAT | 0600
+        "print('MSG', libc.msgget(0, 0o1600), ctypes.get_errno())\n"
+    )
+    r = run_untrusted(code, isolation=mode)
+    assert f"SHM -1 {errno.EPERM}" in r.stdout and f"MSG -1 {errno.EPERM}" in r.stdout, (r.stdout, r.stderr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,6 +554,8 @@ for landlock in (True, False):
     out["landlock" if landlock else "no landlock"] = res
 if out["kind"] == "bubblewrap":
     out["bubblewrap userns"] = sb.run_untrusted(USERNS, isolation="bubblewrap").stdout
+    # unprivileged bubblewrap owns its /dev tmpfs: it must be read-only (and /tmp bounded)
+    out["bubblewrap fill"] = sb.run_untrusted(FILL, isolation="bubblewrap", timeout_s=10).stdout
 
 # The code metrics' harness, as this user: an honest program, and one that writes pass lines into
 # every descriptor of its parent (the harness) and kills it, so nothing contradicts them.
@@ -587,7 +604,8 @@ def test_fallback_as_a_normal_user():
     try:
         shutil.copy(sandbox.__file__, os.path.join(here, "sandbox_under_test.py"))
         with open(os.path.join(here, "as_user.py"), "w") as f:
-            f.write(f"USERNS = {USERNS!r}\nHARNESS = {_HARNESS!r}\nPROC_FORGE = {PROC_FORGE!r}\n" + AS_USER)
+            f.write(f"USERNS = {USERNS!r}\nFILL = {FILL!r}\nHARNESS = {_HARNESS!r}\nPROC_FORGE = {PROC_FORGE!r}\n"
+                    + AS_USER)
         kwargs: dict = {}
         python = sys.executable
         if IS_ROOT:  # a throwaway uid; the repository's venv may not be readable by it (e.g. under /root)
@@ -619,6 +637,9 @@ def test_fallback_as_a_normal_user():
         assert not out["landlock"]["write_outside"][0], out["landlock"]["write_outside"]
     if out["kind"] == "bubblewrap":  # unprivileged bubblewrap: --disable-userns (0.8) and seccomp
         assert f"UNSHARE -1 {errno.EPERM}" in out["bubblewrap userns"], out["bubblewrap userns"]
+        fill = {line.split()[0]: line.split()[1:] for line in out["bubblewrap fill"].splitlines()}
+        assert int(fill["TMP"][0]) + int(fill["CWD"][0]) <= DEFAULT_DISK_MB * 1024 * 1024, fill
+        assert fill["DEVSHM"][0] == "0" and fill["DEVDIR"][0] == "0", fill
     # item 20 as a normal user: the harness is non-dumpable, so its report channel is out of reach
     for kind in ["rlimits-only"] + (["bubblewrap"] if out["kind"] == "bubblewrap" else []):
         assert out[f"harness {kind} honest"] == "0 pass\n1 pass\n", out

@@ -289,12 +289,12 @@ _SYSCALLS = {
         "unshare": 272, "clone": 56, "clone3": 435, "kill": 62, "tkill": 200, "tgkill": 234,
         "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297, "pidfd_send_signal": 424, "pidfd_getfd": 438,
         "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "socket": 41,
-        "io_uring_setup": 425, "fcntl": 72, "ioctl": 16}),
+        "io_uring_setup": 425, "fcntl": 72, "ioctl": 16, "shmget": 29, "msgget": 68}),
     "aarch64": (0xC00000B7, {
         "unshare": 97, "clone": 220, "clone3": 435, "kill": 129, "tkill": 130, "tgkill": 131,
         "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240, "pidfd_send_signal": 424, "pidfd_getfd": 438,
         "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "socket": 198,
-        "io_uring_setup": 425, "fcntl": 25, "ioctl": 29}),
+        "io_uring_setup": 425, "fcntl": 25, "ioctl": 29, "shmget": 194, "msgget": 186}),
 }
 
 
@@ -320,6 +320,9 @@ def _seccomp(ctypes, prctl, fallback, signals):
 
     no_newuser = [(LD, 0, 0, 16), (JSET, 0, 1, 0x10000000), (RET, 0, 0, EPERM), (RET, 0, 0, ALLOW)]
     prog += block("unshare", no_newuser) + block("clone", no_newuser) + block("clone3", [(RET, 0, 0, ENOSYS)])
+    # System V shared memory and message queues: memory outside every limit above (and, without an
+    # IPC namespace, left behind after the run)
+    prog += block("shmget", [(RET, 0, 0, EPERM)]) + block("msgget", [(RET, 0, 0, EPERM)])
     if fallback and signals:  # without Landlock's signal scope (ABI 6): only to itself and its group
         me = os.getpid()
         prog += block("kill", arg(0, [0, me, -me], True))
@@ -351,11 +354,14 @@ if sys.platform.startswith("linux"):
     if _c["supervise"]:
         _prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
         _prctl(4, 0)  # PR_SET_DUMPABLE 0: the code (same uid) cannot ptrace us or open /proc/<us>/*
+        import signal as _signal
+        _signal.signal(_signal.SIGTERM, _signal.SIG_IGN)  # until the supervisor's handler is in place
         _pid = os.fork()
         if _pid:
             if _rfd is not None:
                 os.close(3)  # only the code's process holds the report channel
             _supervise(_pid)
+        _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
         os.setpgid(0, 0)  # its own group: killpg(0) cannot reach the supervisor
         _info["supervisor"] = True
     _prctl(38, 1)  # PR_SET_NO_NEW_PRIVS
@@ -618,7 +624,7 @@ def _bwrap_command(bwrap: str, python: str, workdir: str, inner: str, disk_bytes
     cmd += ["--die-with-parent", "--new-session", "--ro-bind", "/", "/"]
     if "--size" in options:
         cmd += ["--size", str(disk_bytes)]  # older bwrap: the parent's poll enforces the limit
-    cmd += ["--perms", "1777", "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev"]
+    cmd += ["--perms", "1777", "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev"]
     if os.geteuid() == 0:
         # Hide directories the unprivileged uid cannot search anyway (e.g. /root), then bind back the
         # parts of the Python installation under them, with searchable parents.
