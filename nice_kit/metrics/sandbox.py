@@ -376,10 +376,30 @@ if _c["site"]:
 os.umask(0o077)
 _script = _c["script"]
 sys.argv = [_script]
-del _c, _name, _value, _which, _soft, _hard, _rfd
-import runpy
-runpy.run_path(_script, init_globals={"__nice_sandbox__": _info}, run_name="__main__")
+with open(_script, "rb") as _f:
+    _code = _f.read()
+import marshal, types
+# a .pyc written by the parent (same interpreter: it checked) or source
+_code = marshal.loads(_code[16:]) if _script.endswith(".pyc") else compile(_code, _script, "exec")
+_main = types.ModuleType("__main__")
+_main.__dict__.update(__file__=_script, __builtins__=__builtins__, __nice_sandbox__=_info)
+sys.modules["__main__"] = _main
+del _c, _name, _value, _which, _soft, _hard, _rfd, _f
+exec(_code, _main.__dict__)
 """
+
+_BOOT_LOADER = "import marshal, sys\nexec(marshal.loads(bytes.fromhex(sys.argv.pop(1))))\n"
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(source: str, filename: str, pyc: bool = False) -> bytes:
+    """``source`` compiled by this interpreter, marshalled (with a .pyc header when ``pyc``)."""
+    import importlib.util
+    import marshal
+
+    data = marshal.dumps(compile(source, filename, "exec", dont_inherit=True))
+    return importlib.util.MAGIC_NUMBER + b"\0" * 12 + data if pyc else data
+
 
 _SIGNAL_REASONS = {
     signal.SIGXCPU: "cpu time limit",
@@ -669,9 +689,12 @@ def _bwrap_command(bwrap: str, python: str, workdir: str, inner: str, disk_bytes
         inodes += 1
     # The working directory lives in the private /tmp (bounded, never on the host's disk); the
     # script is bound into it read-only from the host's scratch directory.
-    cmd += ["--perms", "0777", "--dir", inner, "--ro-bind", os.path.join(workdir, "main.py"), f"{inner}/main.py"]
+    cmd += ["--perms", "0777", "--dir", inner]
+    scripts = sorted(name for name in os.listdir(workdir) if name.startswith("main."))
+    for name in scripts:
+        cmd += ["--ro-bind", os.path.join(workdir, name), f"{inner}/{name}"]
     cmd += ["--chdir", inner]
-    return cmd, inodes + 2
+    return cmd, inodes + 1 + len(scripts)
 
 
 def _env(workdir: str, extra: dict[str, str] | None) -> dict[str, str]:
@@ -853,9 +876,16 @@ def _run(
     report_r = report_w = None
     supervised = fallback and _LINUX
     try:
+        same_python = os.path.realpath(python) == os.path.realpath(sys.executable)
+        script = "main.py"
         with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8") as f:
             f.write(code)
-        os.chmod(os.path.join(workdir, "main.py"), 0o644)
+        if same_python:  # precompiled (cached): the source stays next to it for tracebacks
+            script = "main.pyc"
+            with open(os.path.join(workdir, script), "wb") as f:
+                f.write(_compiled(code, "main.py", pyc=True))
+        for name in os.listdir(workdir):
+            os.chmod(os.path.join(workdir, name), 0o644)
         if ids is not None:
             os.chown(workdir, ids[0], ids[1])
         os.chmod(workdir, 0o700)
@@ -866,14 +896,17 @@ def _run(
             "uid": ids[0] if ids else None,
             "gid": ids[1] if ids else None,
             "site": site_dirs,
-            "script": f"{inner}/main.py",
+            "script": f"{inner}/{script}",
             "workdir": inner,
             "report_fd": report_w,
             "fallback": fallback,
             "supervise": supervised,
             "landlock": fallback and _LANDLOCK,
         }
-        argv = [python, "-I", "-B", "-c", _BOOT, json.dumps(cfg)]
+        if same_python:  # the bootstrap precompiled (cached) too
+            argv = [python, "-I", "-B", "-c", _BOOT_LOADER, _compiled(_BOOT, "<nice-sandbox-boot>").hex(), json.dumps(cfg)]
+        else:
+            argv = [python, "-I", "-B", "-c", _BOOT, json.dumps(cfg)]
         kwargs: dict = {}
         baseline = 0
         if mode == BUBBLEWRAP:
