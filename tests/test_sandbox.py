@@ -644,3 +644,67 @@ def test_fallback_as_a_normal_user():
     for kind in ["rlimits-only"] + (["bubblewrap"] if out["kind"] == "bubblewrap" else []):
         assert out[f"harness {kind} honest"] == "0 pass\n1 pass\n", out
         assert "pass" not in out[f"harness {kind} forge"], out
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            kids = [int(k) for t in os.listdir(f"/proc/{parent}/task")
+                    for k in open(f"/proc/{parent}/task/{t}/children").read().split()]
+        except OSError:
+            continue
+        out += kids
+        todo += kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nothing_outlives_a_killed_scoring_process(mode):
+    """The scoring process dies (kill -9) during a run that left a daemon: bubblewrap's
+    --die-with-parent, and the fallback's supervisor (parent-death signal), take everything down."""
+    code = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "time.sleep(60)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(sandbox.__file__))))
+    script = (
+        f"import sys, warnings\nsys.path.insert(0, {root!r})\nwarnings.simplefilter('ignore')\n"
+        f"from nice_kit.metrics import sandbox\nsandbox.run_untrusted({code!r}, isolation={mode!r}, timeout_s=60)\n"
+    )
+    scorer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        expected = 4 if mode == "bubblewrap" else 3  # (bwrap, its init,) supervisor or boot, code, daemon
+        for _ in range(300):
+            time.sleep(0.05)
+            run = _descendants(scorer.pid)
+            if len(run) >= expected:
+                break
+        assert len(run) >= expected, run
+        time.sleep(0.2)
+        run = _descendants(scorer.pid)
+        scorer.kill()
+        scorer.wait()
+        for _ in range(100):
+            left = [p for p in run if _alive(p)]
+            if not left:
+                break
+            time.sleep(0.05)
+        assert not left, left
+    finally:
+        scorer.kill()
+        scorer.wait()

@@ -353,6 +353,9 @@ if sys.platform.startswith("linux"):
     _ct, _libc, _prctl = _linux_tools()
     if _c["supervise"]:
         _prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+        _prctl(1, 15)  # PR_SET_PDEATHSIG SIGTERM: if the scoring process dies, sweep and leave
+        if os.getppid() != _c["parent"]:
+            os._exit(125)
         _prctl(4, 0)  # PR_SET_DUMPABLE 0: the code (same uid) cannot ptrace us or open /proc/<us>/*
         import signal as _signal
         _signal.signal(_signal.SIGTERM, _signal.SIG_IGN)  # until the supervisor's handler is in place
@@ -902,6 +905,7 @@ def _run(
             "fallback": fallback,
             "supervise": supervised,
             "landlock": fallback and _LANDLOCK,
+            "parent": os.getpid(),
         }
         if same_python:  # the bootstrap precompiled (cached) too
             argv = [python, "-I", "-B", "-c", _BOOT_LOADER, _compiled(_BOOT, "<nice-sandbox-boot>").hex(), json.dumps(cfg)]
