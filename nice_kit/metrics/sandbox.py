@@ -35,7 +35,8 @@ Without bubblewrap (:func:`sandbox_kind` says ``"rlimits-only"``; it warns once,
 could set up) the child is a plain process of the same kernel, with on Linux:
 
 * a supervisor process between the parent and the code: a child subreaper that kills every
-  descendant (daemons included) when the code exits or the run is stopped;
+  descendant (daemons included) when the code exits, the run is stopped, or the scoring process
+  dies (a parent-death signal; bubblewrap has ``--die-with-parent``);
 * Landlock, where the kernel has it: writes only inside the working directory, no ptrace-style
   access to processes outside the sandbox (so no ``/proc/<pid>/environ`` or ``/proc/<pid>/mem`` of
   the scoring process), no TCP (ABI 4), no signals or abstract unix sockets out of the sandbox
