@@ -16,7 +16,8 @@
   run left behind can be found by its uid and killed;
 * a seccomp filter (Linux x86-64 and arm64) that refuses new user namespaces, so the code cannot
   gain capabilities in a namespace of its own (bubblewrap's ``--disable-userns`` as well, where
-  bubblewrap runs unprivileged and supports it);
+  bubblewrap runs unprivileged and supports it), and System V shared memory and message queues
+  (memory outside every limit here);
 * optionally a private report channel (``report_channel=True``): file descriptor 3, the write end of
   a pipe that only the started script holds (bubblewrap's init closes it); what it writes there
   comes back in :attr:`SandboxResult.report`. :mod:`nice_kit.metrics.code` reports test verdicts
@@ -26,7 +27,7 @@ With bubblewrap (``bwrap``) installed and working, the child also runs in its ow
 network, ipc and uts namespaces: a read-only view of ``/``, a private ``/tmp`` that is a tmpfs of
 ``max_disk_mb`` (``--size``) holding the working directory, so nothing it writes reaches the host's
 disk and the memory it can pin is bounded; a fresh ``/proc`` showing only its own processes, a
-minimal ``/dev``, no network at all, and ``no_new_privs``. Directories that the unprivileged uid
+minimal, read-only ``/dev``, no network at all, and ``no_new_privs``. Directories that the unprivileged uid
 could not read anyway (such as ``/root``) are replaced by empty ones, except for the Python
 installation the child needs. The tmpfs bounds bytes, not files: the parent counts the files
 every 50 ms and kills a run that makes more than ``max_files``.
