@@ -19,8 +19,8 @@ from nice_kit.metrics import get_metric, list_metrics, metric_info
 TASKS = Path(__file__).resolve().parents[1] / "data" / "code" / "tasks.jsonl"
 TIMEOUT = 2.0
 MARGIN = 2.0  # start-up and clean-up on a busy 2-core machine
-HAVE_BWRAP = shutil.which("bwrap") is not None and sandbox._probe("bubblewrap")[0]
 IS_ROOT = os.geteuid() == 0
+MODES = ["bubblewrap", "rlimits-only"]
 ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(0, 0) == 0", "assert add(10, 32) == 42"]
 
 
@@ -29,6 +29,15 @@ def _quiet_fallback_warning():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="nice_kit.metrics.sandbox: running untrusted code without bubblewrap")
         yield
+
+
+@pytest.fixture(autouse=True)
+def _bubblewrap_is_installed(request):
+    """bubblewrap is part of the dev install (scripts/setup.sh --dev): its tests fail, never skip, without it."""
+    if "bubblewrap" in request.node.name or "batch" in request.node.name:
+        assert shutil.which("bwrap") and sandbox._probe("bubblewrap")[0], (
+            "bubblewrap is part of the dev install: scripts/setup.sh --dev (as root) or apt-get install bubblewrap",
+            sandbox._probes.get("bubblewrap"))
 
 
 @pytest.fixture
@@ -102,7 +111,7 @@ def test_crash_and_timeout_keep_the_tests_already_reported():
     exits = "import os\ndef add(a, b):\n    if a < 0:\n        os._exit(0)\n    return a + b\n"
     outcome = run_tests(exits, tests)
     assert outcome.passed == [True, True, False, False] and outcome.share == 0.5
-    assert any("not reported" in note for note in outcome.notes)
+    assert any("candidate process ended" in note for note in outcome.notes), outcome.notes
 
 
 def test_bundled_tasks_reference_solutions_score_one():
@@ -186,6 +195,70 @@ HOSTILE = {
         "def add(a, b):\n    return None\n"
     ),
 }
+
+
+# Forging a verdict from inside: walk the frames up to the harness and write its pass markers with
+# its own writer (what beat the nonce design: 6 lines), then try every file descriptor of this
+# process, of its parent (the harness) and of pid 1, kill the parent so that it cannot contradict
+# the forged lines, and leave.
+FORGE = """
+import os, sys
+def _forge():
+    f = sys._getframe()
+    while f is not None and 'units' not in f.f_locals:
+        f = f.f_back
+    if f is not None:
+        for c, m in f.f_locals['units']:
+            if m: f.f_locals['_write'](f.f_locals['out'], m[0])
+    lines = ''.join('%d pass\\n' % i for i in range(16)).encode()
+    f = sys._getframe()
+    while f is not None:
+        for scope in (f.f_locals, f.f_globals):
+            for name, value in list(scope.items()):
+                if callable(value) and name in ('write', '_write', 'verdict', 'report'):
+                    for i in range(16):
+                        try:
+                            value('%d pass' % i)
+                        except Exception:
+                            pass
+        f = f.f_back
+    own = set()
+    for fd in os.listdir('/proc/self/fd'):
+        try:
+            own.add(os.readlink('/proc/self/fd/' + fd))
+        except OSError:
+            pass
+    for pid in (os.getppid(), 1):
+        try:
+            fds = os.listdir('/proc/%d/fd' % pid)
+        except OSError:
+            continue
+        for fd in fds:
+            path = '/proc/%d/fd/%s' % (pid, fd)
+            try:
+                if os.readlink(path) not in own:
+                    with open(path, 'wb') as out:
+                        out.write(lines)
+            except OSError:
+                pass
+    try:
+        os.kill(os.getppid(), 9)  # so that the harness cannot write its own verdicts after the forged ones
+    except OSError:
+        pass
+    for fd in range(3, 64):
+        try:
+            os.write(fd, lines)
+        except OSError:
+            pass
+    os._exit(0)
+"""
+HOSTILE["frame_walk_at_load"] = FORGE + "_forge()\n"
+HOSTILE["frame_walk_in_test"] = FORGE + "def add(a, b):\n    return _forge()\n"
+HOSTILE["always_equal"] = (
+    "class Anything(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+    "class Equal:\n    def __eq__(self, other):\n        return True\n"
+    "def add(a, b):\n    return Equal() if a > 0 else Anything(7)\n"
+)
 
 
 def _hostile_with_context(name, tmp_path, monkeypatch):
@@ -274,18 +347,17 @@ def _hostile_with_context(name, tmp_path, monkeypatch):
 ALL_HOSTILE = [*HOSTILE, "files_outside", "env_secret", "network", "kill_parent"]
 
 
-# The rlimits-only fallback has no network isolation (documented, and it warns so): the network case
-# is checked under bubblewrap only.
-_needs_bwrap = pytest.mark.skipif(not HAVE_BWRAP, reason="bwrap missing")
-CASES = [pytest.param(n, "bubblewrap", marks=_needs_bwrap) for n in ALL_HOSTILE] + \
-    [(n, "rlimits-only") for n in ALL_HOSTILE if n != "network"]
+CASES = [(n, mode) for mode in MODES for n in ALL_HOSTILE]
 
 
 @pytest.mark.parametrize("name, mode", CASES)
 def test_hostile_completion_scores_zero(name, mode, tmp_path, monkeypatch):
     if mode == "rlimits-only":
-        if not IS_ROOT and name in ("fork_bomb", "files_outside", "kill_parent"):
-            pytest.skip("the fallback's uid drop needs root")
+        features = sandbox._fallback_features()
+        if name == "network" and not features["seccomp"]:
+            pytest.skip("documented: the fallback has no network isolation without seccomp (x86-64 and arm64 only)")
+        if name == "files_outside" and not (IS_ROOT or features["landlock"]):
+            pytest.skip("documented: the fallback run by a normal user without Landlock can write the user's files")
     code, check = _hostile_with_context(name, tmp_path, monkeypatch)
     cwd_before = sorted(os.listdir(os.getcwd()))
     t = time.monotonic()
@@ -310,8 +382,6 @@ def test_hostile_completion_scores_zero(name, mode, tmp_path, monkeypatch):
 def test_hostile_batch_through_the_registered_metric(tmp_path, monkeypatch):
     """All hostile completions in one metric call (two run in parallel): all score 0."""
     names = [n for n in ALL_HOSTILE if n != "kill_parent"]  # kill_parent is covered above
-    if not HAVE_BWRAP:
-        names.remove("network")  # the fallback has no network isolation (documented)
     codes, checks = [], {}
     for name in names:
         (tmp_path / name).mkdir()
@@ -340,3 +410,57 @@ def test_fallback_metric_loop_memory_output_and_warning(fallback):
     assert scores == [0.0, 0.0, 0.0, 1.0]
     assert elapsed < TIMEOUT + MARGIN + 2
     assert sum("without bubblewrap" in str(w.message) for w in caught) == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_humaneval_frame_walk_scores_zero(mode, monkeypatch):
+    """The frame walk as a HumanEval completion (a function body calling it), in both modes."""
+    if mode == "rlimits-only":
+        monkeypatch.setitem(sandbox._probes, "bubblewrap", (False, "forced off for this test"))
+    record = load_humaneval_records(1)[0]
+    columns = {"test": [record["test"]], "entry_point": [record["entry_point"]]}
+    completion = "    return _forge()\n" + FORGE
+    for metric_mode in ("pass_fail", "partial"):
+        metric = get_metric("humaneval", mode=metric_mode, timeout_s=TIMEOUT)
+        assert metric([record["prompt"]], [completion], **columns) == [0.0]
+        assert metric([record["prompt"]], [record["response"]], **columns) == [1.0]
+
+
+def test_values_cross_as_builtin_literals():
+    """What the candidate returns reaches the tests as plain values (or opaque handles), so honest
+    programs returning namedtuples, numpy numbers, generators or objects with methods still pass."""
+    program = (
+        "import collections\n"
+        "Pair = collections.namedtuple('Pair', 'a b')\n"
+        "def pair(a, b):\n    return Pair(a, b)\n"
+        "def squares(n):\n    return (i * i for i in range(n))\n"
+        "def raises(x):\n    raise ValueError('no %s' % x)\n"
+        "class Stack:\n"
+        "    def __init__(self):\n        self.items = []\n"
+        "    def push(self, x):\n        self.items.append(x)\n"
+        "    def pop(self):\n        return self.items.pop()\n"
+        "    def __len__(self):\n        return len(self.items)\n"
+        "LIMIT = {'a': (1, 2.5, None), 2: b'x', 'n': float('nan')}\n"
+    )
+    tests = [
+        "assert pair(1, 2) == (1, 2)",
+        "assert list(squares(4)) == [0, 1, 4, 9]",
+        "s = Stack(); s.push([1, {'k': {2, 3}}]); s.push('x'); assert len(s) == 2 and s.pop() == 'x' and s.pop() == [1, {'k': {2, 3}}]",
+        "try:\n    raises(3)\nexcept ValueError as e:\n    assert 'no 3' in str(e)\nelse:\n    assert False",
+        "assert LIMIT['a'] == (1, 2.5, None) and LIMIT[2] == b'x' and LIMIT['n'] != LIMIT['n']",
+        "assert pair(1, 2) == (2, 1)",  # wrong on purpose
+    ]
+    outcome = run_tests(program, tests)
+    assert outcome.passed == [True] * 5 + [False], (outcome.passed, outcome.notes, outcome.result.stderr[-2000:])
+
+
+def test_humaneval_reference_solutions_that_need_dicts_helpers_and_floats():
+    """Canonical solutions whose tests pass dicts (95, 111), call helpers from the prompt (38, 50)
+    or compare floats (32, with poly from the prompt) score 1 in both modes."""
+    wanted = {"HumanEval/32", "HumanEval/38", "HumanEval/50", "HumanEval/95", "HumanEval/111"}
+    records = [r for r in load_humaneval_records() if r["id"] in wanted]
+    assert len(records) == len(wanted)
+    columns = {"test": [r["test"] for r in records], "entry_point": [r["entry_point"] for r in records]}
+    for mode in ("pass_fail", "partial"):
+        scores = get_metric("humaneval", mode=mode)([r["prompt"] for r in records], [r["response"] for r in records], **columns)
+        assert scores == [1.0] * len(records), (mode, scores)

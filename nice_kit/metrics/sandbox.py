@@ -3,35 +3,64 @@
 :func:`run_untrusted` runs a piece of Python source in a child process and returns a
 :class:`SandboxResult`. Every run gets
 
-* a fresh temporary working directory, removed afterwards;
-* a scrubbed environment (``PATH``, ``LANG``, ``HOME``/``TMPDIR`` pointing at the working
+* a scrubbed environment (``PATH``, ``LANG``, ``HOME``/``TMPDIR`` pointing at its working
   directory, thread counts of 1): nothing from the parent's environment reaches the child;
 * resource limits set before the untrusted code starts: CPU time, address space (memory), number
-  of processes, size of written files, open files, no core dumps;
+  of processes, size of each written file, open files, no core dumps;
+* a size and file-count limit on everything it can write (``max_disk_mb``, ``max_files``);
+* a new session and process group, a wall-clock timeout after which everything the run started
+  is killed (daemons that left the group included), and a cap on captured stdout/stderr (a run
+  that prints more is killed);
 * an unprivileged uid when the parent runs as root (RLIMIT_NPROC does not bind uid 0). A random
   uid is drawn per run, so that concurrent runs do not share a process count and every process the
   run left behind can be found by its uid and killed;
-* a wall-clock timeout after which the whole process group (and everything running under the
-  run's uid) is killed, and a cap on captured stdout/stderr (a run that prints more is killed).
+* a seccomp filter (Linux x86-64 and arm64) that refuses new user namespaces, so the code cannot
+  gain capabilities in a namespace of its own (bubblewrap's ``--disable-userns`` as well, where
+  bubblewrap runs unprivileged and supports it), and System V shared memory and message queues
+  (memory outside every limit here);
+* optionally a private report channel (``report_channel=True``): file descriptor 3, the write end of
+  a pipe that only the started script holds (bubblewrap's init closes it); what it writes there
+  comes back in :attr:`SandboxResult.report`. :mod:`nice_kit.metrics.code` reports test verdicts
+  through it from a process the completion cannot reach.
 
 With bubblewrap (``bwrap``) installed and working, the child also runs in its own mount, pid,
-network, ipc and uts namespaces: a read-only view of ``/`` (only the working directory is
-writable), a private ``/tmp``, a fresh ``/proc`` showing only its own processes, a minimal
-``/dev``, no network at all, and ``no_new_privs``. Directories that the unprivileged uid could not
-read anyway (such as ``/root``) are replaced by empty ones, except for the Python installation the
-child needs. :func:`sandbox_kind` says which kind of sandbox is in use: ``"bubblewrap"`` or
-``"rlimits-only"``. The fallback has no filesystem or network isolation (the child can read what
-the unprivileged uid can read, write world-writable places and open network connections) and
-warns once that isolation is weaker.
+network, ipc and uts namespaces: a read-only view of ``/``, a private ``/tmp`` that is a tmpfs of
+``max_disk_mb`` (``--size``) holding the working directory, so nothing it writes reaches the host's
+disk and the memory it can pin is bounded; a fresh ``/proc`` showing only its own processes, a
+minimal, read-only ``/dev``, no network at all, and ``no_new_privs``. Directories that the unprivileged uid
+could not read anyway (such as ``/root``) are replaced by empty ones, except for the Python
+installation the child needs. The tmpfs bounds bytes, not files: the parent counts the files
+every 50 ms and kills a run that makes more than ``max_files``.
+
+Without bubblewrap (:func:`sandbox_kind` says ``"rlimits-only"``; it warns once, naming what it
+could set up) the child is a plain process of the same kernel, with on Linux:
+
+* a supervisor process between the parent and the code: a child subreaper that kills every
+  descendant (daemons included) when the code exits, the run is stopped, or the scoring process
+  dies (a parent-death signal; bubblewrap has ``--die-with-parent``);
+* Landlock, where the kernel has it: writes only inside the working directory, no ptrace-style
+  access to processes outside the sandbox (so no ``/proc/<pid>/environ`` or ``/proc/<pid>/mem`` of
+  the scoring process), no TCP (ABI 4), no signals or abstract unix sockets out of the sandbox
+  (ABI 6);
+* seccomp (x86-64, arm64): no sockets at all, no ptrace, no io_uring, no new user namespaces,
+  and where Landlock cannot scope signals (ABI < 6), signals only to itself and its own process
+  group (not to its children by pid) and no ``F_SETOWN``-style signal delivery;
+* as root, the random uid; as a normal user the code keeps the user's own uid (nothing else is
+  possible without privileges), so the parent is made non-dumpable while fallback runs are active
+  (its environment and memory are then unreadable by the same uid even without Landlock);
+* the working directory on the host's temporary directory, its size and file count checked every
+  20 ms (a run over the limit is killed; a fast writer can overshoot by what it writes in that
+  time).
 
 Known limits: memory is limited per process (a run may use up to ``max_processes * memory_mb``);
-the sandbox can read world-readable files; when the parent is not root, no uid is dropped (the
-process limit then counts the user's own processes) and leftover processes that left the process
-group are not swept.
+the code can read world-readable files (and, in the fallback as a normal user, every file that
+user can read); the fallback without Landlock can write wherever its uid can write; the fallback
+on other systems (macOS) has the resource limits, the clean environment and the session only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -53,6 +82,12 @@ __all__ = ["SandboxResult", "run_untrusted", "sandbox_kind", "BUBBLEWRAP", "RLIM
 
 BUBBLEWRAP = "bubblewrap"
 RLIMITS_ONLY = "rlimits-only"
+REPORT_FD = 3  # where the started script finds the report channel (``report_channel=True``)
+
+_LINUX = sys.platform.startswith("linux")
+_LANDLOCK = True  # the fallback applies Landlock where the kernel has it (tests turn it off)
+_BWRAP_POLL_S = 0.05
+_FALLBACK_POLL_S = 0.02
 
 
 @dataclass
@@ -63,8 +98,9 @@ class SandboxResult:
     not be collected). ``stdout``/``stderr`` are decoded as UTF-8 and cut at the output cap
     (``*_truncated`` says so). ``timed_out`` is True when the wall-clock limit killed the run;
     ``killed`` is True when the run ended by a signal or was killed by the sandbox, ``reason``
-    says why (``"timeout"``, ``"output limit"``, ``"cpu time limit"``, ``"file size limit"``,
-    ``"signal SIGKILL"`` ...). ``duration_s`` is the wall-clock time from start to exit.
+    says why (``"timeout"``, ``"output limit"``, ``"disk limit"``, ``"cpu time limit"``,
+    ``"file size limit"``, ``"signal SIGKILL"`` ...). ``duration_s`` is the wall-clock time from
+    start to exit. ``report`` is what the script wrote to the report channel (``report_channel``).
     """
 
     returncode: int | None
@@ -78,6 +114,7 @@ class SandboxResult:
     stderr_truncated: bool = False
     sandbox: str = ""
     uid: int | None = None  # the unprivileged uid it ran as (None: not dropped, parent not root)
+    report: str = ""
 
     @property
     def ok(self) -> bool:
@@ -87,11 +124,21 @@ class SandboxResult:
 
 # ----------------------------------------------------------------------------------------------
 # The bootstrap: the first Python code the child runs. It is ours (trusted): it sets the limits,
-# drops to the unprivileged uid, and only then runs the untrusted file.
+# drops to the unprivileged uid, starts the supervisor (fallback), applies Landlock and seccomp,
+# and only then runs the untrusted file. It must run on any Python 3 (a system python3 in the
+# fallback), so it uses the standard library only.
 
 _BOOT = r"""
 import json, os, resource, sys
 _c = json.loads(sys.argv[1])
+_info = {"landlock": 0, "seccomp": False, "supervisor": False}
+_rfd = _c["report_fd"]
+if _rfd is not None:
+    if _rfd != 3:
+        os.dup2(_rfd, 3, inheritable=False)
+        os.close(_rfd)
+    else:
+        os.set_inheritable(3, False)
 for _name, _value in _c["rlimits"]:
     _which = getattr(resource, _name, None)
     if _which is None:
@@ -111,9 +158,222 @@ if _c["uid"] is not None and os.geteuid() == 0:
     os.setresuid(_c["uid"], _c["uid"], _c["uid"])
     if 0 in os.getresuid() or 0 in os.getresgid():
         os._exit(125)
-if _c["nnp"]:
+
+
+def _linux_tools():
     import ctypes
-    ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+
+    def prctl(option, *args):
+        args = [ctypes.c_ulong(a) for a in args] + [ctypes.c_ulong(0)] * (4 - len(args))
+        if libc.prctl(ctypes.c_int(option), *args) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, "prctl(%d): %s" % (option, os.strerror(err)))
+
+    return ctypes, libc, prctl
+
+
+def _children(pid):
+    out = []
+    try:
+        for tid in os.listdir("/proc/%d/task" % pid):
+            with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
+                out += [int(x) for x in f.read().split()]
+        return out
+    except (OSError, ValueError):
+        pass
+    for name in os.listdir("/proc"):  # kernels without /proc/<pid>/task/<tid>/children
+        if name.isdigit():
+            try:
+                with open("/proc/%s/stat" % name) as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def _supervise(child):
+    # A child subreaper: every orphan the code leaves (a daemon that left the session) becomes
+    # our child. When the code exits, or the parent asks (SIGTERM), kill them all, then leave
+    # with the code's status.
+    import signal, time
+    me = os.getpid()
+
+    def sweep():
+        while True:
+            for pid in _children(me):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                time.sleep(0.001)
+
+    def stop(signum, frame):
+        sweep()
+        os._exit(128 + signum)
+
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    status = None
+    while status is None:
+        try:
+            pid, st = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        if pid == child:
+            status = st
+    sweep()
+    if status is None:
+        os._exit(125)
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError, RuntimeError):
+            pass
+        os.kill(me, sig)
+        os._exit(128 + sig)
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 125)
+
+
+def _landlock(ctypes, libc, workdir):
+    import struct
+    sysc = libc.syscall
+    abi = sysc(ctypes.c_long(444), None, ctypes.c_size_t(0), ctypes.c_uint(1))
+    if abi < 1:
+        return 0
+    fs = (1 << 13) - 1
+    if abi >= 2:
+        fs |= 1 << 13  # REFER
+    if abi >= 3:
+        fs |= 1 << 14  # TRUNCATE
+    net = 3 if abi >= 4 else 0  # BIND_TCP | CONNECT_TCP, with no rule allowing any port
+    scoped = 3 if abi >= 6 else 0  # ABSTRACT_UNIX_SOCKET | SIGNAL
+    size = 8 if abi < 4 else (16 if abi < 6 else 24)
+    attr = ctypes.create_string_buffer(struct.pack("=QQQ", fs, net, scoped)[:size], size)
+    ruleset = sysc(ctypes.c_long(444), attr, ctypes.c_size_t(size), ctypes.c_uint(0))
+    if ruleset < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "landlock_create_ruleset: " + os.strerror(err))
+
+    def allow(path, access):
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        try:
+            rule = ctypes.create_string_buffer(struct.pack("=Qi", access & fs, fd), 12)
+            if sysc(ctypes.c_long(445), ctypes.c_int(ruleset), ctypes.c_int(1), rule, ctypes.c_uint(0)) < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, "landlock_add_rule(%s): %s" % (path, os.strerror(err)))
+        finally:
+            os.close(fd)
+
+    allow("/", 1 | 4 | 8)  # EXECUTE, READ_FILE, READ_DIR
+    allow(workdir, fs)
+    for dev in ("/dev/null", "/dev/zero", "/dev/full"):
+        if os.path.exists(dev):
+            allow(dev, 2 | 4 | (1 << 14))  # WRITE_FILE, READ_FILE, TRUNCATE
+    if sysc(ctypes.c_long(446), ctypes.c_int(ruleset), ctypes.c_uint(0)) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "landlock_restrict_self: " + os.strerror(err))
+    os.close(ruleset)
+    return abi
+
+
+_SYSCALLS = {
+    "x86_64": (0xC000003E, {
+        "unshare": 272, "clone": 56, "clone3": 435, "kill": 62, "tkill": 200, "tgkill": 234,
+        "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297, "pidfd_send_signal": 424, "pidfd_getfd": 438,
+        "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "socket": 41,
+        "io_uring_setup": 425, "fcntl": 72, "ioctl": 16, "shmget": 29, "msgget": 68}),
+    "aarch64": (0xC00000B7, {
+        "unshare": 97, "clone": 220, "clone3": 435, "kill": 129, "tkill": 130, "tgkill": 131,
+        "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240, "pidfd_send_signal": 424, "pidfd_getfd": 438,
+        "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "socket": 198,
+        "io_uring_setup": 425, "fcntl": 25, "ioctl": 29, "shmget": 194, "msgget": 186}),
+}
+
+
+def _seccomp(ctypes, prctl, fallback, signals):
+    machine = os.uname().machine
+    if machine not in _SYSCALLS or sys.byteorder != "little":
+        return False
+    arch, nr = _SYSCALLS[machine]
+    LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06
+    ALLOW, EPERM, ENOSYS = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
+    prog = [(LD, 0, 0, 4), (JEQ, 1, 0, arch), (RET, 0, 0, ENOSYS), (LD, 0, 0, 0)]
+    if machine == "x86_64":
+        prog += [(JGE, 0, 1, 0x40000000), (RET, 0, 0, ENOSYS)]  # x32 calls
+
+    def block(name, body):
+        return [(LD, 0, 0, 0), (JEQ, 0, len(body), nr[name])] + body
+
+    def arg(i, values, allowed):
+        # allowed: only these values pass; else: these values are refused. Low 32 bits.
+        n = len(values)
+        tail = [(RET, 0, 0, EPERM), (RET, 0, 0, ALLOW)] if allowed else [(RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)]
+        return [(LD, 0, 0, 16 + 8 * i)] + [(JEQ, n - j, 0, v & 0xFFFFFFFF) for j, v in enumerate(values)] + tail
+
+    no_newuser = [(LD, 0, 0, 16), (JSET, 0, 1, 0x10000000), (RET, 0, 0, EPERM), (RET, 0, 0, ALLOW)]
+    prog += block("unshare", no_newuser) + block("clone", no_newuser) + block("clone3", [(RET, 0, 0, ENOSYS)])
+    # System V shared memory and message queues: memory outside every limit above (and, without an
+    # IPC namespace, left behind after the run)
+    prog += block("shmget", [(RET, 0, 0, EPERM)]) + block("msgget", [(RET, 0, 0, EPERM)])
+    if fallback and signals:  # without Landlock's signal scope (ABI 6): only to itself and its group
+        me = os.getpid()
+        prog += block("kill", arg(0, [0, me, -me], True))
+        for name in ("tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"):
+            prog += block(name, arg(0, [me], True))
+        prog += block("pidfd_send_signal", [(RET, 0, 0, EPERM)])
+        prog += block("fcntl", arg(1, [8, 10, 15], False))  # F_SETOWN, F_SETSIG, F_SETOWN_EX
+        prog += block("ioctl", arg(1, [0x8901, 0x8902], False))  # FIOSETOWN, SIOCSPGRP
+    if fallback:
+        for name in ("pidfd_getfd", "ptrace", "process_vm_readv", "process_vm_writev", "socket", "io_uring_setup"):
+            prog += block(name, [(RET, 0, 0, EPERM)])
+    prog.append((RET, 0, 0, ALLOW))
+
+    class Insn(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
+
+    insns = (Insn * len(prog))(*[Insn(*i) for i in prog])
+    fprog = Prog(len(prog), insns)
+    prctl(38, 1)  # PR_SET_NO_NEW_PRIVS
+    prctl(22, 2, ctypes.addressof(fprog))  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+    return True
+
+
+if sys.platform.startswith("linux"):
+    _ct, _libc, _prctl = _linux_tools()
+    if _c["supervise"]:
+        _prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+        _prctl(1, 15)  # PR_SET_PDEATHSIG SIGTERM: if the scoring process dies, sweep and leave
+        if os.getppid() != _c["parent"]:
+            os._exit(125)
+        _prctl(4, 0)  # PR_SET_DUMPABLE 0: the code (same uid) cannot ptrace us or open /proc/<us>/*
+        import signal as _signal
+        _signal.signal(_signal.SIGTERM, _signal.SIG_IGN)  # until the supervisor's handler is in place
+        _pid = os.fork()
+        if _pid:
+            if _rfd is not None:
+                os.close(3)  # only the code's process holds the report channel
+            _supervise(_pid)
+        _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
+        os.setpgid(0, 0)  # its own group: killpg(0) cannot reach the supervisor
+        _info["supervisor"] = True
+    _prctl(38, 1)  # PR_SET_NO_NEW_PRIVS
+    if _c["landlock"]:
+        _info["landlock"] = _landlock(_ct, _libc, _c["workdir"])
+    _info["seccomp"] = _seccomp(_ct, _prctl, _c["fallback"], _info["landlock"] < 6)
+    del _ct, _libc, _prctl
 if _c["site"]:
     import site
     for _p in _c["site"]:
@@ -121,12 +381,30 @@ if _c["site"]:
 os.umask(0o077)
 _script = _c["script"]
 sys.argv = [_script]
-del _c, _name, _value, _which, _soft, _hard
-import runpy
-runpy.run_path(_script, run_name="__main__")
+with open(_script, "rb") as _f:
+    _code = _f.read()
+import marshal, types
+# a .pyc written by the parent (same interpreter: it checked) or source
+_code = marshal.loads(_code[16:]) if _script.endswith(".pyc") else compile(_code, _script, "exec")
+_main = types.ModuleType("__main__")
+_main.__dict__.update(__file__=_script, __builtins__=__builtins__, __nice_sandbox__=_info)
+sys.modules["__main__"] = _main
+del _c, _name, _value, _which, _soft, _hard, _rfd, _f
+exec(_code, _main.__dict__)
 """
 
-_RLIMIT_NAMES = ("RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_CORE")
+_BOOT_LOADER = "import marshal, sys\nexec(marshal.loads(bytes.fromhex(sys.argv.pop(1))))\n"
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(source: str, filename: str, pyc: bool = False) -> bytes:
+    """``source`` compiled by this interpreter, marshalled (with a .pyc header when ``pyc``)."""
+    import importlib.util
+    import marshal
+
+    data = marshal.dumps(compile(source, filename, "exec", dont_inherit=True))
+    return importlib.util.MAGIC_NUMBER + b"\0" * 12 + data if pyc else data
+
 
 _SIGNAL_REASONS = {
     signal.SIGXCPU: "cpu time limit",
@@ -136,6 +414,8 @@ _SIGNAL_REASONS = {
 _lock = threading.Lock()
 _probes: dict[str, tuple[bool, str]] = {}  # mode -> (works, why not)
 _warned = False
+_undumpable_count = 0
+_undumpable_saved: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,17 +548,51 @@ def _processes_of(uid: int) -> list[int]:
     return out
 
 
+def _session_members(sid: int) -> list[int]:
+    """Pids of live processes in session ``sid`` (Linux; [] elsewhere)."""
+    out = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+                out.append(int(name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def _kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def _sweep(uid: int) -> None:
     """Kill every process running under the run's private uid (we are root)."""
     for _ in range(200):
         pids = _processes_of(uid)
         if not pids:
             return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        _kill_all(pids)
+        time.sleep(0.002)
+
+
+def _sweep_session(sid: int) -> None:
+    """Kill what is left in the run's session (a backstop where no uid was dropped)."""
+    for _ in range(50):
+        pids = _session_members(sid)
+        if not pids:
+            return
+        _kill_all(pids)
         time.sleep(0.002)
 
 
@@ -314,12 +628,28 @@ def _fallback_python(python: str, drop_uid: bool) -> tuple[str, list[str]]:
     )
 
 
-def _bwrap_command(bwrap: str, python: str, workdir: str) -> list[str]:
+@functools.lru_cache(maxsize=4)
+def _bwrap_options(bwrap: str) -> frozenset[str]:
+    """The options this bwrap knows (from its --help), e.g. ``--size`` (0.5) and ``--disable-userns`` (0.8)."""
+    try:
+        text = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return frozenset()
+    return frozenset(word for word in text.split() if word.startswith("--"))
+
+
+def _bwrap_command(bwrap: str, python: str, workdir: str, inner: str, disk_bytes: int) -> tuple[list[str], int]:
+    """The bwrap command line, and how many inodes its private /tmp holds before the code runs."""
+    options = _bwrap_options(bwrap)
     cmd = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
     if os.geteuid() != 0:
         cmd.append("--unshare-user")
-    cmd += ["--die-with-parent", "--new-session", "--ro-bind", "/", "/", "--perms", "1777", "--tmpfs", "/tmp"]
-    cmd += ["--proc", "/proc", "--dev", "/dev"]
+        if "--disable-userns" in options:
+            cmd.append("--disable-userns")  # the seccomp filter in the bootstrap refuses them as well
+    cmd += ["--die-with-parent", "--new-session", "--ro-bind", "/", "/"]
+    if "--size" in options:
+        cmd += ["--size", str(disk_bytes)]  # older bwrap: the parent's poll enforces the limit
+    cmd += ["--perms", "1777", "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev"]
     if os.geteuid() == 0:
         # Hide directories the unprivileged uid cannot search anyway (e.g. /root), then bind back the
         # parts of the Python installation under them, with searchable parents.
@@ -347,6 +677,7 @@ def _bwrap_command(bwrap: str, python: str, workdir: str) -> list[str]:
             cmd += ["--ro-bind", path, path]
     # The private /tmp hides an interpreter or virtual environment that lives under /tmp (a CI
     # checkout, say): bind those parts back, read-only, on searchable parents.
+    inodes = 1  # the tmpfs root
     made_tmp: set[str] = set()
     for path in (os.path.abspath(python), *_python_paths(python)):
         if not path.startswith("/tmp/"):
@@ -358,9 +689,17 @@ def _bwrap_command(bwrap: str, python: str, workdir: str) -> list[str]:
             if current not in made_tmp:
                 made_tmp.add(current)
                 cmd += ["--perms", "0755", "--dir", current]
+                inodes += 1
         cmd += ["--ro-bind", target, target]
-    cmd += ["--bind", workdir, workdir, "--chdir", workdir]
-    return cmd
+        inodes += 1
+    # The working directory lives in the private /tmp (bounded, never on the host's disk); the
+    # script is bound into it read-only from the host's scratch directory.
+    cmd += ["--perms", "0777", "--dir", inner]
+    scripts = sorted(name for name in os.listdir(workdir) if name.startswith("main."))
+    for name in scripts:
+        cmd += ["--ro-bind", os.path.join(workdir, name), f"{inner}/{name}"]
+    cmd += ["--chdir", inner]
+    return cmd, inodes + 1 + len(scripts)
 
 
 def _env(workdir: str, extra: dict[str, str] | None) -> dict[str, str]:
@@ -397,6 +736,103 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+def _stop(proc: subprocess.Popen, supervised: bool) -> None:
+    """Stop a run: ask the supervisor to kill everything the code started, then kill the group."""
+    if supervised and not _exited(proc):
+        try:
+            os.kill(proc.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end and not _exited(proc):
+            time.sleep(0.002)
+    _kill_group(proc)
+
+
+@contextlib.contextmanager
+def _parent_undumpable(active: bool):
+    """While fallback runs of our own uid are active, make this process non-dumpable: a process of
+    the same uid can then neither ptrace it nor read its /proc/<pid>/environ or mem (Linux)."""
+    global _undumpable_count, _undumpable_saved
+    if not active:
+        yield
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    with _lock:
+        if _undumpable_count == 0:
+            _undumpable_saved = libc.prctl(3, 0, 0, 0, 0)  # PR_GET_DUMPABLE
+            libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
+        _undumpable_count += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _undumpable_count -= 1
+            if _undumpable_count == 0 and _undumpable_saved is not None and _undumpable_saved > 0:
+                libc.prctl(4, _undumpable_saved, 0, 0, 0)
+
+
+def _tree_usage(root: str, max_files: int) -> tuple[int, int]:
+    """(bytes allocated, entries) under ``root``; stops counting once past ``max_files``."""
+    total, entries = 0, 0
+    stack = [root]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for entry in it:
+                    entries += 1
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    total += getattr(st, "st_blocks", 0) * 512 or st.st_size
+                    if stat.S_ISDIR(st.st_mode):
+                        stack.append(entry.path)
+                    if entries > max_files:
+                        return total, entries
+        except OSError:
+            continue
+    return total, entries
+
+
+def _usage_check(mode: str, proc: subprocess.Popen, workdir: str, inner: str, baseline: int,
+                 max_bytes: int, max_files: int):
+    """A function that says "disk limit" once the run's writable area is over its limits."""
+    if mode == RLIMITS_ONLY:
+        def check() -> str | None:
+            used, files = _tree_usage(workdir, max_files)
+            return "disk limit" if used > max_bytes or files > max_files else None
+
+        return check
+    sandbox_pid: list[int] = []
+    host_dev = os.stat(workdir).st_dev
+
+    def check_bwrap() -> str | None:
+        if not sandbox_pid:
+            try:
+                with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                    kids = f.read().split()
+            except OSError:
+                return None
+            if not kids:
+                return None
+            sandbox_pid.append(int(kids[0]))
+        path = f"/proc/{sandbox_pid[0]}/root{inner}"
+        try:
+            if os.stat(path).st_dev == host_dev:
+                return None  # bwrap has not switched to the sandbox's root yet
+            st = os.statvfs(path)
+        except OSError:
+            return None
+        used = (st.f_blocks - st.f_bfree) * st.f_frsize
+        files = st.f_files - st.f_ffree - baseline
+        return "disk limit" if used > max_bytes or files > max_files else None
+
+    return check_bwrap
+
+
 # ----------------------------------------------------------------------------------------------
 # Running
 
@@ -409,79 +845,116 @@ def _run(
     memory_mb: int,
     max_processes: int,
     max_file_mb: float,
+    max_disk_mb: float,
+    max_files: int,
     max_open_files: int,
     max_output_bytes: int,
     stdin: str | bytes | None,
     env: dict[str, str] | None,
     python: str | None,
+    report_channel: bool = False,
 ) -> SandboxResult:
     if os.name != "posix":
         raise RuntimeError("run_untrusted needs a POSIX system")
     python = python or sys.executable
     ids = _pick_ids()
     site_dirs: list[str] = []
-    if mode == RLIMITS_ONLY:
+    fallback = mode == RLIMITS_ONLY
+    if fallback:
         python, site_dirs = _fallback_python(python, ids is not None)
 
-    nproc = max_processes
+    nproc = max_processes + (1 if fallback and _LINUX else 0)  # + the supervisor
     if ids is None:  # not root: the limit counts all of this user's processes
-        nproc = _count_own_processes() + max_processes
+        nproc += _count_own_processes()
+    disk_bytes = max(int(max_disk_mb * 1024 * 1024), 65536)
     rlimits = [
         ("RLIMIT_CPU", max(1, math.ceil(timeout_s)) + 1),
         ("RLIMIT_AS", int(memory_mb) * 1024 * 1024),
         ("RLIMIT_NPROC", int(nproc)),
-        ("RLIMIT_FSIZE", int(max_file_mb * 1024 * 1024)),
+        ("RLIMIT_FSIZE", min(int(max_file_mb * 1024 * 1024), disk_bytes)),
         ("RLIMIT_NOFILE", int(max_open_files)),
         ("RLIMIT_CORE", 0),
     ]
     workdir = tempfile.mkdtemp(prefix="nice-sandbox-", dir=_tmp_base())
+    inner = f"/tmp/{os.path.basename(workdir)}" if mode == BUBBLEWRAP else workdir
     proc = None
+    report_r = report_w = None
+    supervised = fallback and _LINUX
     try:
-        script = os.path.join(workdir, "main.py")
-        with open(script, "w", encoding="utf-8") as f:
+        same_python = os.path.realpath(python) == os.path.realpath(sys.executable)
+        script = "main.py"
+        with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8") as f:
             f.write(code)
-        os.chmod(script, 0o644)
+        if same_python:  # precompiled (cached): the source stays next to it for tracebacks
+            script = "main.pyc"
+            with open(os.path.join(workdir, script), "wb") as f:
+                f.write(_compiled(code, "main.py", pyc=True))
+        for name in os.listdir(workdir):
+            os.chmod(os.path.join(workdir, name), 0o644)
         if ids is not None:
             os.chown(workdir, ids[0], ids[1])
         os.chmod(workdir, 0o700)
+        if report_channel:
+            report_r, report_w = os.pipe()
         cfg = {
             "rlimits": rlimits,
             "uid": ids[0] if ids else None,
             "gid": ids[1] if ids else None,
-            "nnp": mode == RLIMITS_ONLY and sys.platform.startswith("linux"),
             "site": site_dirs,
-            "script": script,
+            "script": f"{inner}/{script}",
+            "workdir": inner,
+            "report_fd": report_w,
+            "fallback": fallback,
+            "supervise": supervised,
+            "landlock": fallback and _LANDLOCK,
+            "parent": os.getpid(),
         }
-        argv = [python, "-I", "-B", "-c", _BOOT, json.dumps(cfg)]
+        if same_python:  # the bootstrap precompiled (cached) too
+            argv = [python, "-I", "-B", "-c", _BOOT_LOADER, _compiled(_BOOT, "<nice-sandbox-boot>").hex(), json.dumps(cfg)]
+        else:
+            argv = [python, "-I", "-B", "-c", _BOOT, json.dumps(cfg)]
         kwargs: dict = {}
+        baseline = 0
         if mode == BUBBLEWRAP:
-            argv = _bwrap_command(shutil.which("bwrap") or "bwrap", python, workdir) + argv
+            prefix, baseline = _bwrap_command(shutil.which("bwrap") or "bwrap", python, workdir, inner, disk_bytes)
+            argv = prefix + argv
         elif ids is not None:
             kwargs = {"user": ids[0], "group": ids[1], "extra_groups": []}
         data = stdin.encode("utf-8") if isinstance(stdin, str) else stdin
 
-        start = time.monotonic()
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE if data else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=workdir,
-            env=_env(workdir, env),
-            start_new_session=True,
-            close_fds=True,
-            **kwargs,
-        )
-        out, err, trunc_out, trunc_err, reason = _communicate(proc, data, start + timeout_s, max_output_bytes)
-        _kill_group(proc)  # stragglers in the group; the group id is still reserved (not reaped)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL is not ignorable
-            pass
-        duration = time.monotonic() - start
+        with _parent_undumpable(fallback and _LINUX and ids is None):
+            start = time.monotonic()
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE if data else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=workdir,
+                env=_env(inner, env),
+                start_new_session=True,
+                close_fds=True,
+                pass_fds=(report_w,) if report_w is not None else (),
+                **kwargs,
+            )
+            if report_w is not None:
+                os.close(report_w)
+                report_w = None
+            check_usage = _usage_check(mode, proc, workdir, inner, baseline, disk_bytes, int(max_files))
+            poll_s = _FALLBACK_POLL_S if fallback else _BWRAP_POLL_S
+            out, err, rep, trunc_out, trunc_err, reason = _communicate(
+                proc, data, start + timeout_s, max_output_bytes, report_r, check_usage, poll_s
+            )
+            if reason is not None:
+                _stop(proc, supervised)
+            _kill_group(proc)  # stragglers in the group; the group id is still reserved (not reaped)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL is not ignorable
+                pass
+            duration = time.monotonic() - start
     finally:
         if proc is not None and proc.returncode is None:
-            _kill_group(proc)
+            _stop(proc, supervised)
             try:
                 proc.kill()
                 proc.wait(timeout=5)
@@ -489,11 +962,19 @@ def _run(
                 pass
         if ids is not None:
             _sweep(ids[0])
+        elif proc is not None and supervised:
+            _sweep_session(proc.pid)
         if proc is not None:
             for stream in (proc.stdin, proc.stdout, proc.stderr):
                 try:
                     if stream is not None:
                         stream.close()
+                except OSError:
+                    pass
+        for fd in (report_r, report_w):
+            if fd is not None:
+                try:
+                    os.close(fd)
                 except OSError:
                     pass
         shutil.rmtree(workdir, ignore_errors=True)
@@ -523,13 +1004,16 @@ def _run(
         stderr_truncated=trunc_err,
         sandbox=mode,
         uid=ids[0] if ids else None,
+        report=rep.decode("utf-8", errors="replace"),
     )
 
 
-def _communicate(proc, data, deadline, cap):
-    """Feed stdin, read stdout/stderr up to ``cap`` bytes each, until exit, timeout or overflow."""
+def _communicate(proc, data, deadline, cap, report_fd=None, check_usage=None, poll_s=0.1):
+    """Feed stdin, read stdout/stderr (and the report channel) up to ``cap`` bytes each, until
+    exit, timeout, overflow or a disk limit."""
     sel = selectors.DefaultSelector()
-    bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    fds = [proc.stdout.fileno(), proc.stderr.fileno()] + ([report_fd] if report_fd is not None else [])
+    bufs = {fd: bytearray() for fd in fds}
     truncated = dict.fromkeys(bufs, False)
     for fd in bufs:
         sel.register(fd, selectors.EVENT_READ)
@@ -539,17 +1023,24 @@ def _communicate(proc, data, deadline, cap):
         sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
     reason = None
     exited_at = None
+    next_check = time.monotonic() + poll_s
     try:
         while sel.get_map():
             now = time.monotonic()
             if now >= deadline:
                 reason = "timeout"
                 break
+            if check_usage is not None and now >= next_check:
+                next_check = now + poll_s
+                reason = check_usage()
+                if reason is not None:
+                    break
             if exited_at is None and _exited(proc):
                 exited_at = now
             if exited_at is not None and now - exited_at > 0.2:
                 break  # the main process is gone; something it left behind holds the pipes
-            for key, _ in sel.select(min(deadline - now, 0.1)):
+            wait = min(deadline - now, poll_s if check_usage is not None else 0.1)
+            for key, _ in sel.select(max(wait, 0.0)):
                 fd = key.fd
                 if fd in bufs:
                     try:
@@ -582,13 +1073,16 @@ def _communicate(proc, data, deadline, cap):
                 proc.stdin.close()
             except OSError:
                 pass
-    if reason is not None:
-        _kill_group(proc)
-    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
-    return bytes(bufs[out_fd]), bytes(bufs[err_fd]), truncated[out_fd], truncated[err_fd], reason
+    out_fd, err_fd = fds[0], fds[1]
+    report = bytes(bufs[report_fd]) if report_fd is not None else b""
+    return bytes(bufs[out_fd]), bytes(bufs[err_fd]), report, truncated[out_fd], truncated[err_fd], reason
+
+
+_PROBE_CODE = "import os, json\nprint('nice-sandbox-ok', os.getuid(), json.dumps(__nice_sandbox__))\n"
 
 
 def _probe(mode: str) -> tuple[bool, str]:
+    """Does ``mode`` work here? For the fallback, the second item lists what the bootstrap set up."""
     with _lock:
         if mode in _probes:
             return _probes[mode]
@@ -597,24 +1091,27 @@ def _probe(mode: str) -> tuple[bool, str]:
     else:
         try:
             r = _run(
-                "import os\nprint('nice-sandbox-ok', os.getuid())\n",
+                _PROBE_CODE,
                 mode,
                 timeout_s=30.0,
                 memory_mb=512,
                 max_processes=8,
                 max_file_mb=1,
+                max_disk_mb=1,
+                max_files=16,
                 max_open_files=64,
                 max_output_bytes=10_000,
                 stdin=None,
                 env=None,
                 python=None,
             )
-            words = r.stdout.split()
-            works = r.ok and len(words) == 2 and words[0] == "nice-sandbox-ok"
+            words = r.stdout.split(maxsplit=2)
+            works = r.ok and len(words) == 3 and words[0] == "nice-sandbox-ok"
             if works and os.geteuid() == 0 and words[1] == "0":
                 works = False
                 r.stderr += "\nthe sandboxed process still ran as root"
-            result = (works, "" if works else (r.stderr.strip()[-2000:] or f"exit status {r.returncode}"))
+            detail = words[2].strip() if works else (r.stderr.strip()[-2000:] or f"exit status {r.returncode}")
+            result = (works, detail)
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
             result = (False, f"{type(err).__name__}: {err}")
     with _lock:
@@ -622,21 +1119,63 @@ def _probe(mode: str) -> tuple[bool, str]:
     return result
 
 
+def _fallback_features() -> dict:
+    """What the rlimits-only fallback sets up on this machine: ``landlock`` (ABI, 0: none),
+    ``seccomp`` and ``supervisor`` (bools), ``own_uid`` (True: it keeps this user's uid)."""
+    works, detail = _probe(RLIMITS_ONLY)
+    features = {"landlock": 0, "seccomp": False, "supervisor": False}
+    if works:
+        try:
+            features.update(json.loads(detail))
+        except (ValueError, TypeError):
+            pass
+    features["own_uid"] = os.geteuid() != 0
+    features["works"] = works
+    return features
+
+
+def _fallback_warning(features: dict) -> str:
+    has, lacks = [], []
+    has.append("resource limits, a clean environment, a new session")
+    has.append("a random unprivileged uid" if not features["own_uid"] else "no uid change (not root)")
+    if features["supervisor"]:
+        has.append("a supervisor that kills every process the code starts, daemons included")
+    else:
+        lacks.append("daemons that leave the process group may survive the run")
+    if features["landlock"]:
+        has.append(f"Landlock ABI {features['landlock']} (writes only in its work dir, no access to other processes"
+                   + (", no TCP" if features["landlock"] >= 4 else "")
+                   + (", no signals out" if features["landlock"] >= 6 else "") + ")")
+    else:
+        lacks.append("no Landlock: it can write wherever its uid can write"
+                     + (" (all of your files)" if features["own_uid"] else " (world-writable places)"))
+    if features["seccomp"]:
+        has.append("seccomp (no sockets, no ptrace, no new user namespaces"
+                   + (")" if features["landlock"] >= 6 else ", signals only to itself and its group)"))
+    else:
+        lacks.append("no seccomp: it can open network connections" + (" (not TCP)" if features["landlock"] >= 4 else "")
+                     + ("" if features["landlock"] >= 6 else " and signal processes of its uid"))
+    if features["own_uid"]:
+        lacks.append("it runs as your own user: it can READ every file you can read (keys, tokens) and see your "
+                     "processes" + ("; this process is made non-dumpable while it runs, your other processes are not"
+                                    if _LINUX else ", read their memory and environment, and signal them"))
+    else:
+        lacks.append("it can read world-readable files")
+    lacks.append("its work dir is on the host disk, size checked every 20 ms")
+    return (
+        "nice_kit.metrics.sandbox: running untrusted code without bubblewrap (not installed, not working, "
+        "or isolation='rlimits-only' asked for). Isolation is weaker. It has: " + "; ".join(has)
+        + ". What remains: " + "; ".join(lacks) + ". Install bubblewrap (apt-get install bubblewrap) "
+        "for a read-only filesystem, private /proc and /tmp, and no network."
+    )
+
+
 def _warn_fallback() -> None:
     global _warned
     if _warned:
         return
     _warned = True
-    warnings.warn(
-        "nice_kit.metrics.sandbox: running untrusted code without bubblewrap (not installed, not working, "
-        "or isolation='rlimits-only' asked for). Isolation is weaker: resource limits, a temporary "
-        "directory and (as root) an unprivileged uid only; there is NO "
-        "filesystem or network isolation (it can read what any user can read, write world-writable "
-        "places and open network connections). Install bubblewrap (apt-get install bubblewrap) "
-        "for stronger isolation.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+    warnings.warn(_fallback_warning(_fallback_features()), RuntimeWarning, stacklevel=3)
 
 
 def _resolve(isolation: str) -> str:
@@ -664,28 +1203,36 @@ def run_untrusted(
     memory_mb: int = 512,
     max_processes: int = 8,
     max_file_mb: float = 1,
+    max_disk_mb: float = 16,
+    max_files: int = 1000,
     max_open_files: int = 64,
     max_output_bytes: int = 128 * 1024,
     stdin: str | bytes | None = None,
     env: dict[str, str] | None = None,
     isolation: str = "auto",
     python: str | None = None,
+    report_channel: bool = False,
 ) -> SandboxResult:
     """Run the Python source ``code`` in a sandboxed child process and return what it did.
 
     ``timeout_s``: wall-clock limit (CPU time is limited to about the same). ``memory_mb``: address
     space per process. ``max_processes``: processes and threads of the run's uid (as root; the
-    interpreter itself counts). ``max_file_mb``: largest file it may write. ``max_open_files``:
-    file descriptors. ``max_output_bytes``: cap on each of stdout and stderr; a run that prints
-    more is killed. ``stdin``: data fed to its standard input. ``env``: extra environment
-    variables (nothing else from the parent's environment is passed). ``isolation``: ``"auto"``
-    (bubblewrap when it works, else the rlimits-only fallback, with a warning), ``"bubblewrap"``
-    (fail if it does not work) or ``"rlimits-only"``. ``python``: the interpreter (default: this
-    one).
+    interpreter itself counts). ``max_file_mb``: largest file it may write. ``max_disk_mb`` and
+    ``max_files``: total size and number of the files and directories it may create (its work dir
+    and /tmp together). ``max_open_files``: file descriptors. ``max_output_bytes``: cap on each of
+    stdout, stderr and the report; a run that prints more is killed. ``stdin``: data fed to its
+    standard input. ``env``: extra environment variables (nothing else from the parent's environment
+    is passed). ``isolation``: ``"auto"`` (bubblewrap when it works, else the rlimits-only fallback,
+    with a warning), ``"bubblewrap"`` (fail if it does not work) or ``"rlimits-only"``. ``python``:
+    the interpreter (default: this one). ``report_channel``: give the script file descriptor 3, a
+    pipe only it holds; what it writes there comes back in :attr:`SandboxResult.report` (close it
+    before running code that must not write there: forked children inherit it).
     """
     mode = _resolve(isolation)
     if mode == RLIMITS_ONLY:
         _warn_fallback()
+    if max_disk_mb <= 0 or max_files <= 0:
+        raise ValueError(f"max_disk_mb and max_files must be positive, not {max_disk_mb!r} and {max_files!r}")
     return _run(
         code,
         mode,
@@ -693,9 +1240,12 @@ def run_untrusted(
         memory_mb=int(memory_mb),
         max_processes=int(max_processes),
         max_file_mb=max_file_mb,
+        max_disk_mb=float(max_disk_mb),
+        max_files=int(max_files),
         max_open_files=int(max_open_files),
         max_output_bytes=int(max_output_bytes),
         stdin=stdin,
         env=env,
         python=python,
+        report_channel=bool(report_channel),
     )
