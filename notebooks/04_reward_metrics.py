@@ -182,9 +182,10 @@ px.bar(long, x="score", y="completion", color="extraction", barmode="group", ori
 # (`assert` statements) in a **sandboxed** child process: its own temporary directory, a scrubbed
 # environment, CPU, memory, process and file-size limits, an unprivileged uid, and with
 # bubblewrap a read-only filesystem and no network. Its reward is the share of tests passed
-# (`mode="partial"`) or 1 only when all pass (`"pass_fail"`). Each test result is reported with a
-# random per-run nonce that the completion never sees, so printing fake "pass" lines counts for
-# nothing; a crash, timeout or limit fails the tests not yet run.
+# (`mode="partial"`) or 1 only when all pass (`"pass_fail"`). The tests run in a separate harness
+# process that calls the completion over a pipe and decides each verdict itself, so printing fake
+# "pass" lines, or tampering with the harness, counts for nothing; a crash, timeout or limit fails
+# the tests not yet run.
 #
 # The bundled `data/code/tasks.jsonl` has small function-writing tasks with tests.
 
@@ -258,8 +259,8 @@ if HAVE_CODE:
     assert not (outcome.result.sandbox == "bubblewrap" and MARKER.exists())
 
 # %% [markdown]
-# The hostile completion scores 0: its forged lines lack the nonce, and the tests it skipped count
-# as failed. With bubblewrap the file write fails (read-only filesystem) and the connection is
+# The hostile completion scores 0: its forged lines go to its own output, not to the harness's
+# verdict channel, and the tests it skipped count as failed. With bubblewrap the file write fails (read-only filesystem) and the connection is
 # refused (no network). Without bubblewrap (macOS, some laptops) nice_kit falls back to resource
 # limits only and warns that isolation is weaker. The endless loop is killed at the time limit and
 # scores 0.
