@@ -26,7 +26,15 @@ def _pipeline(args):
     from .distributed import init_from_env
 
     dist = init_from_env(cfg.device)  # under torchrun: join the process group; else one process as before
-    return Pipeline(cfg, run_dir, verbose=dist.is_main, dist=dist)
+    if dist.parallel:  # the bundled default model is converted on first use: once per machine, not per process
+        from .models import resolve_model_path
+
+        if dist.local_rank == 0:
+            resolve_model_path(cfg.model)
+        dist.barrier()
+    p = Pipeline(cfg, run_dir, verbose=dist.is_main, dist=dist)
+    dist.check_shared(run_dir)  # every process must see the same run directory
+    return p
 
 
 def _shard(text):

@@ -29,9 +29,12 @@ from __future__ import annotations
 
 import functools
 import os
+import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
@@ -169,6 +172,42 @@ class Dist:
             self._broadcast_object(f"{type(err).__name__}: {err}")
             raise
         self._broadcast_object("")
+
+    def wait_visible(self, *paths: Path, timeout: float = 600.0) -> None:
+        """On ranks other than 0: wait until files rank 0 has just written show here (a shared file
+        system may show another machine's new file only after a moment). Does nothing on rank 0."""
+        if self.is_main or self.backend is None:
+            return
+        deadline = time.monotonic() + timeout
+        for path in map(Path, paths):
+            while True:
+                try:
+                    os.listdir(path.parent)  # opening the folder makes an NFS client revalidate it
+                except FileNotFoundError:
+                    pass
+                if path.exists():
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{path}: written by rank 0 but not visible to rank {self.rank} after "
+                                       f"{timeout:.0f} s; the run directory must be on a file system every "
+                                       "machine shares")
+                time.sleep(0.2)
+
+    def check_shared(self, folder: Path) -> None:
+        """Fail early, on every rank, when ``folder`` is not one folder that every process sees."""
+        if not self.parallel:
+            return
+        folder = Path(folder)
+
+        def write_token() -> str:
+            name = f".shared_check.{uuid.uuid4().hex}"
+            (folder / name).write_text("")
+            return name
+
+        token = folder / self.on_main(write_token)
+        self.wait_visible(token, timeout=120.0)
+        self.barrier()
+        self.on_main(lambda: token.unlink(missing_ok=True))
 
     def all_reduce_sum(self, tensors: list[torch.Tensor]) -> None:
         """Sum ``tensors`` (on one device) over every process, in place; summed in float32 or wider."""

@@ -271,6 +271,7 @@ class Pipeline:
             stage.mark_done()
 
         self.dist.on_main(finish)
+        self.dist.wait_visible(stage.path / "DONE")
         return ckpts
 
     @property
@@ -308,11 +309,14 @@ class Pipeline:
             save_tensors(compute(start, stop), stage.chunk_path(c))
         self.dist.barrier()  # every rank's chunks are on disk
 
-        def merge() -> None:
+        def merge() -> bool:
             if all(stage.chunk_path(c).exists() for c, _, _ in shard_chunks(n_items, size)):
                 merge_chunks(stage, n_items, size)
+                return True
+            return False  # other hand-started shards (--shard) still missing
 
-        self.dist.on_main(merge)
+        if self.dist.on_main(merge):
+            self.dist.wait_visible(stage.path / "DONE")
 
     def _vector_stage(self, folder: str, inputs: dict[str, Any], ids: list[str]) -> Stage:
         with self.dist.main_first():  # rank 0 opens (or clears) the folder before the others look
@@ -422,6 +426,7 @@ class Pipeline:
                 stage.mark_done()
 
             self.dist.on_main(concatenate)
+            self.dist.wait_visible(samples_path, stage.path / "DONE")
         df = pd.read_json(samples_path, lines=True, dtype={"prompt_id": str})
         df.insert(0, "epoch", ckpt.epoch)
         df["reward"] = self.dist.on_main(lambda: self._rewards(stage.path, df))  # rank 0 scores, all receive

@@ -9,7 +9,8 @@ N-th chunk file whose path contains TEXT. With ``NICE_KIT_TEST_CHUNK_LOG=FILE`` 
 appends ``RANK path`` to FILE for each chunk file it writes.
 
 ``train`` trains the LoRA of a tiny model on the first 12 examples of POOL with every process of
-the group, once per setting in :data:`TRAIN_SETTINGS`, and writes the checkpoints to OUT/<name>.
+the group, once per setting in :data:`TRAIN_SETTINGS`, and writes the checkpoints to OUT/<name>;
+then it records in OUT/errors_<rank>.json what each rank sees when rank 0 fails.
 """
 
 from __future__ import annotations
@@ -71,6 +72,25 @@ def _watch_chunks(log: str | None, die: str | None) -> None:
     pipeline.save_tensors, pipeline.atomic_write_text = save_and_watch, write_and_watch
 
 
+def _errors(out: Path, dist) -> None:
+    """What each rank sees when rank 0 fails inside on_main and inside main_first (errors_<rank>.json)."""
+    import json
+
+    seen = {}
+    try:
+        dist.on_main(lambda: 1 / 0)
+    except Exception as err:  # noqa: BLE001 (recorded for the test)
+        seen["on_main"] = f"{type(err).__name__}: {err}"
+    try:
+        with dist.main_first():
+            if dist.is_main:
+                raise ValueError("bad stage")
+    except Exception as err:  # noqa: BLE001
+        seen["main_first"] = f"{type(err).__name__}: {err}"
+    seen["after"] = dist.on_main(lambda: "rank 0's result")  # the group still works afterwards
+    (out / f"errors_{dist.rank}.json").write_text(json.dumps(seen))
+
+
 def main(argv: list[str]) -> int:
     import torch
 
@@ -87,6 +107,7 @@ def main(argv: list[str]) -> int:
         try:
             for name in TRAIN_SETTINGS:
                 train_tiny(Path(argv[1]), argv[2], name, dist)
+            _errors(Path(argv[1]), dist)
         finally:
             shutdown()
         return 0

@@ -118,6 +118,15 @@ def test_cpu_threads_share_the_cores_unless_set():
     assert d.cpu_threads(3) == 3
 
 
+def test_a_file_rank_0_wrote_must_become_visible(tmp_path):
+    other = Dist(rank=1, world_size=2, backend="gloo")
+    (tmp_path / "DONE").write_text("")
+    other.wait_visible(tmp_path / "DONE")
+    with pytest.raises(RuntimeError, match="file system every machine shares"):
+        other.wait_visible(tmp_path / "missing", timeout=0.3)
+    Dist(rank=0, world_size=2, backend="gloo").wait_visible(tmp_path / "missing", timeout=0)  # rank 0 wrote it
+
+
 def test_own_loss_equals_the_hugging_face_loss(tokenizer, small_data):
     from nice_kit.data import collate, load_records, tokenize_records
     from nice_kit.models import tiny_model
@@ -139,6 +148,15 @@ def test_data_parallel_lora_training_matches_one_process(runs, small_data):
     for name in TRAIN_SETTINGS:
         train_tiny(tmp / "train_one", small_data["pool"], name)
         _assert_checkpoints_close(tmp / "train_one" / name, tmp / "train_two" / name)
+
+
+def test_an_error_on_rank_0_reaches_every_rank(runs):
+    seen = [json.loads((runs["tmp"] / "train_two" / f"errors_{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0]["on_main"] == "ZeroDivisionError: division by zero"
+    assert seen[1]["on_main"] == "RuntimeError: rank 0 failed: ZeroDivisionError: division by zero"
+    assert seen[0]["main_first"] == "ValueError: bad stage"
+    assert seen[1]["main_first"] == "RuntimeError: rank 0 failed: ValueError: bad stage"
+    assert seen[0]["after"] == seen[1]["after"] == "rank 0's result"
 
 
 def test_torchrun_from_scratch_matches_one_process(runs):
