@@ -2,6 +2,7 @@
 
     python bench/bench_distributed.py [--examples 64] [--keep DIR]      # CPU: processes against threads
     python bench/bench_distributed.py --device cuda [--keep DIR]        # GPU: the NCCL path against none
+    python bench/bench_distributed.py --check [--keep DIR]              # that check on the CPU (gloo, 2 processes)
 
 CPU (default): the training-gradient stage of the bundled default model (configs/default.toml, its
 first ``--examples`` pool examples, one warmup checkpoint made once and copied to both runs), run
@@ -14,6 +15,7 @@ GPU (``--device cuda``): a tiny random-weight model on a slice of the bundled da
 ``nice-kit run`` without torchrun against ``torchrun --nproc-per-node G`` (NCCL for CUDA tensors,
 G = the GPUs here, at most 2) from the same warmup checkpoints, and a torchrun run whose warmup
 starts from scratch. Prints the largest differences and PASS/FAIL; exits 1 on a failure.
+``--check`` runs the same check on the CPU (gloo, 2 processes x 1 thread).
 """
 
 from __future__ import annotations
@@ -148,8 +150,8 @@ def bench_cpu(args, work: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ GPU
-def check_cuda(args, work: Path) -> int:
-    """The torchrun path with NCCL against no torchrun, on a tiny random-weight model."""
+def check(args, work: Path) -> int:
+    """The torchrun path (NCCL on GPUs, else gloo) against no torchrun, on a tiny random-weight model."""
     import numpy as np
     import pandas as pd
     import torch
@@ -159,29 +161,33 @@ def check_cuda(args, work: Path) -> int:
     from nice_kit.models import load_tokenizer, tiny_model
     from nice_kit.warmup import load_checkpoints
 
-    if not torch.cuda.is_available():
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
         sys.exit("--device cuda needs a CUDA GPU")
-    gpus = min(2, torch.cuda.device_count())
+    gpus = min(2, torch.cuda.device_count()) if cuda else 2
     tok = load_tokenizer("default")
     tiny_model(tok).save_pretrained(work / "model")
     tok.save_pretrained(work / "model")
     data = fast_data(work / "data", n_pool=32, n_val=4, n_test=4)
     base = RunConfig().to_dict()
-    cfg = _write_config(work / "tiny.toml", base, **{**FAST_OVERRIDES, "model": str(work / "model"), "device": "cuda",
-                                                     "threads": "auto", "data": {**data, "max_length": 64},
+    cfg = _write_config(work / "tiny.toml", base, **{**FAST_OVERRIDES, "model": str(work / "model"),
+                                                     "device": args.device, "threads": "auto" if cuda else 1,
+                                                     "data": {**data, "max_length": 64},
                                                      "warmup": {**FAST_OVERRIDES["warmup"], "grad_accum": 2},
                                                      "gradients": {"chunk_size": 8, "batch_size": 8},
                                                      "projection": {"dim": 512}})
-    print(f"GPU: {torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}; torchrun with {gpus} process(es)")
+    where = f"GPU: {torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}" if cuda else "CPU (gloo)"
+    print(f"{where}; torchrun with {gpus} process(es)")
     run = ["-m", "nice_kit", "run", "--config", str(cfg), "--run-dir"]
     t = _run(run + [str(work / "one")], None, work / "one.log")
     print(f"one process, no torchrun: {t:.1f} s")
     (work / "same").mkdir()
     shutil.copytree(work / "one" / "warmup", work / "same" / "warmup")
     t = _run(run + [str(work / "same")], gpus, work / "same.log")
-    print(f"torchrun, NCCL, same warmup: {t:.1f} s")
+    backend = "NCCL" if cuda else "gloo"
+    print(f"torchrun, {backend}, same warmup: {t:.1f} s")
     t = _run(run + [str(work / "scratch")], gpus, work / "scratch.log")
-    print(f"torchrun, NCCL, warmup from scratch: {t:.1f} s")
+    print(f"torchrun, {backend}, warmup from scratch: {t:.1f} s")
 
     failures = 0
 
@@ -212,7 +218,8 @@ def check_cuda(args, work: Path) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the NCCL check (implies --check)")
+    ap.add_argument("--check", action="store_true", help="the torchrun-against-one-process check instead of the timing")
     ap.add_argument("--examples", type=int, default=64, help="pool examples (CPU benchmark)")
     ap.add_argument("--chunk-size", type=int, default=8)
     ap.add_argument("--cores", type=int, default=2, help="threads of the one process = processes of the other run")
@@ -227,7 +234,7 @@ def main() -> None:
         sys.exit(f"{work} is not empty")
     work.mkdir(parents=True, exist_ok=True)
     try:
-        code = check_cuda(args, work) if args.device == "cuda" else (bench_cpu(args, work) or 0)
+        code = check(args, work) if args.check or args.device == "cuda" else (bench_cpu(args, work) or 0)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
