@@ -1,7 +1,7 @@
 """The pipeline under torchrun (2 CPU processes, gloo) against one process, and resuming after a rank dies.
 
 Each torchrun launch starts 2 Python processes that import torch, transformers and peft; the module
-runs 4 launches (3 of them at the same time) on a tiny model."""
+starts 5 commands on a tiny model (the first 3 at the same time)."""
 
 from __future__ import annotations
 
