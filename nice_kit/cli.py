@@ -23,7 +23,18 @@ def _pipeline(args):
         raise FileNotFoundError(f"run directory {run_dir}{hint or ' holds no run (no config.json)'}; "
                                 "start one with `nice-kit run --run-dir DIR`")
     cfg = RunConfig.from_file(args.config)
-    return Pipeline(cfg, run_dir)
+    from .distributed import init_from_env
+
+    dist = init_from_env(cfg.device)  # under torchrun: join the process group; else one process as before
+    if dist.parallel:  # the bundled default model is converted on first use: once per machine, not per process
+        from .models import resolve_model_path
+
+        if dist.local_rank == 0:
+            resolve_model_path(cfg.model)
+        dist.barrier()
+    p = Pipeline(cfg, run_dir, verbose=dist.is_main, dist=dist)
+    dist.check_shared(run_dir)  # every process must see the same run directory
+    return p
 
 
 def _shard(text):
@@ -86,14 +97,17 @@ def cmd_select(args) -> None:
     from .diagnostics import selection_summary
 
     p = _pipeline(args)
-    chosen = p.select(fraction=args.fraction)
-    print(selection_summary(p, chosen).to_string(index=False))
+    summary = p.dist.on_main(lambda: selection_summary(p, p.select(fraction=args.fraction)))  # rank 0 writes
+    print(summary.to_string(index=False))
 
 
 def cmd_evaluate(args) -> None:
     from .evaluation import compare, summarize
 
     p = _pipeline(args)
+    if p.dist.parallel and p.dist.world_size > 1:
+        raise RuntimeError("nice-kit evaluate runs in one process: start it without torchrun (the selections it "
+                           "trains on are already in the run directory)")
     df = compare(p, methods=args.methods, fraction=args.fraction, seeds=args.seeds,
                  selection_seeds=args.selection_seeds)
     print(summarize(df).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
@@ -145,9 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import contextlib
+    import os
+
+    # under torchrun only rank 0 prints results and progress bars (tqdm reads TQDM_DISABLE when torch
+    # imports it, so before that); errors show on every rank
+    quiet = os.environ.get("RANK", "0") != "0" and "WORLD_SIZE" in os.environ
+    if quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    from .distributed import shutdown
+
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull if quiet else sys.stdout):
+            args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
         from .data import DataError
         from .runs import StaleResultError
@@ -159,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nnice-kit: interrupted; finished chunks are kept and the next run resumes from them", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
     return 0
 
 

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from . import metrics as metrics_mod
 from .config import RunConfig, check_targets, metric_columns, validate_config
 from .data import Record, collate, file_digest, load_records, save_records, tokenize_records
+from .distributed import SINGLE, Dist, on_rank_zero
 from .gradients import WeightedSequence, adam_precondition, gradient_dim, group_gradients, mean_nll_sequence
 from .influence import influence_scores, top_fraction
 from .measurements import Measurement, PolicyGradient, as_measurement
@@ -95,9 +96,11 @@ def _records_digest(records: list[Record], with_response: bool = True) -> str:
 class Pipeline:
     """One run of the pipeline: a config and the run directory its stages write to."""
 
-    def __init__(self, config: RunConfig, run_dir: str | Path, model=None, tokenizer=None, verbose: bool = True):
+    def __init__(self, config: RunConfig, run_dir: str | Path, model=None, tokenizer=None, verbose: bool = True,
+                 dist: Dist | None = None):
         validate_config(config, check_model=model is None)  # a config edited in Python is checked too
         self.cfg = config
+        self.dist = dist or SINGLE  # the processes sharing this run (nice_kit.distributed); one by default
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.verbose = verbose
@@ -110,7 +113,8 @@ class Pipeline:
         """Another run with ``config`` in ``run_dir`` sharing this one's model and tokenizer (same base
         model and LoRA shape; each stage sets the adapter weights it needs)."""
         peft = self.model  # loaded now so that both share one LoRA-wrapped model
-        other = Pipeline(config, run_dir, model=self._base_model, tokenizer=self.tokenizer, verbose=self.verbose)
+        other = Pipeline(config, run_dir, model=self._base_model, tokenizer=self.tokenizer, verbose=self.verbose,
+                         dist=self.dist)
         other._peft = peft
         return other
 
@@ -153,7 +157,7 @@ class Pipeline:
         """The base model wrapped in a LoRA adapter (weights set per checkpoint by the stages)."""
         if self._base_model is None:
             self.log(f"loading model {self.cfg.model}")
-            self._base_model, tok = load_model(self.cfg.model, device=self.cfg.device)
+            self._base_model, tok = load_model(self.cfg.model, device=self.dist.device(self.cfg.device))
             self._tokenizer = self._tokenizer or tok
         if self._peft is None:
             self._peft = add_lora(self._base_model, self.cfg.lora, seed=self.cfg.seed)
@@ -167,8 +171,9 @@ class Pipeline:
     def _choose_threads(self) -> None:
         """Torch's thread count: the configured number, or ``"auto"``: measured once per process (at
         the first stage that loads the model) by timing a forward+backward at 1 and at all cores."""
-        if self.cfg.threads != "auto":
-            set_threads(self.cfg.threads)
+        threads = self.dist.cpu_threads(self.cfg.threads)  # under torchrun: cores shared by the processes
+        if threads != "auto":
+            set_threads(threads)
             return
         sample, _ = tokenize_records(self.tokenizer, self.pool[:4], self.cfg.data.max_length)
         batch = collate(sample, self.tokenizer.pad_token_id)
@@ -221,6 +226,7 @@ class Pipeline:
                 **measurement.key(self, ckpt)}
 
     # -------------------------------------------------------------------------------------- stages
+    @on_rank_zero
     def prepare(self) -> dict[str, Any]:
         """Check the data (every record, and what the metric needs of each target record) and tokenise
         it; report truncation. Writes prepare/stats.json."""
@@ -249,7 +255,8 @@ class Pipeline:
 
     def warmup(self) -> list[Checkpoint]:
         """Train the warmup LoRA; one checkpoint per epoch (resumes after the last finished epoch)."""
-        stage = open_stage(self.run_dir / "warmup", self.warmup_inputs())
+        with self.dist.main_first():  # rank 0 opens (or clears) the folder before the others look
+            stage = open_stage(self.run_dir / "warmup", self.warmup_inputs())
         if stage.done:
             return load_checkpoints(stage.path)
         ids = set(self.warmup_ids())
@@ -261,9 +268,14 @@ class Pipeline:
         ckpts = train_lora(self.model, examples, epochs=w.epochs, lr=w.lr, batch_size=w.batch_size,
                            pad_id=self.tokenizer.pad_token_id, seed=self.cfg.seed, grad_accum=w.grad_accum,
                            warmup_ratio=w.warmup_ratio, weight_decay=w.weight_decay, out_dir=stage.path,
-                           desc="warmup")
-        atomic_write_text(stage.path / "warmup_ids.json", json.dumps(sorted(ids)))
-        stage.mark_done()
+                           desc="warmup", dist=self.dist)
+
+        def finish() -> None:
+            atomic_write_text(stage.path / "warmup_ids.json", json.dumps(sorted(ids)))
+            stage.mark_done()
+
+        self.dist.on_main(finish)
+        self.dist.wait_visible(stage.path / "DONE")
         return ckpts
 
     @property
@@ -292,20 +304,31 @@ class Pipeline:
 
     def _run_chunks(self, stage: Stage, n_items: int, shard: tuple[int, int],
                     compute: Callable[[int, int], dict[str, torch.Tensor]], desc: str) -> None:
-        """Compute the shard's missing chunks with ``compute(start, stop)``; merge once every chunk exists."""
+        """Compute the shard's missing chunks with ``compute(start, stop)``; merge once every chunk exists.
+
+        Under torchrun the shard is split again by rank, and rank 0 merges once every rank is done."""
         size = stage.chunk_size(self.cfg.gradients.chunk_size)
-        todo = [c for c in shard_chunks(n_items, size, shard) if not stage.chunk_path(c[0]).exists()]
+        todo = [c for c in shard_chunks(n_items, size, self.dist.shard(shard)) if not stage.chunk_path(c[0]).exists()]
         for c, start, stop in tqdm(todo, desc=desc, leave=False):
             save_tensors(compute(start, stop), stage.chunk_path(c))
-        if all(stage.chunk_path(c).exists() for c, _, _ in shard_chunks(n_items, size)):
-            merge_chunks(stage, n_items, size)
+        self.dist.barrier()  # every rank's chunks are on disk
+
+        def merge() -> bool:
+            if all(stage.chunk_path(c).exists() for c, _, _ in shard_chunks(n_items, size)):
+                merge_chunks(stage, n_items, size)
+                return True
+            return False  # other hand-started shards (--shard) still missing
+
+        if self.dist.on_main(merge):
+            self.dist.wait_visible(stage.path / "DONE")
 
     def _vector_stage(self, folder: str, inputs: dict[str, Any], ids: list[str]) -> Stage:
-        stage = open_stage(self.run_dir / "grads" / folder, inputs)
-        if not (stage.path / "projection.json").exists():
-            save_spec(self.projection_spec(), stage.path)
-        if not (stage.path / "ids.json").exists():
-            atomic_write_text(stage.path / "ids.json", json.dumps(ids))
+        with self.dist.main_first():  # rank 0 opens (or clears) the folder before the others look
+            stage = open_stage(self.run_dir / "grads" / folder, inputs)
+            if not (stage.path / "projection.json").exists():
+                save_spec(self.projection_spec(), stage.path)
+            if not (stage.path / "ids.json").exists():
+                atomic_write_text(stage.path / "ids.json", json.dumps(ids))
         return stage
 
     def _projected(self, seqs: list[WeightedSequence], n_groups: int, transform=None) -> dict[str, torch.Tensor]:
@@ -371,26 +394,37 @@ class Pipeline:
         the metric changes). With no checkpoint, all checkpoints' rollouts in one table."""
         if ckpt is None:
             return pd.concat([self.rollouts(c) for c in self.checkpoints], ignore_index=True)
-        stage = open_stage(self.run_dir / "rollouts" / f"epoch_{ckpt.epoch}", self.rollout_inputs(ckpt))
+        with self.dist.main_first():  # rank 0 opens (or clears) the folder before the others look
+            stage = open_stage(self.run_dir / "rollouts" / f"epoch_{ckpt.epoch}", self.rollout_inputs(ckpt))
         samples_path = stage.path / "samples.jsonl"
         if not stage.done:
             self.log(f"step: rollouts, epoch {ckpt.epoch} ({len(self.target_val)} prompts x {self.cfg.rollouts.k})")
             size = stage.chunk_size(self.cfg.gradients.chunk_size)
             chunks = shard_chunks(len(self.target_val), size)
-            todo = [c for c in chunks if not stage.chunk_path(c[0], ".jsonl").exists()]
+            mine = shard_chunks(len(self.target_val), size, self.dist.shard())  # all of them in one process
+            todo = [c for c in mine if not stage.chunk_path(c[0], ".jsonl").exists()]
             if todo:
                 load_adapter_weights(self.model, ckpt)
             for c, start, stop in tqdm(todo, desc=f"rollouts epoch {ckpt.epoch}", leave=False):
                 got = sample_rollouts(self.model, self.tokenizer, self.target_val[start:stop], self.cfg.rollouts,
                                       seed=self.cfg.seed, epoch=ckpt.epoch)
                 atomic_write_text(stage.chunk_path(c, ".jsonl"), "".join(json.dumps(r) + "\n" for r in got))
-            rows = [line for c, _, _ in chunks for line in stage.chunk_path(c, ".jsonl").read_text().splitlines()]
-            atomic_write_text(samples_path, "\n".join(rows) + "\n")
-            atomic_write_text(stage.path / "sampling.json", json.dumps(self.cfg.rollouts.__dict__, indent=1))
-            stage.mark_done()
+            self.dist.barrier()  # every rank's chunks are on disk
+
+            def concatenate() -> None:
+                missing = [c for c, _, _ in chunks if not stage.chunk_path(c, ".jsonl").exists()]
+                if missing:
+                    raise RuntimeError(f"{stage.path}: rollout chunks {missing} are missing; run the command again")
+                rows = [line for c, _, _ in chunks for line in stage.chunk_path(c, ".jsonl").read_text().splitlines()]
+                atomic_write_text(samples_path, "\n".join(rows) + "\n")
+                atomic_write_text(stage.path / "sampling.json", json.dumps(self.cfg.rollouts.__dict__, indent=1))
+                stage.mark_done()
+
+            self.dist.on_main(concatenate)
+            self.dist.wait_visible(samples_path, stage.path / "DONE")
         df = pd.read_json(samples_path, lines=True, dtype={"prompt_id": str, "eos_token_id": "Int64"})
         df.insert(0, "epoch", ckpt.epoch)
-        df["reward"] = self._rewards(stage.path, df)
+        df["reward"] = self.dist.on_main(lambda: self._rewards(stage.path, df))  # rank 0 scores, all receive
         return df
 
     def _rewards(self, folder: Path, df: pd.DataFrame) -> list[float]:
@@ -406,6 +440,7 @@ class Pipeline:
         atomic_write_text(path, json.dumps(rewards))
         return rewards
 
+    @on_rank_zero
     def reference_rewards(self) -> dict[str, float]:
         """The metric on each target prompt's reference answer (for the rejection variant)."""
         if self.cfg.data.label_free:
@@ -507,6 +542,7 @@ class Pipeline:
             out[m.name] = [fingerprint(self.val_inputs(m, c)) for c in ckpts]
         return out
 
+    @on_rank_zero
     def scores(self, methods: list[str | Measurement] | None = None) -> pd.DataFrame:
         """Influence scores of every pool example, one column per method; written to scores.csv."""
         methods = methods or self._default_methods()
@@ -562,6 +598,7 @@ class Pipeline:
                                    + "\nRecompute: nice-kit score (or run)")
         return pd.read_csv(path, dtype={"id": str})
 
+    @on_rank_zero
     def select(self, scores: pd.DataFrame | None = None, fraction: float | None = None) -> dict[str, list[str]]:
         """Top ``fraction`` of the pool by each method's score; writes selected_<method>.jsonl and
         selected.jsonl (NICE's selection when present, else the first method's)."""
@@ -588,8 +625,8 @@ class Pipeline:
         self.train_gradients()
         for m in methods:
             self.validation_gradients(m)
-        chosen = self.select(self.scores(methods))
-        return selection_summary(self, chosen)
+        # rank 0 scores, selects and writes the diagnostics; the other ranks wait for its summary
+        return self.dist.on_main(lambda: selection_summary(self, self.select(self.scores(methods))))
 
 
 __all__ = ["Pipeline", "StaleResultError", "load_tensors"]

@@ -8,6 +8,7 @@ the full optimizer and scheduler state, so an interrupted warmup resumes after i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -16,9 +17,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import Tokenized, collate
+from .data import IGNORE_INDEX, Tokenized, collate
+from .distributed import SINGLE, Dist
 from .models import lora_parameters
 from .runs import atomic_write_text, load_tensors, save_tensors
 
@@ -92,16 +95,53 @@ def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     return f
 
 
+def dropout_seed(seed: int, epoch: int, micro_batch: int, part: int = 0) -> int:
+    """The seed of one micro-batch's dropout masks: a function of (seed, epoch, micro-batch index[, part])
+    only, so masks do not depend on which process computes the micro-batch or what ran before."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{micro_batch}:{part}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def response_tokens(example: Tokenized) -> int:
+    """Tokens an example's next-token loss is averaged over (labels after the shift, not ignored)."""
+    return sum(1 for x in example.labels[1:] if x != IGNORE_INDEX)
+
+
+def summed_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum over the batch's response tokens of the next-token NLL (float32 logits, as Hugging Face's loss)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
 def train_lora(model, examples: list[Tokenized], *, epochs: int, lr: float, batch_size: int, pad_id: int,
                seed: int = 0, grad_accum: int = 1, warmup_ratio: float = 0.03, weight_decay: float = 0.0,
-               out_dir: Path | None = None, desc: str = "train") -> list[Checkpoint]:
+               out_dir: Path | None = None, desc: str = "train", dist: Dist | None = None) -> list[Checkpoint]:
     """Train a peft model's LoRA weights with AdamW and a linear schedule.
 
-    With ``out_dir``, each epoch is saved as a :class:`Checkpoint` there, and a call that finds earlier
-    epochs on disk resumes after the last one (same data order: epoch e shuffles with seed + e).
+    Each optimizer step takes ``grad_accum`` micro-batches of ``batch_size`` examples; a micro-batch's
+    loss is the mean next-token NLL over its response tokens. Micro-batch ``b`` of epoch ``e`` draws its
+    dropout masks after ``torch.manual_seed(dropout_seed(seed, e, b))``. With ``out_dir``, each epoch is
+    saved as a :class:`Checkpoint` there, and a call that finds earlier epochs on disk resumes after the
+    last one (same data order: epoch e shuffles with seed + e).
+
+    Several processes (``dist``, see :mod:`nice_kit.distributed`) train one model data-parallel with
+    the same global batch: their LoRA gradients are summed before each optimizer step, every process
+    steps its own identical optimizer, and rank 0 writes the checkpoints while the others wait.
+
+    * When ``grad_accum`` is a multiple of the number of processes, whole micro-batches are dealt
+      round-robin (micro-batch j of a step to rank j % world): every process computes the same
+      micro-batches with the same dropout masks as one process would, and the checkpoints equal one
+      process's up to float summation order.
+    * Otherwise each micro-batch is split into one sub-batch per process, each normalised by the
+      whole micro-batch's token count (so the gradient is the same sum). Sub-batch ``p`` draws its
+      dropout masks from ``dropout_seed(seed, e, b, p + 1)``: with LoRA dropout > 0 the result then
+      equals one process's in distribution only (exactly, to float order, without dropout).
     """
     if not examples:
         raise ValueError("no training examples")
+    dist = dist or SINGLE
     params = [p for _, p in lora_parameters(model)]
     device = params[0].device
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -117,28 +157,49 @@ def train_lora(model, examples: list[Tokenized], *, epochs: int, lr: float, batc
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch = last.epoch
+    world = dist.world_size if dist.parallel else 1
+    rank = dist.rank if dist.parallel else 0
+    split = grad_accum % world != 0  # split each micro-batch across processes instead of dealing them
+    dist.broadcast([p.data for p in params])  # every process starts from rank 0's weights
     model.train()
     for epoch in range(start_epoch + 1, epochs + 1):
         order = list(range(len(examples)))
         random.Random(seed * 1000 + epoch).shuffle(order)
-        torch.manual_seed(seed * 1000 + epoch)  # dropout masks
-        lrs, losses = [], []
+        lrs, loss_sum = [], torch.zeros((), dtype=torch.float64, device=device)
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        bar = tqdm(batches, desc=f"{desc} epoch {epoch}/{epochs}", leave=False)
-        for b, idx in enumerate(bar):
-            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-            loss = model(**batch).loss / grad_accum
-            loss.backward()
-            losses.append(loss.item() * grad_accum)
-            if (b + 1) % grad_accum == 0 or b + 1 == len(batches):
-                lrs.append(sched.get_last_lr()[0])
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-            bar.set_postfix(loss=f"{sum(losses[-8:]) / len(losses[-8:]):.3f}")
+        steps = [range(s, min(s + grad_accum, len(batches))) for s in range(0, len(batches), grad_accum)]
+        bar = tqdm(steps, desc=f"{desc} epoch {epoch}/{epochs}", leave=False)
+        for step in bar:
+            for j, b in enumerate(step):
+                idx = batches[b]
+                if split:
+                    part, mine = rank + 1, idx[rank * len(idx) // world:(rank + 1) * len(idx) // world]
+                else:
+                    part, mine = 0, idx if j % world == rank else []
+                if not mine:
+                    continue
+                n_tokens = max(1, sum(response_tokens(examples[i]) for i in idx))  # the whole micro-batch's
+                batch = {k: v.to(device) for k, v in collate([examples[i] for i in mine], pad_id).items()}
+                torch.manual_seed(dropout_seed(seed, epoch, b, part))
+                loss = summed_nll(model, batch) / n_tokens
+                (loss / grad_accum).backward()
+                loss_sum += loss.detach().double()
+            if dist.parallel:
+                for p in params:
+                    if p.grad is None:  # no micro-batch on this process in this step
+                        p.grad = torch.zeros_like(p)
+                dist.all_reduce_sum([p.grad for p in params])
+            lrs.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if not split:  # this process's whole micro-batches: their mean loss so far
+                bar.set_postfix(loss=f"{loss_sum.item() / max(1, len(range(rank, step.stop, world))):.3f}")
+        dist.all_reduce_sum([loss_sum])
+        epoch_loss = loss_sum.item() / len(batches)  # the mean micro-batch loss
         if out_dir is not None:
-            _save_checkpoint(model, opt, sched, Path(out_dir) / f"epoch_{epoch}", epoch,
-                             sum(lrs) / len(lrs), sum(losses) / len(losses))
+            dist.on_main(lambda: _save_checkpoint(model, opt, sched, Path(out_dir) / f"epoch_{epoch}", epoch,
+                                                  sum(lrs) / len(lrs), epoch_loss))
     model.eval()
     return load_checkpoints(out_dir) if out_dir else []
 
