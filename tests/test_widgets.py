@@ -303,15 +303,18 @@ def test_explorer_figures_follow_the_theme(run):
     dark.set_theme("light")
     assert dark.scatter.layout.template.layout.paper_bgcolor == _theme.PAPER["light"]
     assert dark.scatter.data[-1].marker.color == widgets.plots.FOREGROUND["light"]
-    auto = InfluenceExplorer(run, theme="auto")
-    auto.probe.theme = "dark"  # what the probe reports when the page switches to the dark theme
-    assert auto.theme == "dark" and auto.hist.layout.template.layout.paper_bgcolor == _theme.PAPER["dark"]
-    fixed = InfluenceExplorer(run, theme="light")
-    fixed.probe.theme = "dark"  # an explicit theme is kept
-    assert fixed.theme == "light"
-    viewer, picker = RolloutViewer(run, theme="auto"), MetricPicker(run, theme="auto")
-    viewer.probe.theme = picker.probe.theme = "dark"
-    assert viewer.theme == "dark" and picker.fig.layout.template.layout.paper_bgcolor == _theme.PAPER["dark"]
+    assert dark.probe is None  # an explicit theme does not follow the page
+    auto, viewer, picker = InfluenceExplorer(run, theme="auto"), RolloutViewer(run), MetricPicker(run)
+    assert auto.probe is viewer.probe is picker.probe  # one probe model per kernel
+    try:
+        auto.probe.theme = "dark"  # what the probe reports when the page switches to the dark theme
+        assert auto.theme == viewer.theme == picker.theme == "dark"
+        assert auto.hist.layout.template.layout.paper_bgcolor == _theme.PAPER["dark"]
+        assert picker.fig.layout.template.layout.paper_bgcolor == _theme.PAPER["dark"]
+        assert dark.theme == "light"  # set explicitly above: kept
+        assert InfluenceExplorer(run).theme == "dark"  # a new widget starts in the page's theme
+    finally:
+        auto.probe.theme = "light"
 
 
 # ---------------------------------------------------------------------- outside a live kernel
@@ -376,6 +379,16 @@ def test_metric_picker_starts_on_the_runs_metric(run, run_dir):
     assert callable(picker.value)
 
 
+def test_back_to_the_runs_metric_restores_its_settings(run):
+    picker = MetricPicker(run)
+    assert picker.params == run.cfg.metric.params
+    picker.dropdown.value = "format"
+    picker.dropdown.value = run.cfg.metric.name
+    assert picker.params == run.cfg.metric.params
+    assert picker.preview["score"].tolist() == pytest.approx(picker.preview["reward"].tolist())
+    assert picker.fig.layout.xaxis.visible is not False
+
+
 def test_metric_dropdown_updates_description_params_and_preview(run):
     picker = MetricPicker(run, name="length", params={"max_words": 100})
     assert set(picker.preview["score"]) == {1.0}
@@ -406,7 +419,7 @@ def test_axis_titles_name_the_metric(run):
 
 
 def _is_cleared(picker) -> bool:
-    return (len(picker.fig.data[0].x) == 0 and len(picker.fig.data[1].y) == 0
+    return (len(picker.fig.data[0].x) == 0 and len(picker.fig.data[1].y) == 0 and not picker.fig.layout.xaxis.visible
             and "scores of" not in picker.fig.layout.title.text and "no scores" in picker.table_html.value)
 
 

@@ -250,6 +250,6 @@ class Pager(w.HBox):
 
     def _draw(self) -> None:
         lo, hi = self.page * self.size, min(self.n, (self.page + 1) * self.size)
-        self.label.value = H.muted(f"rows {lo + 1 if self.n else 0}–{hi} of {self.n}")
+        self.label.value = H.muted(f"rows {lo + 1}–{hi} of {self.n}" if self.n else "no rows")
         self.prev.disabled = self.page == 0
         self.next.disabled = self.page >= self.pages - 1

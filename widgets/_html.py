@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -17,16 +18,17 @@ STYLE = """
 <style>
 .nice-kit, .nice-kit-fallback {color: var(--jp-ui-font-color1, #1f1f1f); font-family: var(--jp-ui-font-family, sans-serif);
   font-size: var(--jp-ui-font-size1, 13px);}
+.nice-kit .widget-html-content, .nice-kit-fallback {line-height: 1.45;}
 .nice-kit-muted {color: var(--jp-ui-font-color2, #5f5f5f);}
 .nice-kit-error {color: var(--jp-error-color1, #d32f2f);}
 .nice-kit-title {font-weight: 600; color: var(--jp-ui-font-color0, #000);}
 .nice-kit-table {border-collapse: collapse; font-size: 12px; font-family: var(--jp-ui-font-family, sans-serif);
   color: var(--jp-content-font-color1, #1f1f1f); background: var(--jp-layout-color0, #fff); width: 100%;
-  table-layout: fixed;}
+  table-layout: fixed; line-height: 1.35;}
 .nice-kit-table th, .nice-kit-table td {border-bottom: 1px solid var(--jp-border-color2, #e0e0e0); padding: 3px 5px;
   text-align: left; vertical-align: top; overflow-wrap: anywhere;}
 .nice-kit-table th {background: var(--jp-layout-color2, #eeeeee); color: var(--jp-ui-font-color1, #1f1f1f);
-  position: sticky; top: 0; z-index: 1; font-weight: 600;}
+  position: sticky; top: 0; z-index: 1; font-weight: 600; overflow-wrap: normal; word-break: normal;}
 .nice-kit-table th.nice-kit-sortable {cursor: pointer; user-select: none;}
 .nice-kit-table th.nice-kit-sortable:hover {background: var(--jp-layout-color3, #bdbdbd);}
 .nice-kit-table th.nice-kit-sorted-desc::after {content: " \\25BC"; font-size: 9px;}
@@ -39,8 +41,10 @@ STYLE = """
 .nice-kit-rank {color: var(--jp-ui-font-color2, #5f5f5f); font-size: 10px;}
 .nice-kit-pre {white-space: pre-wrap; word-break: break-word; font-family: var(--jp-code-font-family, monospace);
   font-size: 12px; color: var(--jp-content-font-color1, #1f1f1f); background: var(--jp-cell-editor-background, #f5f5f5);
-  border: 1px solid var(--jp-border-color2, #e0e0e0); padding: 6px; margin: 2px 0 8px 0; max-height: 18em; overflow: auto;}
-.nice-kit-badge {display: inline-block; padding: 0 6px; border-radius: 8px; font-size: 11px; color: #fff; white-space: nowrap;}
+  border: 1px solid var(--jp-border-color2, #e0e0e0); padding: 6px; margin: 2px 0 8px 0; max-height: 18em; overflow: auto;
+  line-height: 1.35;}
+.nice-kit-badge {display: inline-block; padding: 0 6px; border-radius: 8px; font-size: 11px; color: #fff; max-width: 100%;
+  line-height: 1.5; overflow-wrap: anywhere;}
 .nice-kit-explain {color: var(--jp-ui-font-color1, #1f1f1f); background: var(--jp-layout-color1, #fafafa);
   border-left: 3px solid var(--jp-brand-color1, #1976d2); padding: 3px 8px; margin: 4px 0;}
 .nice-kit-fallback-note {color: var(--jp-ui-font-color2, #5f5f5f); font-size: 11px; font-style: italic;}
@@ -136,12 +140,18 @@ def table(df: pd.DataFrame, columns: list[str] | list[Column], selected: str | N
                 full = fmt(r.get(c.name))
                 inner = f'<div class="nice-kit-clamp" title="{esc(short(full, 600))}">{esc(short(full, max_chars))}</div>'
             else:
-                inner = esc(short(fmt(r.get(c.name)), max_chars))
+                inner = breakable(short(fmt(r.get(c.name)), max_chars))
             td_cls = ' class="nice-kit-num"' if c.numeric else ""
             cells.append(f"<td{td_cls}>{inner}</td>")
         rows.append(f"<tr{cls}{data}>{''.join(cells)}</tr>")
     return (f'<table class="nice-kit-table {css_class}"><colgroup>{colgroup}</colgroup><thead><tr>{"".join(head)}'
             f"</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def breakable(text: Any) -> str:
+    """Escaped ``text`` that may wrap after an underscore, dash or slash (identifiers like
+    ``letter_counting`` or ``val-basic_arithmetic-001`` wrap there, not mid-word)."""
+    return re.sub(r"([_/-])", r"\1<wbr>", esc(text))
 
 
 def pre(text: Any) -> str:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import weakref
 from pathlib import Path
+from typing import Any
 
 import anywidget
 import plotly.graph_objects as go
@@ -67,8 +69,10 @@ def lab_theme() -> str | None:
 
 
 def resolve_theme(theme: str | None = None) -> str:
-    """``theme`` when given, else the JupyterLab settings' theme, else "light"."""
-    return check_theme(theme) or lab_theme() or "light"
+    """``theme`` when given, else the theme the page last reported (see :func:`follow_page_theme`),
+    else the JupyterLab settings' theme, else "light"."""
+    reported = _PROBE.theme if _PROBE is not None and _PROBE.theme in THEMES else None
+    return check_theme(theme) or reported or lab_theme() or "light"
 
 
 def template(theme: str) -> go.layout.Template:
@@ -111,3 +115,31 @@ class ThemeProbe(anywidget.AnyWidget):
     export default { render };
     """
     theme = traitlets.Unicode("").tag(sync=True)
+
+
+_PROBE: ThemeProbe | None = None
+_FOLLOWERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def _tell_followers(change: dict) -> None:
+    theme = change.get("new")
+    if theme in THEMES:
+        for widget in list(_FOLLOWERS):
+            widget.set_theme(theme)
+
+
+def follow_page_theme(widget: Any) -> ThemeProbe:
+    """The kernel's one :class:`ThemeProbe` (one widget model, however many widgets show it), with
+    ``widget.set_theme(theme)`` called whenever the page's theme changes. Returns the probe, for the
+    widget to include among its children. The probe holds no strong reference to ``widget``."""
+    global _PROBE
+    if _PROBE is None:
+        _PROBE = ThemeProbe()
+        _PROBE.observe(_tell_followers, names="theme")
+    _FOLLOWERS.add(widget)
+    return _PROBE
+
+
+def page_probe() -> ThemeProbe | None:
+    """The probe shared by the widgets that follow the page's theme (None before the first)."""
+    return _PROBE

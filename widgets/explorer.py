@@ -20,6 +20,8 @@ from .plots import (_color, hover_text, histogram_marks, influence_scatter, scat
                     scatter_title, score_histogram, selected_color)
 
 ALL = "(all)"
+# badge backgrounds dark enough for white text (the plot colours of LESS and NICE are too light)
+BADGE_COLORS = {"NICE": "#1565c0", "LESS": "#a84300"}
 SELECTION_FILTERS = (ALL, "NICE", "LESS", "both", "NICE only", "LESS only", "neither")
 TEXT_COLUMNS = ("prompt", "response")
 
@@ -57,7 +59,7 @@ class InfluenceExplorer(LiveFallback, w.VBox):
     itself that follows every change (see :class:`widgets._display.LiveFallback`).
     """
 
-    PLOT_WIDTH = 430
+    PLOT_WIDTH = 400
 
     def __init__(self, run: RunLike, k: int = 15, method: str | None = None, theme: str | None = "auto"):
         self.pipeline = p = as_pipeline(run)
@@ -94,13 +96,13 @@ class InfluenceExplorer(LiveFallback, w.VBox):
         self.method = w.Dropdown(options=self.methods, value=self._sort[0], description="score", style=style,
                                  layout=w.Layout(width="130px"))
         self.order = w.ToggleButtons(options=["top", "bottom"], value="top", tooltips=["highest first", "lowest first"],
-                                     style={"button_width": "58px"})
+                                     style={"button_width": "76px"})
         self.k = w.BoundedIntText(value=min(k, len(f)), min=1, max=max(1, len(f)), description="rows", style=style,
                                   layout=w.Layout(width="110px"))
         self.search = w.Text(value="", placeholder="search id, prompt, response", description="search", style=style,
                              continuous_update=False, layout=w.Layout(width="260px"))
         self.table_view = ClickTable(on_click=self.select_example, on_sort=self.sort_by,
-                                     layout=w.Layout(max_height="430px", overflow="auto", width="100%"))
+                                     layout=w.Layout(max_height="520px", overflow="auto", width="100%"))
         self.table_view.add_class("nice-explorer-table")
         self.pager = Pager(self.k.value, self._render_table)
         self.select = w.Dropdown(options=[], description="example", style=style, layout=w.Layout(width="98%"))
@@ -130,20 +132,18 @@ class InfluenceExplorer(LiveFallback, w.VBox):
         self.k.observe(self._on_k, names="value")
         self.select.observe(self._on_select, names="value")
 
-        self.probe = _theme.ThemeProbe()
-        if self._theme_arg is None:
-            self.probe.observe(lambda ch: self.set_theme(ch["new"]) if ch["new"] else None, names="theme")
+        self.probe = _theme.follow_page_theme(self) if self._theme_arg is None else None
 
         controls = w.HBox([self.task, self.flag, self.picked, self.method, self.order, self.k, self.search],
                           layout=w.Layout(flex_flow="row wrap", align_items="center"))
         left = w.VBox([self.table_view, self.pager, self.select, self.detail, self.panel_box],
                       layout=w.Layout(flex="1 1 640px", min_width="0", margin="0 8px 0 0"))
         plots = [self.hist] + ([self.scatter] if self.scatter is not None else [])
-        right = w.Box(plots, layout=w.Layout(flex="1 1 440px", flex_flow="row wrap", align_content="flex-start",
+        right = w.Box(plots, layout=w.Layout(flex="1 1 410px", flex_flow="row wrap", align_content="flex-start",
                                              min_width="0"))
         header = w.HTML(H.STYLE + self.hide_fallback_style() + "<span class='nice-kit-title'>Influence explorer</span> "
                         + H.muted(H.esc(p.run_dir)))
-        super().__init__([header, self.probe, controls, self.status,
+        super().__init__([header, *([self.probe] if self.probe else []), controls, self.status,
                           w.Box([left, right], layout=w.Layout(flex_flow="row wrap", width="100%"))],
                          layout=w.Layout(width="100%"))
         self.add_class("nice-explorer")
@@ -213,7 +213,7 @@ class InfluenceExplorer(LiveFallback, w.VBox):
         (wrapped, three-line) prompt and response."""
         n = len(self.frame)
         cols = [H.Column("id", width="78px"),
-                H.Column("selected_by", "selected by", width="64px", cell=self._picked_cell)]
+                H.Column("selected_by", "selected by", width="72px", cell=self._picked_cell)]
         for m in self.methods:
             cols.append(H.Column(m, m, width="76px", numeric=True, cell=self._score_cell(m, n)))
         if "task" in self.frame.columns:
@@ -224,7 +224,7 @@ class InfluenceExplorer(LiveFallback, w.VBox):
         if "on_task" in self.frame.columns:
             cols.append(H.Column("on_task", "on task", width="48px"))
         if "source" in self.frame.columns:
-            cols.append(H.Column("source", width="84px", long=True))
+            cols.append(H.Column("source", width="84px"))
         return cols
 
     @staticmethod
@@ -236,7 +236,7 @@ class InfluenceExplorer(LiveFallback, w.VBox):
     @staticmethod
     def _picked_cell(r: pd.Series) -> str:
         names = [x for x in str(r.get("selected_by") or "").split("+") if x]
-        return " ".join(H.badge(x, _color(x.lower())) for x in names)
+        return " ".join(H.badge(x, BADGE_COLORS.get(x, "#5e35b1")) for x in names)
 
     @staticmethod
     def _harm_cell(r: pd.Series) -> str:
@@ -244,7 +244,7 @@ class InfluenceExplorer(LiveFallback, w.VBox):
         if harmful is None or pd.isna(harmful):
             return ""
         if bool(harmful):
-            return H.badge(H.fmt(r.get("harm_kind")) or "yes", "#c62828")
+            return H.badge((H.fmt(r.get("harm_kind")) or "yes").replace("_", " "), "#c62828")
         return "no"
 
     # ----------------------------------------------------------------------------- updates

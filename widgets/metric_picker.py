@@ -122,6 +122,7 @@ class MetricPicker(LiveFallback, w.VBox):
         name = name or (run_name or names[0])
         if name not in names:
             raise KeyError(f"unknown metric {name!r}; registered: {names}")
+        self._run_params = dict(run_params) if run_name else {}
         self._initial = {name: dict(params or (run_params if name == run_name else {}))}
         self.columns_available = available_columns(p)
         self.label_free = is_label_free(p)
@@ -160,6 +161,7 @@ class MetricPicker(LiveFallback, w.VBox):
         self.pager = Pager(n_preview, self._render_table)
         self.fig = go.FigureWidget(rewards_figure(pd.DataFrame(), "score", metric=name, theme=self.theme,
                                                   title=f"{name}: nothing scored yet").update_layout(width=760, autosize=False))
+        self._subplot_titles = [dict(a.to_plotly_json()) for a in self.fig.layout.annotations]
 
         self.dropdown.observe(self._on_metric, names="value")
         self.checkpoint.observe(self._maybe_score, names="value")
@@ -167,13 +169,11 @@ class MetricPicker(LiveFallback, w.VBox):
         self.differs.observe(lambda _: self._on_view(), names="value")
         self.auto.observe(self._maybe_score, names="value")
         self.button.on_click(lambda _: self.score())
-        self.probe = _theme.ThemeProbe()
-        if self._theme_arg is None:
-            self.probe.observe(lambda ch: self.set_theme(ch["new"]) if ch["new"] else None, names="theme")
+        self.probe = _theme.follow_page_theme(self) if self._theme_arg is None else None
         header = w.HTML(H.STYLE + self.hide_fallback_style() + "<span class='nice-kit-title'>Metric picker</span> "
                         + H.muted(f"the run's metric: {H.esc(self.run_metric)}"))
         super().__init__([
-            header, self.probe, self.dropdown, self.description, self.params_box,
+            header, *([self.probe] if self.probe else []), self.dropdown, self.description, self.params_box,
             w.HBox([self.checkpoint, self.prompt, self.differs, self.auto, self.button],
                    layout=w.Layout(flex_flow="row wrap", align_items="center")),
             self.status, self.table_html, self.pager, self.fig,
@@ -255,7 +255,8 @@ class MetricPicker(LiveFallback, w.VBox):
         cols = info.needed_columns(info.params) if hasattr(info, "needed_columns") else ()
         reads = H.muted(f" reads: {', '.join(cols)}") if cols else ""
         self._desc = f"<div>{needs} {H.esc(info.description)}{reads}</div>"
-        start = {**info.params, **self._initial.pop(self.name, {})}
+        again = self._run_params if self.name == self.run_metric else {}  # back to the run's metric: its settings
+        start = {**info.params, **self._initial.pop(self.name, again)}
         choices = param_choices(info)
         self._param_widgets = {k: _param_widget(k, info.params[k], start.get(k), choices.get(k)) for k in info.params}
         for wid in self._param_widgets.values():
@@ -336,6 +337,17 @@ class MetricPicker(LiveFallback, w.VBox):
             self.fig.layout.xaxis.title.text = fig.layout.xaxis.title.text
             self.fig.layout.yaxis2.title.text = fig.layout.yaxis2.title.text
             self.fig.layout.xaxis2.showticklabels = fig.layout.xaxis2.showticklabels
+            self._axes(visible=len(df) > 0)
+
+    def _axes(self, visible: bool, message: str = "") -> None:
+        """Show the axes (scores drawn), or hide them behind ``message`` (nothing scored)."""
+        for axis in ("xaxis", "yaxis", "xaxis2", "yaxis2"):
+            self.fig.layout[axis].visible = visible
+        notes = list(self._subplot_titles)
+        if not visible and message:
+            notes.append(dict(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                              font=dict(size=13)))
+        self.fig.layout.annotations = notes
 
     def _fail(self, message: str) -> None:
         """No scores: say why, and clear the table and the figure (nothing stale stays on screen)."""
@@ -351,6 +363,7 @@ class MetricPicker(LiveFallback, w.VBox):
         self._draw(pd.DataFrame(columns=["prompt_id", "score"]))
         with self.fig.batch_update():
             self.fig.layout.title.text = f"{self.name}: no scores (see the message above)"
+            self._axes(visible=False, message="nothing scored")
         self.refresh_fallback()
 
     def _on_view(self) -> None:
@@ -366,7 +379,7 @@ class MetricPicker(LiveFallback, w.VBox):
                                     "run's reward everywhere)</i>" if self.differs.value else "<i>no completions</i>"
         else:
             page = df.iloc[self.pager.slice()].rename(columns={"reward": "run reward", "score": self.name})
-            cols = [H.Column("prompt_id", "prompt", width="150px"), H.Column("sample", width="56px", numeric=True),
+            cols = [H.Column("prompt_id", "prompt", width="170px"), H.Column("sample", width="64px", numeric=True),
                     H.Column("completion", long=True), H.Column("run reward", f"run reward ({self.run_metric})",
                                                                width="110px", numeric=True),
                     H.Column(self.name, width="100px", numeric=True)]

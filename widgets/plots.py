@@ -197,9 +197,9 @@ def influence_scatter(frame: pd.DataFrame, x: str = "less", y: str = "nice", sel
     cutoffs = cutoffs or {}
     shapes, notes = scatter_marks(cutoffs.get(x), cutoffs.get(y), fraction, x, y)
     fig.update_layout(title=scatter_title(sub, x, y), xaxis_title=f"{x.upper()} score (cosine)",
-                      yaxis_title=f"{y.upper()} score (cosine)", height=380, margin=dict(l=55, r=20, t=60, b=45),
+                      yaxis_title=f"{y.upper()} score (cosine)", height=420, margin=dict(l=55, r=20, t=50, b=95),
                       clickmode="event", shapes=shapes, annotations=notes,
-                      legend=dict(orientation="h", y=1.0, x=1, xanchor="right", yanchor="bottom"))
+                      legend=dict(orientation="h", y=-0.2, x=0, xanchor="left", yanchor="top"))
     fig.update_xaxes(range=_padded_range(frame[x]))
     fig.update_yaxes(range=_padded_range(frame[y]))
     return _themed(fig, theme)

@@ -57,6 +57,10 @@ def weight_explanation(policy, k: int) -> str:
     return line + ": positive weights push a completion up, negative ones down."
 
 
+def _signed(x: float) -> str:
+    return "0" if x == 0 else f"{x:+.3g}"
+
+
 class RolloutViewer(LiveFallback, w.VBox):
     """Choose a warmup checkpoint and a target prompt (dropdown or previous / next, optionally only
     the prompts that carry signal); see the prompt, its reference answer, each sampled completion
@@ -104,15 +108,13 @@ class RolloutViewer(LiveFallback, w.VBox):
         self.prompt.observe(self._on_prompt, names="value")
         self.prev.on_click(lambda _: self.step(-1))
         self.next.on_click(lambda _: self.step(1))
-        self.probe = _theme.ThemeProbe()
-        if self._theme_arg is None:
-            self.probe.observe(lambda ch: self.set_theme(ch["new"]) if ch["new"] else None, names="theme")
+        self.probe = _theme.follow_page_theme(self) if self._theme_arg is None else None
         header = w.HTML(H.STYLE + self.hide_fallback_style() + "<span class='nice-kit-title'>Rollout viewer</span> "
                         + H.muted(f"policy: {H.esc(policy_summary(self.policy))} · metric: {H.esc(self.metric_name)}"))
         header.add_class("nice-rollout-header")
         nav = w.HBox([self.checkpoint, self.signal_only, self.prev, self.next, self.position],
                      layout=w.Layout(flex_flow="row wrap", align_items="center"))
-        super().__init__([header, self.probe, nav, self.prompt, self.summary, self.explain, self.body],
+        super().__init__([header, *([self.probe] if self.probe else []), nav, self.prompt, self.summary, self.explain, self.body],
                          layout=w.Layout(width="100%"))
         self.add_class("nice-rollout-viewer")
         self.add_class("nice-kit")
@@ -214,20 +216,21 @@ class RolloutViewer(LiveFallback, w.VBox):
             ref_html = H.pre(ref) if ref is not None else "<i>no reference answer</i>"
         scale = float(rows["weight"].abs().max() or 0.0)
         total = float(rows["weight"].sum())
+        total = 0.0 if abs(total) <= 1e-9 * max(scale, 1e-12) else total  # a mean baseline sums to 0
         trs = []
         for _, r in rows.iterrows():
             color = H.weight_color(float(r["weight"]), scale)
             trs.append(f"<tr><td>#{int(r['sample'])}</td><td class='nice-kit-num'>{H.fmt(float(r['reward']))}</td>"
-                       f"<td class='nice-kit-num' style='background:{color}'>{float(r['weight']):+.3g}</td>"
+                       f"<td class='nice-kit-num' style='background:{color}'>{_signed(float(r['weight']))}</td>"
                        f"<td class='nice-kit-num'>{int(r['n_tokens'])}</td><td><div class='nice-kit-pre' style='margin:0'>"
                        f"{H.esc(r['completion'])}</div></td></tr>")
-        table = ("<table class='nice-kit-table nice-rollout-table'><colgroup><col style='width:56px'>"
-                 "<col style='width:70px'><col style='width:70px'><col style='width:52px'><col></colgroup><thead><tr>"
+        table = ("<table class='nice-kit-table nice-rollout-table'><colgroup><col style='width:64px'>"
+                 "<col style='width:70px'><col style='width:74px'><col style='width:60px'><col></colgroup><thead><tr>"
                  "<th>sample</th><th>reward</th><th>weight</th><th>tokens</th><th>completion</th></tr></thead><tbody>"
                  + "".join(trs) + "</tbody></table>")
         return (f"<div><b>{H.esc(pid)}</b> {signal}{note}{H.esc(ref_w)}</div><div><b>prompt</b></div>{H.pre(prompt)}"
                 f"<div><b>reference answer</b></div>{ref_html}<div><b>{len(rows)} sampled completions</b> "
-                f"{H.muted(f'(reward = {H.esc(self.metric_name)}; weights sum to {total:+.3g})')}</div>{table}")
+                f"{H.muted(f'(reward = {H.esc(self.metric_name)}; weights sum to {_signed(total)})')}</div>{table}")
 
     # ----------------------------------------------------------------------------- theme
     def set_theme(self, theme: str) -> None:
