@@ -444,6 +444,7 @@ def test_notebook_05_exported_to_html_draws_its_figures_offline(chromium, base_d
     env_keys = ("NICE_KIT_FAST", "PYTHONPATH", "OMP_NUM_THREADS", "JUPYTERLAB_SETTINGS_DIR", "IPYTHONDIR")
     saved_env = {k: os.environ.get(k) for k in env_keys}
     os.environ.update({k: _env(base_dir)[k] for k in env_keys})
+    os.environ["JUPYTERLAB_SETTINGS_DIR"] = str(base_dir / "no-settings")  # default (light) theme, whatever Lab did
     try:
         ExecutePreprocessor(timeout=300, kernel_name="python3").preprocess(nb, {"metadata": {"path": str(folder)}})
     finally:

@@ -351,6 +351,20 @@ def test_plotlyjs_is_inlined_once_per_kernel(shell, monkeypatch):
     assert len(bundles) == 1 and "https://" not in bundles[0][:500]
 
 
+def test_plotlyjs_is_shared_with_fig_show(shell, monkeypatch):
+    """With the offline renderer, the widgets' copies and ``fig.show()`` share one inline plotly.js."""
+    monkeypatch.setattr(_display, "_PLOTLYJS_SHOWN", False)
+    monkeypatch.delenv("PLOTLY_RENDERER", raising=False)
+    monkeypatch.setattr(pio.renderers, "default", "plotly_mimetype")
+    _display.use_offline_renderer()  # a fresh default: the offline renderer is pending activation
+    _display.ensure_plotlyjs()
+    pio.show(go.Figure(go.Bar(y=[1, 2])))
+    pio.show(go.Figure(go.Bar(y=[3, 4])))
+    html_parts = [o.data.get("text/html", "") for o in shell.outputs]
+    assert sum("* plotly.js v" in h for h in html_parts) == 1
+    assert sum("Plotly.newPlot" in h for h in html_parts) == 2
+
+
 def test_fig_show_writes_offline_html(monkeypatch):
     monkeypatch.delenv("PLOTLY_RENDERER", raising=False)
     monkeypatch.setattr(pio.renderers, "default", "plotly_mimetype")

@@ -12,6 +12,21 @@ its figures use a plotly.js inlined once in the notebook (no CDN). Importing thi
 kernel also makes ``fig.show()`` write such offline HTML beside plotly's JupyterLab output (see
 :func:`widgets._display.use_offline_renderer`). The functions in :mod:`widgets.plots` return plain
 plotly Figures. nice_kit never imports this package.
+
+Outside a live kernel, what a person sees:
+
+* Exported HTML (nbconvert) and a notebook opened offline: every figure draws from the inline
+  plotly.js; each widget's static copy shows the table, text and figures as last left.
+* GitHub and other viewers that run no JavaScript: the static copies' tables and text render;
+  figures do not (they need JavaScript; a static image would need kaleido, not a dependency).
+* JupyterLab after a restart: with "Save Jupyter widget state in notebooks" on (Settings > Jupyter
+  Widgets; ``saveState`` of ``@jupyter-widgets/jupyterlab-manager``) the widgets come back from the
+  saved state and their static copies stay hidden. With it off (JupyterLab's default), JupyterLab
+  itself prints "Error displaying widget: model not found" in place of the widget (no package can
+  change that renderer) and the static copy right below it shows the widget's last state.
+* Costs: the notebook holds plotly.js once (about 4.8 MB), each ``fig.show()`` output holds its
+  figure twice (JupyterLab's plotly output and the offline HTML), and saved widget state includes
+  plotly's FigureWidget code per figure widget.
 """
 
 from ._display import ClickTable, Pager, figure_html, use_offline_renderer

@@ -92,13 +92,15 @@ def ensure_plotlyjs() -> None:
 
 def figure_html(fig: go.Figure, height: int | None = None) -> str:
     """A figure as HTML that draws with the page's plotly.js (inline, see :func:`ensure_plotlyjs`),
-    waiting for it when the figure comes first on the page."""
+    waiting for it when the figure comes first on the page; not drawn while hidden (the static copy
+    of a live widget), so refreshing the copy costs the page nothing."""
     div = f"nice-kit-fig-{uuid.uuid4().hex[:12]}"
     h = height or int(fig.layout.height or 400)
     spec = pio.to_json(fig, validate=False).replace("</", "<\\/")
     return (f'<div id="{div}" class="plotly-graph-div" style="height:{h}px; width:100%; max-width:{fig.layout.width or 900}px">'
             f"</div><script type=\"text/javascript\">(function(){{var spec={spec}, tries=0;"
             "var draw=function(){var gd=document.getElementById('" + div + "'); if(!gd){return;}"
+            "if(!gd.getClientRects().length){return;}"  # hidden (the live widget is on the page): nothing to draw
             "if(window.Plotly){window.Plotly.newPlot(gd, spec.data, spec.layout, {responsive: true, displaylogo: false});}"
             "else if(tries++ < 600){setTimeout(draw, 100);}}; draw();})();</script>")
 

@@ -25,8 +25,9 @@ STYLE = """
 .nice-kit-table {border-collapse: collapse; font-size: 12px; font-family: var(--jp-ui-font-family, sans-serif);
   color: var(--jp-content-font-color1, #1f1f1f); background: var(--jp-layout-color0, #fff); width: 100%;
   table-layout: fixed; line-height: 1.35;}
-.nice-kit-table th, .nice-kit-table td {border-bottom: 1px solid var(--jp-border-color2, #e0e0e0); padding: 3px 5px;
-  text-align: left; vertical-align: top; overflow-wrap: anywhere;}
+.nice-kit-table.nice-kit-table th, .nice-kit-table.nice-kit-table td {border: none;
+  border-bottom: 1px solid var(--jp-border-color2, #e0e0e0); padding: 3px 5px; text-align: left; vertical-align: top;
+  overflow-wrap: anywhere; max-width: none;}
 .nice-kit-table th {background: var(--jp-layout-color2, #eeeeee); color: var(--jp-ui-font-color1, #1f1f1f);
   position: sticky; top: 0; z-index: 1; font-weight: 600; overflow-wrap: normal; word-break: normal;}
 .nice-kit-table th.nice-kit-sortable {cursor: pointer; user-select: none;}
