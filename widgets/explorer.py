@@ -16,7 +16,7 @@ from . import _theme
 from ._display import ClickTable, LiveFallback, Pager, figure_html
 from ._run import (FLAG_COLUMNS, RunLike, add_selection, as_pipeline, cutoff, pool_frame, pool_record,
                    score_columns, selection_fraction)
-from .plots import (_color, hover_text, histogram_marks, influence_scatter, scatter_groups_like,
+from .plots import (FILTERED_OUT, _color, hover_text, histogram_marks, influence_scatter, scatter_groups_like,
                     scatter_title, score_histogram, selected_color)
 
 ALL = "(all)"
@@ -478,7 +478,7 @@ class InfluenceExplorer(LiveFallback, w.VBox):
                     _theme.apply(fig, theme)
         if self.scatter is not None:
             with self.scatter.batch_update():
-                self.scatter.data[0].marker.color = influence_scatter(self.frame.head(1), theme=theme).data[0].marker.color
+                self.scatter.data[0].marker.color = FILTERED_OUT[theme]
                 self.scatter.data[-1].marker.color = selected_color(theme)
         self._show(self._selected)
 
