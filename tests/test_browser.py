@@ -272,7 +272,8 @@ def _drive_and_check(page, theme: str) -> None:
         widget.screenshot(path=str(OUT / f"{name}-{theme}.png"))
         page.set_viewport_size(VIEWPORT)
     _shoot(page, plot, f"loss_vs_metric-{theme}.png")
-    explorer.scroll_into_view_if_needed()
+    explorer.evaluate("(e) => e.scrollIntoView({block: 'start'})")
+    page.wait_for_timeout(800)
     page.screenshot(path=str(OUT / f"page-{theme}.png"))  # what the laptop's window shows
 
 
@@ -312,7 +313,7 @@ def test_widgets_in_jupyterlab_light_and_dark(chromium, lab):
                 cell = page.locator(".jp-Cell").nth(i)
                 cell.scroll_into_view_if_needed()
                 cell.locator(".jp-InputArea-prompt").click()
-                page.keyboard.press("Shift+Enter")
+                page.keyboard.press("Control+Enter")  # run the cell, stay on it (no new cell at the end)
                 if done is None:
                     continue
                 try:

@@ -369,9 +369,10 @@ def test_plotlyjs_is_shared_with_fig_show(shell, monkeypatch):
     _display.ensure_plotlyjs()
     pio.show(go.Figure(go.Bar(y=[1, 2])))
     pio.show(go.Figure(go.Bar(y=[3, 4])))
+    bundle = go.Figure(go.Bar(y=[5, 6]))._repr_mimebundle_()  # plotly activates its renderers again here
     html_parts = [o.data.get("text/html", "") for o in shell.outputs]
     assert sum("* plotly.js v" in h for h in html_parts) == 1
-    assert sum("Plotly.newPlot" in h for h in html_parts) == 2
+    assert sum("Plotly.newPlot" in h for h in html_parts) == 2 and "Plotly.newPlot" in bundle["text/html"]
 
 
 def test_fig_show_writes_offline_html(monkeypatch):

@@ -41,6 +41,15 @@ if _NotebookRenderer is not None:
         def __init__(self) -> None:
             super().__init__(connected=False)
 
+        def activate(self) -> None:
+            """Inline plotly.js once per kernel. plotly activates a renderer again for every figure
+            shown as a cell's value (``_repr_mimebundle_``), which would add 4.8 MB each time."""
+            global _PLOTLYJS_SHOWN
+            if _PLOTLYJS_SHOWN:
+                return
+            _PLOTLYJS_SHOWN = True
+            super().activate()
+
         def to_mimebundle(self, fig_dict):
             html = pio.to_html(fig_dict, config=self.config, include_plotlyjs=False, include_mathjax=False,
                                full_html=False, default_width="100%", default_height=525, validate=False)
@@ -76,17 +85,22 @@ def ensure_plotlyjs() -> None:
     global _PLOTLYJS_SHOWN
     if _PLOTLYJS_SHOWN:
         return
-    _PLOTLYJS_SHOWN = True
     from IPython.display import HTML, display
 
     if _NotebookRenderer is not None:
-        defaults = [pio.renderers[n] for n in str(pio.renderers.default or "").split("+") if n in pio.renderers]
+        names = str(pio.renderers.default or "").split("+")
+        if OFFLINE_RENDERER in names:
+            pio.renderers[OFFLINE_RENDERER].activate()  # sets _PLOTLYJS_SHOWN
+            return
+        defaults = [pio.renderers[n] for n in names if n in pio.renderers]
         offline = [r for r in defaults if isinstance(r, _NotebookRenderer) and not r.connected]
-        if offline:
+        if offline:  # plotly's own "notebook" renderer, chosen by the user
+            _PLOTLYJS_SHOWN = True
             pending = [r for r in getattr(pio.renderers, "_to_activate", []) if r in offline]
             if pending and hasattr(pio.renderers, "_activate_pending_renderers"):
                 pio.renderers._activate_pending_renderers(cls=_NotebookRenderer)
             return  # activated now, or already by an earlier fig.show()
+    _PLOTLYJS_SHOWN = True
     display(HTML(plotlyjs_html()))
 
 
