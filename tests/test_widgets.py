@@ -350,6 +350,17 @@ def test_display_writes_the_widget_and_a_static_copy_that_follows_changes(run, s
     assert "cdn.plot.ly" not in latest and "Plotly.newPlot" in latest
 
 
+def test_static_figures_show_what_the_widget_shows(explorer):
+    explorer.flag.value = "harmful"
+    fig = explorer.figure()
+    assert isinstance(fig, go.Figure) and not isinstance(fig, go.FigureWidget)
+    shown = {i for t in fig.data[1:-1] for i in t.customdata}
+    assert shown == set(explorer.table["id"]) and len(fig.data[0].x) == len(explorer.frame) - len(shown)
+    html_copy = explorer._repr_html_()
+    assert _row_ids(html_copy) == explorer.table["id"].head(explorer.k.value).tolist()
+    assert html_copy.count("Plotly.newPlot") == 2 and "harmful: harmful" in html_copy
+
+
 def test_plotlyjs_is_inlined_once_per_kernel(shell, monkeypatch):
     monkeypatch.setattr(_display, "_PLOTLYJS_SHOWN", False)
     monkeypatch.setattr(pio.renderers, "default", "browser")  # no notebook renderer: our own copy
