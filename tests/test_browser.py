@@ -1,18 +1,25 @@
-"""The InfluenceExplorer rendered for real: JupyterLab + Debian's Chromium driven by Playwright.
+"""The widgets rendered for real: JupyterLab + Debian's Chromium driven by Playwright.
 
-Starts JupyterLab on 127.0.0.1 (free port, token, own config and settings folders) in a temporary
-root holding one small notebook (a fast-mode pipeline run, then the explorer), opens it in Chromium,
-runs all cells from the Run menu, waits for the explorer's table and plots, chooses an example and
-checks that the shown text changes. Screenshots go to pytest's tmp dir and to
-``test-output/browser/`` at the repo root.
+One fast-mode run is made in a temporary root (``runs/quickstart-fast``, where notebook 05 looks for
+it). JupyterLab starts on 127.0.0.1 (free port, token, its own config and settings folders; widget
+state saved with notebooks) and opens a notebook that shows the three widgets and a loss-vs-metric
+plot, in a 1280 x 800 window with the file browser open. The test drives each widget in the light
+theme, switches JupyterLab to the dark theme and checks again. Each time it asserts that text
+differs clearly from its background (contrast ratio), and it checks that a row click selects its
+example, that the metric picker's figure is cleared after a failed metric, and that the saved
+notebook's static copy of a filtered explorer holds the filter's rows. A second test executes
+notebook 05, exports it to HTML (nbconvert) and opens that file with every network request blocked:
+its figures must draw from the inline plotly.js.
 
-Needs ``chromium`` on PATH (``scripts/install_browser.sh``). Without it the test fails: it never skips.
+Screenshots go to ``test-output/browser/`` at the repo root. Needs ``chromium`` on PATH
+(``scripts/install_browser.sh``). Without it the test fails: it never skips.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,18 +36,70 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "test-output" / "browser"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
+VIEWPORT = {"width": 1280, "height": 800}
+RUN = "runs/quickstart-fast"  # relative to the root; notebook 05 (in root/notebooks) finds it as ../runs/...
 
 NOTEBOOK_CELLS = [
-    """import torch
-torch.set_num_threads(1)
-from nice_kit.demo import demo_pipeline
-p = demo_pipeline("run", fast=True, verbose=False)
-diagnostics = p.run()
-print("pipeline done", len(p.pool))""",
-    """from widgets import InfluenceExplorer
-explorer = InfluenceExplorer(p, k=10)
+    f"""from widgets import InfluenceExplorer, MetricPicker, RolloutViewer, open_run, loss_vs_metric
+import pandas as pd
+p = open_run("{RUN}")  # the finished run, from disk alone""",
+    """explorer = InfluenceExplorer(p, k=8)
 explorer""",
+    """viewer = RolloutViewer(p)
+viewer""",
+    """picker = MetricPicker(p, n_preview=6)
+picker""",
+    """curve = pd.DataFrame({"epoch": [0, 1, 2], "lr": [0.0, 1e-2, 5e-3], "metric": [0.0472, 0.0652, 0.1171875],
+                      "loss": [10.84, 10.79, 10.74], "n_test": [8, 8, 8]})
+loss_vs_metric(curve, metric="length").update_layout(width=700)""",
 ]
+
+# Contrast of every visible text element of a widget against the background it is drawn on (the
+# backgrounds of its ancestors composited, translucent tints included). WCAG's formula.
+CONTRAST_JS = """
+(root) => {
+  const parse = (c) => {
+    const m = c && c.match(/rgba?\\(([^)]+)\\)/);
+    if (!m) return null;
+    const p = m[1].split(',').map((x) => parseFloat(x));
+    return { r: p[0], g: p[1], b: p[2], a: p.length > 3 ? p[3] : 1 };
+  };
+  const blend = (top, bottom) => ({ r: top.r * top.a + bottom.r * (1 - top.a), g: top.g * top.a + bottom.g * (1 - top.a),
+                                     b: top.b * top.a + bottom.b * (1 - top.a), a: 1 });
+  const background = (el) => {
+    const layers = [];
+    for (let e = el; e; e = e.parentElement) {
+      const c = parse(getComputedStyle(e).backgroundColor);
+      if (c && c.a > 0) { layers.push(c); if (c.a >= 1) break; }
+    }
+    let bg = { r: 255, g: 255, b: 255, a: 1 };
+    for (let i = layers.length - 1; i >= 0; i--) bg = blend(layers[i], bg);
+    return bg;
+  };
+  const lum = (c) => {
+    const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); };
+    return 0.2126 * f(c.r) + 0.7152 * f(c.g) + 0.0722 * f(c.b);
+  };
+  const out = [];
+  for (const el of root.querySelectorAll('*')) {
+    if (el.closest('.js-plotly-plot') || el.closest('svg')) continue;
+    const own = [...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim());
+    if (!own) continue;
+    const box = el.getBoundingClientRect();
+    const style = getComputedStyle(el);
+    if (box.width === 0 || box.height === 0 || style.visibility === 'hidden' || style.opacity === '0') continue;
+    const bg = background(el);
+    const fg = blend(parse(style.color), bg);
+    const l1 = lum(fg), l2 = lum(bg);
+    out.push({ text: el.textContent.trim().slice(0, 50), tag: el.tagName, cls: String(el.className).slice(0, 60),
+               ratio: (Math.max(l1, l2) + 0.05) / (Math.min(l1, l2) + 0.05), color: style.color,
+               background: `rgb(${Math.round(bg.r)}, ${Math.round(bg.g)}, ${Math.round(bg.b)})` });
+  }
+  return out;
+}
+"""
+
+MIN_CONTRAST = 3.0  # WCAG AA for large text; body text here is well above it
 
 
 def _free_port() -> int:
@@ -57,16 +116,28 @@ def _write_notebook(path: Path) -> None:
 
 
 def _settings(folder: Path, config: Path) -> None:
-    """Settings for a quiet Lab: no news feed, no update checks, no toast asking about them."""
+    """Settings for a quiet Lab: no news feed, no update checks, no toast asking about them; the
+    notebook's kernel starts by itself; widget state is saved with the notebook."""
     config.mkdir(parents=True, exist_ok=True)
     (config / "jupyter_server_config.json").write_text(json.dumps(
         {"LabApp": {"news_url": None, "check_for_updates_class": "jupyterlab.NeverCheckForUpdate"}}))
-    notif = folder / "@jupyterlab" / "apputils-extension"
-    notif.mkdir(parents=True, exist_ok=True)
-    (notif / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-    tracker = folder / "@jupyterlab" / "notebook-extension"
-    tracker.mkdir(parents=True, exist_ok=True)  # no "Select Kernel" dialog: start the notebook's kernel
-    (tracker / "tracker.jupyterlab-settings").write_text(json.dumps({"autoStartDefaultKernel": True}))
+
+    def write(plugin: str, name: str, value: dict) -> None:
+        target = folder / plugin
+        target.mkdir(parents=True, exist_ok=True)
+        (target / f"{name}.jupyterlab-settings").write_text(json.dumps(value))
+
+    write("@jupyterlab/apputils-extension", "notification", {"fetchNews": "false", "checkForUpdates": False})
+    write("@jupyterlab/notebook-extension", "tracker", {"autoStartDefaultKernel": True})
+    write("@jupyter-widgets/jupyterlab-manager", "plugin", {"saveState": True})
+
+
+def _env(base_dir: Path) -> dict[str, str]:
+    return {**os.environ, "NICE_KIT_FAST": "1", "JUPYTER_CONFIG_DIR": str(base_dir / "config"),
+            "JUPYTERLAB_SETTINGS_DIR": str(base_dir / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(base_dir / "workspaces"),
+            "JUPYTER_RUNTIME_DIR": str(base_dir / "runtime"), "IPYTHONDIR": str(base_dir / "ipython"),
+            "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+            "OMP_NUM_THREADS": "1"}
 
 
 def _wait_for_kernel(page, timeout_s: float = 90) -> None:
@@ -97,26 +168,37 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def base_dir(tmp_path_factory) -> Path:
+    """A root folder holding a finished fast-mode run (made as notebook 01 would make it) and a
+    notebooks/ folder, plus Lab's config and settings."""
+    base = tmp_path_factory.mktemp("lab")
+    root = base / "root"
+    (root / "notebooks").mkdir(parents=True)
+    _settings(base / "settings", base / "config")
+    from nice_kit.demo import demo_pipeline
+
+    here = os.getcwd()
+    os.chdir(root / "notebooks")  # the run's config holds data paths as notebook 05 will see them
+    try:
+        demo_pipeline(f"../{RUN}", fast=True, verbose=False).run()
+    finally:
+        os.chdir(here)
+    return base
+
+
+@pytest.fixture(scope="module")
+def lab(base_dir):
     """A running JupyterLab: (base url, token, root dir, log path)."""
-    base_dir = tmp_path_factory.mktemp("lab")
     root = base_dir / "root"
-    root.mkdir()
-    _write_notebook(root / "explorer.ipynb")
-    settings = base_dir / "settings"
-    _settings(settings, base_dir / "config")
+    _write_notebook(root / "widgets.ipynb")
     port, token = _free_port(), "nice-kit-browser-test"
-    env = {**os.environ, "NICE_KIT_FAST": "1", "JUPYTER_CONFIG_DIR": str(base_dir / "config"),
-           "JUPYTERLAB_SETTINGS_DIR": str(settings), "JUPYTERLAB_WORKSPACES_DIR": str(base_dir / "workspaces"),
-           "JUPYTER_RUNTIME_DIR": str(base_dir / "runtime"), "IPYTHONDIR": str(base_dir / "ipython"),
-           "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-           "OMP_NUM_THREADS": "1"}
     log = base_dir / "lab.log"
     cmd = [sys.executable, "-m", "jupyterlab", "--allow-root", "--no-browser", "--ServerApp.open_browser=False",
            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
            f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}"]
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=root, env=_env(base_dir), stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -144,61 +226,276 @@ def lab(tmp_path_factory):
                 pass
 
 
-def test_explorer_renders_and_reacts_in_jupyterlab(chromium, lab, tmp_path):
+def _assert_readable(widget, what: str, theme: str) -> None:
+    items = widget.evaluate(CONTRAST_JS)
+    assert len(items) > 5, f"{what}: no visible text found"
+    bad = [i for i in items if i["ratio"] < MIN_CONTRAST]
+    assert not bad, f"{what} ({theme} theme): text too close to its background: {bad[:5]}"
+
+
+def _choose(select, prefix: str) -> None:
+    """Choose the option of an ipywidgets dropdown whose label starts with ``prefix``."""
+    labels = select.locator("option").all_inner_texts()
+    select.select_option(index=next(i for i, t in enumerate(labels) if t.startswith(prefix)))
+
+
+def _tall(page, locator) -> None:
+    """Make the window tall enough to show all of ``locator`` (the width stays 1280 px, so the layout
+    is the laptop's): JupyterLab paints only what is in its window."""
+    height = locator.evaluate("(e) => e.getBoundingClientRect().height")
+    page.set_viewport_size({"width": VIEWPORT["width"], "height": int(min(max(VIEWPORT["height"], height + 260), 5000))})
+    locator.scroll_into_view_if_needed()
+    page.wait_for_timeout(400)
+
+
+def _shoot(page, locator, name: str) -> None:
+    _tall(page, locator)
+    locator.screenshot(path=str(OUT / name))
+    page.set_viewport_size(VIEWPORT)
+
+
+def _drive_and_check(page, theme: str) -> None:
+    """Screenshots and checks of every widget in the current theme."""
+    explorer = page.locator(".nice-explorer").first
+    viewer = page.locator(".nice-rollout-viewer").first
+    picker = page.locator(".nice-metric-picker").first
+    plot = page.locator(".jp-Cell").nth(4).locator(".js-plotly-plot").first
+    paper = "rgb(17, 17, 17)" if theme == "dark" else "rgb(255, 255, 255)"
+    from playwright.sync_api import expect
+
+    # the figures follow the page's theme (the probe reports it to the kernel, which re-templates)
+    for fig in (explorer.locator(".js-plotly-plot").first, picker.locator(".js-plotly-plot").first):
+        expect(fig.locator(".main-svg").first).to_have_css("background-color", paper, timeout=30_000)
+    for widget, name in ((explorer, "explorer"), (viewer, "rollout_viewer"), (picker, "metric_picker")):
+        _tall(page, widget)
+        _assert_readable(widget, name, theme)
+        widget.screenshot(path=str(OUT / f"{name}-{theme}.png"))
+        page.set_viewport_size(VIEWPORT)
+    _shoot(page, plot, f"loss_vs_metric-{theme}.png")
+    explorer.evaluate("(e) => e.scrollIntoView({block: 'start'})")
+    page.wait_for_timeout(800)
+    page.screenshot(path=str(OUT / f"page-{theme}.png"))  # what the laptop's window shows
+
+
+def test_widgets_in_jupyterlab_light_and_dark(chromium, lab):
     from playwright.sync_api import expect, sync_playwright
 
     base, token, root, log = lab
     OUT.mkdir(parents=True, exist_ok=True)
-    shot = tmp_path / "explorer.png"
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1700, "height": 1300})
+        page = browser.new_page(viewport=VIEWPORT)
         errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
+        console: list[str] = []
+        phase = ["load"]
+        page.on("pageerror", lambda e: errors.append(f"{e} (during {phase[0]})"))
+        page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None)
         try:
-            page.goto(f"{base}/lab/tree/explorer.ipynb?token={token}", wait_until="domcontentloaded", timeout=60_000)
+            page.goto(f"{base}/lab/tree/widgets.ipynb?token={token}", wait_until="domcontentloaded", timeout=60_000)
             page.locator(".jp-NotebookPanel .jp-Cell").first.wait_for(timeout=60_000)
             _wait_for_kernel(page)
-            # Run > Run All Cells
-            page.locator(".lm-MenuBar-item", has_text="Run").first.click()
-            page.locator(".lm-Menu-item", has_text="Run All Cells").first.click()
-
-            table = page.locator(".nice-explorer .nice-explorer-table table")
-            try:
-                table.wait_for(timeout=100_000)
-            except Exception:
-                page.screenshot(path=str(OUT / "failure.png"))
-                outputs = page.locator(".jp-OutputArea").all_inner_texts()
-                pytest.fail(f"the explorer's table did not render; outputs: {outputs}\npage errors: {errors}\n"
-                            f"lab log: {log.read_text()[-2000:]}", pytrace=False)
+            browser_panel = page.locator("#filebrowser")
+            if not browser_panel.is_visible():  # a laptop screen with the file browser open
+                page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab[data-id='filebrowser']").click()
+            expect(browser_panel).to_be_visible()
+            # run the cells one by one, each widget drawn before the next starts (anywidget gives a
+            # model 2 s to initialize; several plotly bundles parsed at once on a loaded 2-core
+            # machine can take longer)
             explorer = page.locator(".nice-explorer").first
-            # plotly FigureWidgets (anywidget) drew the histogram bars and the scatter points
+            table = explorer.locator(".nice-explorer-table table")
+            ready = [None, explorer.locator(".js-plotly-plot .scatterlayer .point").first,
+                     page.locator(".nice-rollout-viewer .nice-rollout-table"),
+                     page.locator(".nice-metric-picker .js-plotly-plot .boxlayer .point").first,
+                     page.locator(".jp-Cell").nth(4).locator(".js-plotly-plot .scatterlayer .point").first]
+            page.set_viewport_size({"width": VIEWPORT["width"], "height": 2400})  # JupyterLab paints what is in view
+            for i, done in enumerate(ready):
+                phase[0] = f"running cell {i}"
+                cell = page.locator(".jp-Cell").nth(i)
+                cell.scroll_into_view_if_needed()
+                cell.locator(".jp-InputArea-prompt").click()
+                page.keyboard.press("Control+Enter")  # run the cell, stay on it (no new cell at the end)
+                if done is None:
+                    continue
+                try:
+                    deadline = time.time() + 100
+                    while not done.count() and time.time() < deadline:
+                        cell.evaluate("(c) => c.scrollIntoView({block: 'start'})")
+                        page.wait_for_timeout(500)
+                    done.wait_for(state="attached", timeout=1_000)
+                except Exception:
+                    page.screenshot(path=str(OUT / "failure.png"))
+                    outputs = page.locator(".jp-OutputArea").all_inner_texts()
+                    pytest.fail(f"cell {i} did not render; outputs: {outputs}\npage errors: {errors}\n"
+                                f"console: {console[-10:]}\nlab log: {log.read_text()[-2000:]}", pytrace=False)
+            page.set_viewport_size(VIEWPORT)
             expect(explorer.locator(".js-plotly-plot")).to_have_count(2, timeout=60_000)
             expect(explorer.locator(".js-plotly-plot .scatterlayer .point").first).to_be_attached(timeout=60_000)
-            expect(explorer.locator(".js-plotly-plot .barlayer .point").first).to_be_attached(timeout=60_000)
-            expect(explorer.locator(".gtitle").first).to_contain_text("scores")
             expect(explorer.locator(".gtitle", has_text="Spearman")).to_have_count(1)
-            assert table.locator("tbody tr").count() == 10
+            assert table.locator("tbody tr").count() == 8
+            # the static copies are on the page but hidden while the live widgets are
+            assert page.locator(".nice-kit-fallback").count() == 3
+            assert not [v for v in page.locator(".nice-kit-fallback").all() if v.is_visible()]
 
+            # fits 1280 px with the file browser open: no column off-screen, plots below the table
+            _tall(page, explorer)
+            wrap = explorer.locator(".nice-explorer-table")
+            widths = wrap.evaluate("(e) => [e.scrollWidth, e.clientWidth]")
+            assert widths[0] <= widths[1] + 1, f"the table scrolls sideways: {widths}"
+            headers = table.locator("th").evaluate_all("(ths) => ths.map((t) => t.textContent.trim())")
+            assert {"id", "selected by", "nice", "less", "prompt", "response", "on task", "source"} <= set(headers)
+            table_box = wrap.bounding_box()
+            hist_box = explorer.locator(".js-plotly-plot").first.bounding_box()
+            assert hist_box["y"] >= table_box["y"] + table_box["height"] - 1, "plots should wrap below the table"
+            assert explorer.bounding_box()["width"] <= VIEWPORT["width"]
+            page.set_viewport_size(VIEWPORT)
+
+            phase[0] = "light checks"
+            _drive_and_check(page, "light")
+            phase[0] = "explorer clicks"
+
+            # a row click selects its example
             detail = explorer.locator(".nice-explorer-detail")
-            before = detail.inner_text()
-            assert "prompt" in before and "response" in before
-            select = explorer.locator(".nice-explorer-select select")
-            options = select.locator("option").all_inner_texts()
-            assert len(options) == 10
-            chosen = options[4].split()[1]  # "#5 pool-0012 [task] nice=... · prompt" -> the example id
-            assert chosen not in before
-            select.select_option(index=4)
+            row = table.locator("tbody tr").nth(3)
+            chosen = row.get_attribute("data-key")
+            assert not detail.text_content().startswith(chosen)
+            row.scroll_into_view_if_needed()
+            row.click()
             expect(detail).to_contain_text(chosen, timeout=20_000)
-            after = detail.inner_text()
-            assert after != before and after.splitlines()[0].startswith(chosen)
-            expect(explorer.locator("tr.nice-kit-selected")).to_contain_text(chosen)
+            assert detail.text_content().startswith(chosen)
+            expect(explorer.locator("tr.nice-kit-selected")).to_have_attribute("data-key", chosen, timeout=20_000)
+            # a header click sorts by that column
+            table.locator("th[data-sort='task']").click()
+            expect(table.locator("th.nice-kit-sorted-asc")).to_have_attribute("data-sort", "task", timeout=20_000)
 
-            explorer.scroll_into_view_if_needed()
-            explorer.screenshot(path=str(shot))
-            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            phase[0] = "rollout viewer"
+            # rollout viewer: next, and only prompts with signal
+            viewer = page.locator(".nice-rollout-viewer").first
+            expect(viewer.locator(".nice-rollout-body")).to_contain_text("val-", timeout=20_000)
+            first = viewer.locator(".nice-rollout-body b").first.inner_text()
+            viewer.locator(".nice-rollout-next button, button.nice-rollout-next").first.click()
+            expect(viewer.locator(".nice-rollout-body b").first).not_to_have_text(first, timeout=20_000)
+            expect(viewer).to_contain_text("prompt 2 of")
+            expect(viewer.locator(".nice-rollout-explain")).to_contain_text("reward − the mean reward")
+
+            phase[0] = "metric picker"
+            # metric picker: a working metric, then one this run cannot use -> figure and table cleared
+            picker = page.locator(".nice-metric-picker").first
+            metric = picker.locator(".nice-metric-dropdown select")
+            _choose(metric, "sentiment")
+            expect(picker.locator(".gtitle")).to_contain_text("sentiment scores of", timeout=30_000)
+            expect(picker.locator(".js-plotly-plot .boxlayer .point").first).to_be_attached(timeout=30_000)
+            _choose(metric, "code_tests")
+            expect(picker.locator(".gtitle")).to_contain_text("code_tests: no scores", timeout=30_000)
+            expect(picker.locator(".js-plotly-plot .boxlayer .point")).to_have_count(0, timeout=30_000)
+            assert "sentiment" not in picker.locator(".js-plotly-plot").first.inner_text()
+            expect(picker.locator(".nice-metric-preview")).to_contain_text("no scores to show")
+            expect(picker.locator(".nice-metric-status")).to_contain_text("unavailable")
+            _shoot(page, picker, "metric_picker-failed-light.png")
+            _choose(metric, "length")
+            expect(picker.locator(".gtitle")).to_contain_text("length scores of", timeout=30_000)
+
+            # filter the explorer, then save: the notebook's static copy holds the filter's rows
+            explorer.locator(".nice-explorer-picked select").select_option("NICE")
+            expect(explorer.locator(".nice-explorer-table tbody tr")).to_have_count(4, timeout=20_000)
+            live_ids = [r.get_attribute("data-key") for r in explorer.locator(".nice-explorer-table tbody tr").all()]
+
+            phase[0] = "dark theme"
+            # dark theme: Settings > Theme > JupyterLab Dark
+            page.locator(".lm-MenuBar-item", has_text="Settings").first.click()
+            page.locator(".lm-Menu-item", has_text="Theme").first.hover()
+            page.locator(".lm-Menu-item", has_text="JupyterLab Dark").first.click()
+            expect(page.locator("body")).to_have_attribute("data-jp-theme-light", "false", timeout=30_000)
+            plot_cell = page.locator(".jp-Cell").nth(4)  # re-run the plot cell: a static figure reads the new theme
+            plot_cell.scroll_into_view_if_needed()
+            plot_cell.locator(".jp-InputArea-prompt").click()
+            page.locator(".lm-MenuBar-item", has_text="Run").first.click()
+            page.locator(".lm-Menu-item", has_text="Run Selected Cell").first.click()
+            expect(page.locator(".jp-Cell").nth(4).locator(".js-plotly-plot .main-svg").first).to_have_css(
+                "background-color", "rgb(17, 17, 17)", timeout=30_000)
+            _drive_and_check(page, "dark")
+
+            phase[0] = "saving"
+            before = (root / "widgets.ipynb").stat().st_mtime
+            page.keyboard.press("Control+s")
+            deadline = time.time() + 20
+            while (root / "widgets.ipynb").stat().st_mtime == before and time.time() < deadline:
+                page.wait_for_timeout(250)
+            page.wait_for_timeout(500)
         finally:
             browser.close()
-    shutil.copy(shot, OUT / "explorer.png")
-    shutil.copy(tmp_path / "page.png", OUT / "page.png")
-    assert not [e for e in errors if "widget" in e.lower() or "plotly" in e.lower()], errors
+    # anywidget gives a model 2 s to initialize and reports a page error when that passes, even
+    # when the model then renders; on a loaded 2-core machine that happens. Every widget is checked
+    # above for having rendered and reacted, so that one message is not counted here.
+    slow_init = "[anywidget] Failed to initialize model."
+    assert not [e for e in errors if ("widget" in e.lower() or "plotly" in e.lower()) and slow_init not in e], \
+        (errors, console[-10:])
+
+    saved = nbformat.read(root / "widgets.ipynb", as_version=4)
+    copies = [o for o in saved.cells[1].outputs if "nice-kit-fallback" in o.get("data", {}).get("text/html", "")]
+    assert len(copies) == 1, "the explorer's static copy is missing from the saved notebook"
+    copy = copies[0]["data"]["text/html"]
+    assert re.findall(r'data-key="([^"]+)"', copy) == live_ids
+    assert "selected (top 10%): NICE" in copy and "cdn.plot.ly" not in copy
+    state = saved.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    assert len(state) > 10, "JupyterLab saved no widget state with the notebook"
+
+
+def test_notebook_05_exported_to_html_draws_its_figures_offline(chromium, base_dir):
+    """Notebook 05, executed and exported with nbconvert, draws every figure with no network: the
+    plotly.js it needs is inline, and no plotly CDN is referenced."""
+    from nbconvert import HTMLExporter
+    from nbconvert.preprocessors import ExecutePreprocessor
+    from playwright.sync_api import sync_playwright
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    folder = base_dir / "root" / "notebooks"
+    nb = nbformat.read(ROOT / "notebooks" / "05_inspecting_influence.ipynb", as_version=4)
+    env_keys = ("NICE_KIT_FAST", "PYTHONPATH", "OMP_NUM_THREADS", "JUPYTERLAB_SETTINGS_DIR", "IPYTHONDIR")
+    saved_env = {k: os.environ.get(k) for k in env_keys}
+    os.environ.update({k: _env(base_dir)[k] for k in env_keys})
+    os.environ["JUPYTERLAB_SETTINGS_DIR"] = str(base_dir / "no-settings")  # default (light) theme, whatever Lab did
+    try:
+        ExecutePreprocessor(timeout=300, kernel_name="python3").preprocess(nb, {"metadata": {"path": str(folder)}})
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    body, _ = HTMLExporter().from_notebook_node(nb)
+    page_path = OUT / "05_inspecting_influence.html"
+    page_path.write_text(body)
+    # (plotly.js itself mentions cdn.plot.ly as a default topojson URL: only script sources count)
+    assert not re.search(r"<script[^>]+src=[\"'][^\"']*(plot\.ly|plotly)", body)
+    assert body.count("* plotly.js v") == 1, "plotly.js should be inlined exactly once"
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport=VIEWPORT)
+        blocked: list[str] = []
+
+        def no_network(route):
+            if route.request.url.startswith("file:"):
+                route.continue_()
+            else:
+                blocked.append(route.request.url)
+                route.abort()
+
+        page.route("**/*", no_network)
+        try:
+            page.goto(page_path.as_uri(), wait_until="load", timeout=60_000)
+            # every figure of the page draws its data: the notebook's own fig.show() figures and those of
+            # the widgets' static copies (explorer: histogram and scatter; rollout viewer: bars)
+            page.wait_for_function("() => document.querySelectorAll('.plotly-graph-div').length >= 6 && "
+                                   "[...document.querySelectorAll('.plotly-graph-div')].every("
+                                   "(d) => d.querySelector('.main-svg'))", timeout=60_000)
+            plots = page.locator(".plotly-graph-div")
+            drawn = plots.evaluate_all("(ps) => ps.filter((p) => p.querySelector('.point, .bars path, .boxlayer path'))"
+                                       ".length")
+            assert drawn == plots.count(), f"only {drawn} of {plots.count()} figures drew data"
+            assert page.locator(".nice-kit-fallback .nice-kit-table tbody tr").count() > 0
+            page.locator(".nice-kit-fallback").first.scroll_into_view_if_needed()
+            page.screenshot(path=str(OUT / "nb05-offline-explorer.png"))
+        finally:
+            browser.close()
+    assert all("plot.ly" not in u for u in blocked), blocked

@@ -3,6 +3,9 @@
 Every widget takes either a live :class:`nice_kit.pipeline.Pipeline` or the path of a finished run
 directory; :func:`as_pipeline` turns either into a pipeline. Reading a finished run never recomputes:
 the stages are cached on disk and the model is only loaded when something must be computed.
+
+All reading of a run (files, caches, settings) goes through this module: the widgets call the
+functions here and never a pipeline's stages directly.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from nice_kit.config import RunConfig
+from nice_kit.influence import top_fraction
 from nice_kit.pipeline import Pipeline
 
 RunLike = Union[Pipeline, str, Path]
@@ -99,10 +103,8 @@ def pool_frame(p: Pipeline, scores: pd.DataFrame | None = None) -> pd.DataFrame:
 
 def record_text(p: Pipeline, rid: str) -> tuple[list[dict[str, str]], str]:
     """The prompt messages and the response of pool example ``rid``."""
-    for r in p.pool:
-        if r.id == rid:
-            return r.messages, r.response or ""
-    raise KeyError(rid)
+    r = pool_record(p, rid)
+    return r.messages, r.response or ""
 
 
 def spearman(x, y) -> float:
@@ -135,3 +137,102 @@ def rescore(p: Pipeline, rollouts: pd.DataFrame, metric) -> list[float]:
     by_id = {r.id: r for r in p.target_val}
     recs = [by_id[str(i)] for i in rollouts["prompt_id"]]
     return rewards.score(metric, [r.prompt for r in recs], rollouts["completion"].tolist(), **target_columns(p, recs))
+
+
+# ------------------------------------------------------------------------------- selection
+def selection_fraction(p: Pipeline) -> float:
+    """The share of the pool a method selects (``selection.fraction`` of the run's config)."""
+    return float(p.cfg.selection.fraction)
+
+
+def selected_ids(frame: pd.DataFrame, method: str, fraction: float) -> list[str]:
+    """The ids a method selects: the top ``fraction`` of the pool by its score, by the rule the run
+    itself uses (:func:`nice_kit.influence.top_fraction`; examples without a score are never picked)."""
+    df = frame[frame[method].notna()]
+    if df.empty:
+        return []
+    return top_fraction(df["id"].astype(str).tolist(), df[method].to_numpy(dtype=float), fraction)
+
+
+def cutoff(frame: pd.DataFrame, method: str, fraction: float) -> float:
+    """The lowest score among a method's selected examples (the cutoff line of the plots)."""
+    ids = set(selected_ids(frame, method, fraction))
+    if not ids:
+        return float("nan")
+    return float(frame.loc[frame["id"].isin(ids), method].min())
+
+
+def add_selection(frame: pd.DataFrame, methods: list[str], fraction: float) -> pd.DataFrame:
+    """``frame`` with a bool column ``selected_<method>`` per method and ``selected_by`` ("NICE",
+    "LESS", "NICE+LESS" or "")."""
+    df = frame.copy()
+    for m in methods:
+        df[f"selected_{m}"] = df["id"].isin(set(selected_ids(df, m, fraction)))
+    df["selected_by"] = ["+".join(m.upper() for m in methods if r[f"selected_{m}"]) for _, r in df.iterrows()]
+    return df
+
+
+# --------------------------------------------------------------------------- target side
+def checkpoints(p: Pipeline) -> list:
+    """The run's warmup checkpoints (epoch, lr, ...), oldest first."""
+    return list(p.checkpoints)
+
+
+def target_records(p: Pipeline) -> list:
+    """The validation target records (the prompts the rollouts were sampled for)."""
+    return list(p.target_val)
+
+
+def pool_record(p: Pipeline, rid: str):
+    """Pool example ``rid`` (a :class:`nice_kit.data.Record`)."""
+    for r in p.pool:
+        if r.id == rid:
+            return r
+    raise KeyError(rid)
+
+
+def rollouts(p: Pipeline, ckpt) -> pd.DataFrame:
+    """A checkpoint's sampled completions with the run's rewards (prompt_id as str)."""
+    df = p.rollouts(ckpt)
+    return df.assign(prompt_id=df["prompt_id"].astype(str))
+
+
+def rollout_weights(p: Pipeline, ckpt) -> tuple[pd.DataFrame, dict]:
+    """A checkpoint's rollouts with their policy-gradient weights, and per prompt the
+    :class:`nice_kit.policy.PromptWeights` (signal, reference weight, note)."""
+    df, per_prompt = p.rollout_weights(ckpt)
+    return df.assign(prompt_id=df["prompt_id"].astype(str)), {str(k): v for k, v in per_prompt.items()}
+
+
+def policy_settings(p: Pipeline):
+    """The run's policy settings (variant, baseline, topk ...)."""
+    return p.cfg.policy
+
+
+def rollout_k(p: Pipeline) -> int:
+    """How many completions were sampled per target prompt."""
+    return int(p.cfg.rollouts.k)
+
+
+def run_metric(p: Pipeline) -> tuple[str, dict[str, Any]]:
+    """The run's metric: its registered name (or a user function's name) and parameters."""
+    name = p.cfg.metric.name
+    if not isinstance(name, str):
+        name = getattr(name, "__name__", type(name).__name__)
+    return name, dict(p.cfg.metric.params or {})
+
+
+def is_label_free(p: Pipeline) -> bool:
+    return bool(p.cfg.data.label_free)
+
+
+def available_columns(p: Pipeline) -> set[str]:
+    """The target columns a metric can read in this run: the record columns every validation record
+    has (not null), plus ``response`` (the reference answer) unless the run is label-free."""
+    recs = list(p.target_val)
+    if not recs:
+        return set()
+    names = set.intersection(*({k for k, v in r.columns.items() if v is not None} for r in recs))
+    if not p.cfg.data.label_free and all(r.response is not None for r in recs):
+        names.add("response")
+    return names

@@ -1,95 +1,170 @@
-"""InfluenceExplorer: the pool as a sortable, filterable table with scores, a histogram, the full
-text of one example and the NICE-vs-LESS scatter (click a point to select its example)."""
+"""InfluenceExplorer: the pool as a clickable, sortable, filterable table with scores and what each
+method selects, a histogram and the NICE-vs-LESS scatter (both with the selection cutoffs, both
+following the filters), and the full text of the selected example."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import ipywidgets as w
 import pandas as pd
 import plotly.graph_objects as go
 
 from . import _html as H
-from ._run import FLAG_COLUMNS, RunLike, as_pipeline, pool_frame, score_columns
-from .plots import _color, influence_scatter, score_histogram
+from . import _theme
+from ._display import ClickTable, LiveFallback, Pager, figure_html
+from ._run import (FLAG_COLUMNS, RunLike, add_selection, as_pipeline, cutoff, pool_frame, pool_record,
+                   score_columns, selection_fraction)
+from .plots import (FILTERED_OUT, _color, hover_text, histogram_marks, influence_scatter, scatter_groups_like,
+                    scatter_title, score_histogram, selected_color)
 
 ALL = "(all)"
+# badge backgrounds dark enough for white text (the plot colours of LESS and NICE are too light)
+BADGE_COLORS = {"NICE": "#1565c0", "LESS": "#a84300"}
+SELECTION_FILTERS = (ALL, "NICE", "LESS", "both", "NICE only", "LESS only", "neither")
+TEXT_COLUMNS = ("prompt", "response")
 
 
-class InfluenceExplorer(w.VBox):
+@dataclass
+class DetailPanel:
+    """An extra view of the selected example, drawn under its text: ``render(example_id, method)``
+    returns a DataFrame (shown as a table), a plotly Figure, HTML, or a list of those."""
+
+    title: str
+    render: Callable[[str, str], Any]
+
+
+def _sort_key(values: pd.Series) -> pd.Series:
+    """Numbers as numbers, flags (yes/no) as 1/0, text case-blind; missing values sort last."""
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        return values
+    non_null = values.dropna()
+    if len(non_null) and all(isinstance(v, (bool, int, float)) for v in non_null):
+        return values.map(lambda v: float(v) if pd.notna(v) else float("nan")).astype(float)
+    return values.map(lambda v: str(v).lower() if pd.notna(v) else None)
+
+
+class InfluenceExplorer(LiveFallback, w.VBox):
     """Browse a run's pool by influence score.
 
-    Controls: task filter, harmful filter (when the pool is flagged), the method to sort by, top or
-    bottom, how many rows to show, a text search over id / prompt / response. ``.table`` is the
-    filtered, sorted DataFrame (the HTML table shows its first ``k`` rows); ``.selected_id`` is the
-    example whose text is shown. ``.figure()`` and ``_repr_html_`` are static fallbacks.
+    Controls: task filter, harmful filter (when the pool is flagged), "selected by" filter (the top
+    ``selection.fraction`` of each method's score, as the run selects), the score to sort by, top or
+    bottom, rows per page, a text search over id / prompt / response. Click a row (or a scatter
+    point) to read its example; click a header to sort by that column (again to reverse).
+
+    ``.table`` is the filtered, sorted DataFrame (the HTML table shows one page of it, ``.shown``);
+    ``.selected_id`` the example whose text is shown. ``theme`` is "light", "dark" or "auto" (the
+    page's JupyterLab theme). Displayed in a notebook, the explorer also writes a static copy of
+    itself that follows every change (see :class:`widgets._display.LiveFallback`).
     """
 
-    PLOT_WIDTH = 520
+    PLOT_WIDTH = 400
 
-    def __init__(self, run: RunLike, k: int = 15, method: str | None = None):
-        self.pipeline = as_pipeline(run)
-        self.frame = pool_frame(self.pipeline)
-        self.methods = score_columns(self.frame)
+    def __init__(self, run: RunLike, k: int = 15, method: str | None = None, theme: str | None = "auto"):
+        self.pipeline = p = as_pipeline(run)
+        frame = pool_frame(p)
+        self.methods = score_columns(frame)
         if not self.methods:
-            raise ValueError(f"{self.pipeline.run_dir}: the scores table has no method columns")
+            raise ValueError(f"{p.run_dir}: the scores table has no method columns")
+        if method is not None and method not in self.methods:
+            raise ValueError(f"method must be one of {self.methods}, not {method!r}")
+        self.fraction = selection_fraction(p)
+        self.frame = add_selection(frame, self.methods, self.fraction)
+        self.cutoffs = {m: cutoff(self.frame, m, self.fraction) for m in self.methods}
+        self._theme_arg = _theme.check_theme(theme)
+        self.theme = _theme.resolve_theme(theme)
         self._selected: str | None = None
         self._updating = False
+        self._sort: tuple[str, bool] = (method or self.methods[0], True)  # (column, descending)
+        self.panels: list[DetailPanel] = []
 
         f = self.frame
         tasks = sorted(str(t) for t in f["task"].dropna().unique()) if "task" in f.columns else []
-        small = w.Layout(width="230px")
-        self.task = w.Dropdown(options=[ALL] + tasks, value=ALL, description="task", layout=small)
-        self.flag = w.Dropdown(options=[ALL, "harmful", "clean"], value=ALL, description="harmful",
+        style = {"description_width": "initial"}
+        self.task = w.Dropdown(options=[ALL] + tasks, value=ALL, description="task", style=style,
                                layout=w.Layout(width="200px"))
+        self.flag = w.Dropdown(options=[ALL, "harmful", "clean"], value=ALL, description="harmful", style=style,
+                               layout=w.Layout(width="150px"))
         self.flag.layout.display = None if "harmful" in f.columns and f["harmful"].notna().any() else "none"
-        self.method = w.Dropdown(options=self.methods, value=method or self.methods[0], description="sort by",
-                                 layout=w.Layout(width="200px"))
+        picks = [o for o in SELECTION_FILTERS if o == ALL or len(self.methods) > 1 or o in (self.methods[0].upper(),
+                                                                                              "neither")]
+        picks = [o for o in picks if not any(m.upper() in o for m in ("nice", "less") if m not in self.methods)]
+        self.picked = w.Dropdown(options=picks, value=ALL, description=f"selected (top {self.fraction:.0%})",
+                                 style=style, layout=w.Layout(width="230px"))
+        self.picked.add_class("nice-explorer-picked")
+        self.method = w.Dropdown(options=self.methods, value=self._sort[0], description="score", style=style,
+                                 layout=w.Layout(width="130px"))
         self.order = w.ToggleButtons(options=["top", "bottom"], value="top", tooltips=["highest first", "lowest first"],
-                                     style={"button_width": "70px"})
-        self.k = w.BoundedIntText(value=min(k, len(f)), min=1, max=max(1, len(f)), description="rows",
-                                  layout=w.Layout(width="150px"))
-        self.search = w.Text(value="", placeholder="search id, prompt, response", description="search",
-                             continuous_update=False)
-        self.table_html = w.HTML(layout=w.Layout(max_height="330px", overflow="auto"))
-        self.table_html.add_class("nice-explorer-table")
-        self.select = w.Dropdown(options=[], description="example", layout=w.Layout(width="98%"))
+                                     style={"button_width": "76px"})
+        self.k = w.BoundedIntText(value=min(k, len(f)), min=1, max=max(1, len(f)), description="rows", style=style,
+                                  layout=w.Layout(width="110px"))
+        self.search = w.Text(value="", placeholder="search id, prompt, response", description="search", style=style,
+                             continuous_update=False, layout=w.Layout(width="260px"))
+        self.table_view = ClickTable(on_click=self.select_example, on_sort=self.sort_by,
+                                     layout=w.Layout(max_height="520px", overflow="auto", width="100%"))
+        self.table_view.add_class("nice-explorer-table")
+        self.pager = Pager(self.k.value, self._render_table)
+        self.select = w.Dropdown(options=[], description="example", style=style, layout=w.Layout(width="98%"))
         self.select.add_class("nice-explorer-select")
-        self.detail = w.HTML()
+        self.detail = w.HTML(layout=w.Layout(width="100%"))
         self.detail.add_class("nice-explorer-detail")
+        self.panel_box = w.VBox(layout=w.Layout(width="100%"))
+        self.panel_box.add_class("nice-explorer-panels")
         self.status = w.HTML()
 
         size = dict(width=self.PLOT_WIDTH, autosize=False)
-        self.hist = go.FigureWidget(score_histogram(f, self.method.value).update_layout(**size))
+        m = self.method.value
+        self.hist = go.FigureWidget(score_histogram(f, m, cutoff=self.cutoffs[m], fraction=self.fraction,
+                                                    theme=self.theme).update_layout(**size))
         self.has_scatter = {"nice", "less"} <= set(self.methods)
-        self.scatter = go.FigureWidget(influence_scatter(f).update_layout(**size)) if self.has_scatter else None
-        if self.scatter is not None:
-            for trace in self.scatter.data[:-1]:
+        self.scatter = None
+        if self.has_scatter:
+            self.scatter = go.FigureWidget(influence_scatter(f, cutoffs=self.cutoffs, fraction=self.fraction,
+                                                             theme=self.theme).update_layout(**size))
+            for trace in self.scatter.data[1:-1]:
                 trace.on_click(self._on_scatter_click)
 
-        for c in (self.task, self.flag, self.method, self.order, self.k, self.search):
+        for c in (self.task, self.flag, self.picked, self.search):
             c.observe(self._refresh, names="value")
+        self.method.observe(self._on_method, names="value")
+        self.order.observe(self._on_order, names="value")
+        self.k.observe(self._on_k, names="value")
         self.select.observe(self._on_select, names="value")
 
-        controls = w.HBox([self.task, self.flag, self.method, self.order, self.k, self.search],
-                          layout=w.Layout(flex_flow="row wrap"))
-        left = w.VBox([self.table_html, self.select, self.detail], layout=w.Layout(flex="1 1 auto", min_width="0"))
+        self.probe = _theme.follow_page_theme(self) if self._theme_arg is None else None
+
+        controls = w.HBox([self.task, self.flag, self.picked, self.method, self.order, self.k, self.search],
+                          layout=w.Layout(flex_flow="row wrap", align_items="center"))
+        left = w.VBox([self.table_view, self.pager, self.select, self.detail, self.panel_box],
+                      layout=w.Layout(flex="1 1 640px", min_width="0", margin="0 8px 0 0"))
         plots = [self.hist] + ([self.scatter] if self.scatter is not None else [])
-        right = w.VBox(plots, layout=w.Layout(flex=f"0 0 {self.PLOT_WIDTH + 10}px"))
-        super().__init__([w.HTML(H.STYLE + "<b>Influence explorer</b> "
-                                 f"<span style='color:#777'>{H.esc(self.pipeline.run_dir)}</span>"),
-                          controls, self.status, w.HBox([left, right])])
+        right = w.Box(plots, layout=w.Layout(flex="1 1 410px", flex_flow="row wrap", align_content="flex-start",
+                                             min_width="0"))
+        header = w.HTML(H.STYLE + self.hide_fallback_style() + "<span class='nice-kit-title'>Influence explorer</span> "
+                        + H.muted(H.esc(p.run_dir)))
+        super().__init__([header, *([self.probe] if self.probe else []), controls, self.status,
+                          w.Box([left, right], layout=w.Layout(flex_flow="row wrap", width="100%"))],
+                         layout=w.Layout(width="100%"))
         self.add_class("nice-explorer")
+        self.add_class("nice-kit")
         self._refresh()
 
     # ------------------------------------------------------------------------------- state
     @property
     def table(self) -> pd.DataFrame:
-        """The filtered pool, sorted by the chosen method (top: highest first)."""
+        """The filtered pool, sorted by the chosen column (scores: top = highest first)."""
         return self._table
 
     @property
     def shown(self) -> pd.DataFrame:
-        """The rows the HTML table shows (the first ``k`` of :attr:`table`)."""
-        return self._table.head(self.k.value)
+        """The rows the HTML table shows (one page of :attr:`table`)."""
+        return self._table.iloc[self.pager.slice()]
+
+    @property
+    def sort(self) -> tuple[str, bool]:
+        """(column, descending) the table is sorted by."""
+        return self._sort
 
     @property
     def selected_id(self) -> str | None:
@@ -100,49 +175,156 @@ class InfluenceExplorer(w.VBox):
         self.select_example(rid)
 
     def filtered(self) -> pd.DataFrame:
+        """The pool rows that pass the task, harmful, selected-by and search filters, sorted."""
         df = self.frame
         if self.task.value != ALL:
             df = df[df["task"].astype(str) == self.task.value]
         if self.flag.value != ALL and "harmful" in df.columns:
             flag = df["harmful"].fillna(False).astype(bool)
             df = df[flag] if self.flag.value == "harmful" else df[~flag]
+        df = df[self._picked_mask(df)]
         q = self.search.value.strip().lower()
         if q:
             hay = (df["id"].astype(str) + "\n" + df["prompt"].astype(str) + "\n" + df["response"].astype(str)).str.lower()
             df = df[hay.str.contains(q, regex=False)]
-        m = self.method.value
-        return df.sort_values(m, ascending=self.order.value == "bottom", kind="mergesort",
-                              na_position="last").reset_index(drop=True)
+        col, descending = self._sort
+        df = df.assign(_key=_sort_key(df[col])).sort_values("_key", ascending=not descending, kind="mergesort",
+                                                             na_position="last")
+        return df.drop(columns="_key").reset_index(drop=True)
 
-    def columns(self) -> list[str]:
-        m = self.method.value
-        others = [c for c in self.methods if c != m]
-        cols = ["id", f"{m}_rank", m] + others + ["task", "harmful", "harm_kind", "prompt", "response", "on_task",
-                                                  "source"]
-        return [c for c in cols if c in self.frame.columns]
+    def _picked_mask(self, df: pd.DataFrame) -> pd.Series:
+        choice = self.picked.value
+        if choice == ALL:
+            return pd.Series(True, index=df.index)
+        by = {m.upper(): df[f"selected_{m}"] for m in self.methods}
+        anyone = pd.concat(list(by.values()), axis=1).any(axis=1)
+        if choice == "neither":
+            return ~anyone
+        if choice == "both":
+            return pd.concat(list(by.values()), axis=1).all(axis=1)
+        if choice.endswith(" only"):
+            name = choice.split()[0]
+            others = [v for k, v in by.items() if k != name]
+            return by[name] & ~(pd.concat(others, axis=1).any(axis=1) if others else False)
+        return by[choice]
+
+    def columns(self) -> list[H.Column]:
+        """The table's columns: id, what selected it, the scores with their ranks, the flags and the
+        (wrapped, three-line) prompt and response."""
+        n = len(self.frame)
+        cols = [H.Column("id", width="78px"),
+                H.Column("selected_by", "selected by", width="72px", cell=self._picked_cell)]
+        for m in self.methods:
+            cols.append(H.Column(m, m, width="76px", numeric=True, cell=self._score_cell(m, n)))
+        if "task" in self.frame.columns:
+            cols.append(H.Column("task", width="92px"))
+        if "harmful" in self.frame.columns:
+            cols.append(H.Column("harmful", width="74px", cell=self._harm_cell))
+        cols += [H.Column("prompt", long=True), H.Column("response", long=True)]
+        if "on_task" in self.frame.columns:
+            cols.append(H.Column("on_task", "on task", width="48px"))
+        if "source" in self.frame.columns:
+            cols.append(H.Column("source", width="84px"))
+        return cols
+
+    @staticmethod
+    def _score_cell(m: str, n: int) -> Callable[[pd.Series], str]:
+        def cell(r: pd.Series) -> str:
+            return f"{H.esc(H.fmt(r[m]))}<br><span class='nice-kit-rank'>#{H.esc(r[f'{m}_rank'])} of {n}</span>"
+        return cell
+
+    @staticmethod
+    def _picked_cell(r: pd.Series) -> str:
+        names = [x for x in str(r.get("selected_by") or "").split("+") if x]
+        return " ".join(H.badge(x, BADGE_COLORS.get(x, "#5e35b1")) for x in names)
+
+    @staticmethod
+    def _harm_cell(r: pd.Series) -> str:
+        harmful = r.get("harmful")
+        if harmful is None or pd.isna(harmful):
+            return ""
+        if bool(harmful):
+            return H.badge((H.fmt(r.get("harm_kind")) or "yes").replace("_", " "), "#c62828")
+        return "no"
 
     # ----------------------------------------------------------------------------- updates
-    def _refresh(self, change=None) -> None:
-        self._table = self.filtered()
-        shown = self.shown
-        ids = shown["id"].tolist()
-        m = self.method.value
-        keep = self._selected if self._selected in set(self._table["id"]) else (ids[0] if ids else None)
+    def _on_method(self, change=None) -> None:
+        if self._updating:
+            return
+        self._sort = (self.method.value, self.order.value == "top")
+        self._refresh()
+
+    def _on_order(self, change=None) -> None:
+        if self._updating:
+            return
+        col, _ = self._sort
+        if col in self.methods:
+            self._sort = (col, self.order.value == "top")
+        else:
+            self._sort = (col, not self._sort[1])
+        self._refresh()
+
+    def _on_k(self, change=None) -> None:
+        self.pager.reset(len(self._table), self.k.value)
+        self._render_table()
+
+    def sort_by(self, column: str) -> None:
+        """What a click on a header does: sort by ``column`` (scores highest first, text A-Z), or
+        reverse the order when the table is already sorted by it."""
+        if column not in self.frame.columns:
+            raise KeyError(f"no column {column!r} to sort by")
+        col, descending = self._sort
+        if column == col:
+            descending = not descending
+        else:
+            descending = column in self.methods or column in ("harmful", "selected_by")
+        self._sort = (column, descending)
         self._updating = True
         try:
-            self.select.options = self._options(shown, keep)
-            self.select.value = keep
+            if column in self.methods:
+                self.method.value = column
+                self.order.value = "top" if descending else "bottom"
         finally:
             self._updating = False
-        self.status.value = (f"<span style='color:#555'>{len(self._table)} of {len(self.frame)} examples match; "
-                             f"showing the {self.order.value} {len(shown)} by <b>{H.esc(m)}</b></span>")
+        self._refresh()
+
+    def _refresh(self, change=None) -> None:
+        self._table = self.filtered()
+        self.pager.reset(len(self._table), self.k.value)
+        keep = self._selected if self._selected in set(self._table["id"]) else (
+            self._table["id"].iloc[0] if len(self._table) else None)
+        col, descending = self._sort
+        what = "highest" if descending else "lowest"
+        if col not in self.methods:
+            what = "Z-A" if descending else "A-Z"
+        self.status.value = H.muted(
+            f"{len(self._table)} of {len(self.frame)} examples match; sorted by <b>{H.esc(col)}</b> ({what} first). "
+            f"Selected = the top {self.fraction:.0%} of the pool by each score (the run's selection). "
+            "Click a row or a point to read the example, a header to sort.")
+        m = self.method.value
         with self.hist.batch_update():
             self.hist.data[0].x = self.frame[m].tolist()
+            self.hist.data[0].name = f"pool ({len(self.frame)})"
             self.hist.data[1].x = self._table[m].tolist()
+            self.hist.data[1].name = f"filtered ({len(self._table)})"
             self.hist.data[1].marker.color = _color(m)
-            self.hist.layout.title.text = f"{m} scores"
-            self.hist.layout.xaxis.title.text = f"{m} influence score"
+            self.hist.layout.title.text = f"{m.upper()} influence scores of {len(self.frame)} pool examples"
+            self.hist.layout.xaxis.title.text = f"{m} influence score (cosine)"
+        if self.scatter is not None:
+            self._update_scatter()
         self._show(keep)
+
+    def _update_scatter(self) -> None:
+        sub, f = self._table, self.frame
+        rest = f[~f["id"].isin(set(sub["id"]))]
+        with self.scatter.batch_update():
+            t = self.scatter.data[0]
+            t.x, t.y, t.customdata = rest["less"].tolist(), rest["nice"].tolist(), rest["id"].tolist()
+            t.showlegend = len(rest) > 0
+            for trace, (_, df) in zip(self.scatter.data[1:-1], scatter_groups_like(f, sub)):
+                trace.x, trace.y = df["less"].tolist(), df["nice"].tolist()
+                trace.customdata, trace.text = df["id"].tolist(), hover_text(df)
+            self.scatter.layout.title.text = scatter_title(sub, "less", "nice")
 
     def _options(self, shown: pd.DataFrame, keep: str | None) -> list[tuple[str, str]]:
         m = self.method.value
@@ -168,65 +350,167 @@ class InfluenceExplorer(w.VBox):
         self.select_example(str(rid))
 
     def select_example(self, rid: str) -> None:
-        """Show example ``rid`` (adding it to the dropdown when the filters hide it from the table)."""
+        """Show example ``rid`` (what a row click or a scatter click does); it stays selected when the
+        filters hide it from the table."""
         if rid not in set(self.frame["id"]):
             raise KeyError(f"no pool example with id {rid!r}")
+        self._show(rid)
+
+    def _render_table(self) -> None:
+        self.table_view.html = self.table_html()
+        self._sync_select()
+        self.refresh_fallback()
+
+    def table_html(self) -> str:
+        """The shown page of the table as HTML (what the live table and the static copy show)."""
+        return H.table(self.shown, self.columns(), selected=self._selected, max_chars=220, sort=self._sort,
+                       clickable=True)
+
+    def _sync_select(self) -> None:
         self._updating = True
         try:
-            if rid not in {v for _, v in self.select.options}:
-                self.select.options = self._options(self.shown, rid)
-            self.select.value = rid
+            self.select.options = self._options(self.shown, self._selected)
+            self.select.value = self._selected
         finally:
             self._updating = False
-        self._show(rid)
 
     def _show(self, rid: str | None) -> None:
         self._selected = rid
-        self.table_html.value = H.table(self.shown, self.columns(), selected=rid, max_chars=48,
-                                        css_class="nice-kit-nowrap")
+        self.table_view.html = self.table_html()
+        self._sync_select()
         self.detail.value = self.detail_html(rid)
         m = self.method.value
         with self.hist.batch_update():
-            shapes = score_histogram(self.frame, m, selected=rid).layout.shapes
+            shapes, notes = histogram_marks(self.frame, m, rid, self.cutoffs[m], self.fraction, self.theme)
             self.hist.layout.shapes = shapes
+            self.hist.layout.annotations = notes
         if self.scatter is not None:
             sel = self.frame[self.frame["id"] == rid]
             with self.scatter.batch_update():
                 self.scatter.data[-1].x = sel["less"].tolist()
                 self.scatter.data[-1].y = sel["nice"].tolist()
                 self.scatter.data[-1].customdata = sel["id"].tolist()
+        self._render_panels()
+        self.refresh_fallback()
 
     def detail_html(self, rid: str | None) -> str:
         if rid is None:
             return "<i>no example matches the filters</i>"
         r = self.frame[self.frame["id"] == rid].iloc[0]
-        rec = next(x for x in self.pipeline.pool if x.id == rid)
+        rec = pool_record(self.pipeline, rid)
         n = len(self.frame)
         scores = " · ".join(f"<b>{H.esc(m)}</b> {H.fmt(r[m])} (rank {r[f'{m}_rank']} of {n})" for m in self.methods)
+        picked = r.get("selected_by") or ""
+        picked_txt = (f"selected by {H.esc(picked.replace('+', ' and '))}" if picked
+                      else f"not in any method's top {self.fraction:.0%}")
         flags = []
         for c in FLAG_COLUMNS:
             if c in r and H.fmt(r[c]) != "":
                 flags.append(f"{c}: <b>{H.esc(H.fmt(r[c]))}</b>")
         harm = ""
         if "harmful" in r and pd.notna(r["harmful"]) and bool(r["harmful"]):
-            harm = " " + H.badge(f"harmful: {H.fmt(r.get('harm_kind')) or 'yes'}", "#d62728")
+            harm = " " + H.badge(f"harmful: {H.fmt(r.get('harm_kind')) or 'yes'}", "#c62828")
         chat = ""
         if len(rec.messages) > 1:
             chat = "".join(f"<div><b>{H.esc(m['role'])}</b></div>{H.pre(m['content'])}" for m in rec.messages[:-1])
-        return (f"<div class='nice-explorer-text'><div><b>{H.esc(rid)}</b>{harm}</div>"
-                f"<div>{scores}</div><div style='color:#555'>{' · '.join(flags)}</div>{chat}"
-                f"<div><b>prompt</b></div>{H.pre(rec.prompt)}<div><b>response</b></div>{H.pre(rec.response or '')}</div>")
+        return (f"<div class='nice-explorer-text'><div><b>{H.esc(rid)}</b>{harm} {self._picked_cell(r)} "
+                f"{H.muted(picked_txt)}</div><div>{scores}</div><div class='nice-kit-muted'>{' · '.join(flags)}</div>"
+                f"{chat}<div><b>prompt</b></div>{H.pre(rec.prompt)}<div><b>response</b></div>{H.pre(rec.response or '')}</div>")
+
+    # --------------------------------------------------------------------------- panels
+    def add_panel(self, title: str, render: Callable[[str, str], Any]) -> DetailPanel:
+        """Add a view of the selected example under its text: ``render(example_id, method)`` returns a
+        DataFrame, a plotly Figure, HTML, or a list of those; it is redrawn on every selection and
+        is part of the static copy."""
+        panel = DetailPanel(title, render)
+        self.panels.append(panel)
+        self._render_panels()
+        self.refresh_fallback()
+        return panel
+
+    def _panel_parts(self, panel: DetailPanel) -> list[Any]:
+        if self._selected is None:
+            return []
+        try:
+            out = panel.render(self._selected, self.method.value)
+        except Exception as err:  # a panel's failure is shown, not raised into the widget's callbacks
+            return [f"<span class='nice-kit-error'>{H.esc(type(err).__name__)}: {H.esc(err)}</span>"]
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    def _render_panels(self) -> None:
+        children = []
+        for panel in self.panels:
+            children.append(w.HTML(f"<div class='nice-kit-title'>{H.esc(panel.title)}</div>"))
+            for part in self._panel_parts(panel):
+                if isinstance(part, go.Figure):
+                    children.append(go.FigureWidget(_theme.apply(go.Figure(part), self.theme)))
+                else:
+                    children.append(w.HTML(self._part_html(part)))
+        self.panel_box.children = children
+
+    @staticmethod
+    def _part_html(part: Any) -> str:
+        if isinstance(part, pd.DataFrame):
+            return H.table(part, list(part.columns), key="", max_chars=120)
+        return str(part)
+
+    def _panels_html(self) -> str:
+        out = []
+        for panel in self.panels:
+            out.append(f"<div class='nice-kit-title'>{H.esc(panel.title)}</div>")
+            for part in self._panel_parts(panel):
+                if isinstance(part, go.Figure):
+                    out.append(figure_html(_theme.apply(go.Figure(part), self.theme)))
+                else:
+                    out.append(self._part_html(part))
+        return "".join(out)
+
+    # ----------------------------------------------------------------------------- theme
+    def set_theme(self, theme: str) -> None:
+        """Redraw the figures for "light" or "dark" (the page's theme, when ``theme="auto"``)."""
+        theme = _theme.check_theme(theme) or "light"
+        if theme == self.theme:
+            return
+        self.theme = theme
+        for fig in (self.hist, self.scatter):
+            if fig is not None:
+                with fig.batch_update():
+                    _theme.apply(fig, theme)
+        if self.scatter is not None:
+            with self.scatter.batch_update():
+                self.scatter.data[0].marker.color = FILTERED_OUT[theme]
+                self.scatter.data[-1].marker.color = selected_color(theme)
+        self._show(self._selected)
 
     # ---------------------------------------------------------------------- static fallback
     def figure(self) -> go.Figure:
-        """The NICE-vs-LESS scatter (or the score histogram when only one method ran), as a static Figure."""
+        """The NICE-vs-LESS scatter (or the score histogram when only one method ran), as a static
+        Figure showing what the widget shows (filters, cutoffs, the selected example)."""
         if self.has_scatter:
-            return influence_scatter(self.frame, selected=self._selected)
-        return score_histogram(self.frame, self.method.value, self._table, self._selected)
+            return influence_scatter(self.frame, selected=self._selected, subset=self._table, cutoffs=self.cutoffs,
+                                     fraction=self.fraction, theme=self.theme)
+        return self.histogram()
 
-    def _repr_html_(self) -> str:
-        fig = self.figure().to_html(include_plotlyjs="cdn", full_html=False)
-        return (H.STYLE + f"<div>{len(self._table)} of {len(self.frame)} examples, sorted by {H.esc(self.method.value)} "
-                f"({self.order.value})</div>" + H.table(self.shown, self.columns(), self._selected, max_chars=48,
-                                                  css_class="nice-kit-nowrap")
-                + self.detail_html(self._selected) + fig)
+    def histogram(self) -> go.Figure:
+        m = self.method.value
+        return score_histogram(self.frame, m, self._table, self._selected, cutoff=self.cutoffs[m],
+                               fraction=self.fraction, theme=self.theme)
+
+    def fallback_body(self) -> str:
+        filters = [f"{c.description}: {H.esc(c.value)}" for c in (self.task, self.flag, self.picked)
+                   if c.value != ALL]
+        if self.search.value.strip():
+            filters.append(f"search: “{H.esc(self.search.value.strip())}”")
+        col, descending = self._sort
+        lo = self.pager.slice().start
+        head = (f"<div><span class='nice-kit-title'>Influence explorer</span> {H.muted(H.esc(self.pipeline.run_dir))}</div>"
+                f"<div>{len(self._table)} of {len(self.frame)} examples"
+                f"{' (' + '; '.join(filters) + ')' if filters else ''}, sorted by {H.esc(col)} "
+                f"({'descending' if descending else 'ascending'}); rows {lo + 1 if len(self._table) else 0}–"
+                f"{lo + len(self.shown)}</div>")
+        plots = figure_html(self.histogram())
+        if self.has_scatter:
+            plots += figure_html(self.figure())
+        return (head + self.table_html() + self.detail_html(self._selected) + self._panels_html()
+                + f"<div style='display:flex; flex-wrap:wrap; gap:8px'>{plots}</div>")
+

@@ -3,24 +3,75 @@
 from __future__ import annotations
 
 import json
+import typing
 from typing import Any, Callable
 
 import ipywidgets as w
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
 from nice_kit import metrics as rewards
 
 from . import _html as H
-from ._run import RunLike, as_pipeline, rescore
+from . import _theme
+from ._display import LiveFallback, Pager, figure_html
+from ._run import RunLike, as_pipeline, available_columns, checkpoints, is_label_free, rescore, rollouts, run_metric
 from .plots import rewards_figure
 
 ALL = "(all prompts)"
 
+# Parameters with a fixed set of values, for metrics whose registry entry does not declare them
+# (``MetricInfo.choices``) and whose factory does not annotate them with ``typing.Literal``. Each entry
+# is checked against the metric itself by tests/test_widgets.py (every value builds, others fail).
+KNOWN_CHOICES: dict[tuple[str, str], tuple[Any, ...]] = {
+    ("task_score", "extract"): ("strict", "last_number"),
+    ("exact_match", "extract"): ("strict", "last_number"),
+    ("code_tests", "mode"): ("partial", "pass_fail"),
+    ("humaneval", "mode"): ("partial", "pass_fail"),
+}
 
-def _param_widget(name: str, default: Any, value: Any) -> w.Widget:
+
+def param_choices(info) -> dict[str, tuple[Any, ...]]:
+    """The parameters of a registered metric that take one of a fixed set of values, and those values:
+    from the registry (``info.choices``) when it declares them, else ``Literal[...]`` annotations of the
+    factory, else :data:`KNOWN_CHOICES`."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for (metric, param), values in KNOWN_CHOICES.items():
+        if metric == info.name and param in info.params:
+            out[param] = tuple(values)
+    try:
+        hints = typing.get_type_hints(info.factory)
+    except Exception:  # unresolvable annotations: no choices from them
+        hints = {}
+    for param, hint in hints.items():
+        if param in info.params and typing.get_origin(hint) is typing.Literal:
+            out[param] = tuple(typing.get_args(hint))
+    declared = getattr(info, "choices", None) or {}
+    out.update({k: tuple(v) for k, v in dict(declared).items() if k in info.params})
+    return out
+
+
+def unavailable_reason(info, params: dict[str, Any], columns: set[str], label_free: bool) -> str | None:
+    """Why this run cannot use the metric (None when it can): target columns it reads that the run's
+    records lack, or reference answers in a label-free run."""
+    needed = info.needed_columns(params) if hasattr(info, "needed_columns") else ()
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        names = ", ".join(repr(c) for c in missing)
+        return f"needs the target column{'s' if len(missing) > 1 else ''} {names}, which this run's records lack"
+    if label_free and info.needs_reference:
+        return "reads reference answers, and this run is label-free"
+    return None
+
+
+def _param_widget(name: str, default: Any, value: Any, choices: tuple[Any, ...] | None = None) -> w.Widget:
     style = {"description_width": "initial"}
-    layout = w.Layout(width="260px")
+    layout = w.Layout(width="250px")
+    if choices:
+        options = list(choices) + ([value] if value not in choices and value is not None else [])
+        return w.Dropdown(options=options, value=value if value in options else options[0], description=name,
+                          style=style, layout=layout)
     if isinstance(default, bool):
         return w.Checkbox(value=bool(value), description=name, indent=False, style=style)
     if isinstance(default, int):
@@ -37,7 +88,7 @@ def _param_widget(name: str, default: Any, value: Any) -> w.Widget:
 
 def _param_value(default: Any, widget: w.Widget) -> Any:
     v = widget.value
-    if isinstance(default, (bool, int, float, str)):
+    if isinstance(widget, w.Dropdown) or isinstance(default, (bool, int, float, str)):
         return v
     if v.strip() == "":
         return None
@@ -47,58 +98,88 @@ def _param_value(default: Any, widget: w.Widget) -> Any:
         return v
 
 
-class MetricPicker(w.VBox):
-    """Pick a reward metric: a dropdown of the registered metrics, the chosen one's description,
-    inputs for its parameters (from the defaults' types), and a preview that re-scores a checkpoint's
-    sampled completions with it (completion beside its score, a histogram and a box per prompt).
+class MetricPicker(LiveFallback, w.VBox):
+    """Pick a reward metric: a dropdown of the registered metrics (those this run cannot use are
+    marked unavailable, with the reason), the chosen one's description, inputs for its parameters
+    (a dropdown where the values are a fixed set), and a preview that re-scores a checkpoint's
+    sampled completions with it: a paged table (completion, the run's reward, the new score;
+    optionally only the rows where they differ), a histogram and a box per prompt.
 
-    ``.value`` is the built metric callable, ``.name`` / ``.params`` the choice and ``.config()`` the
-    ``{"name", "params"}`` dict a run config's ``metric`` section takes. ``.preview`` is the scored
-    rollouts table. With ``auto=False`` the preview waits for the "score" button (for slow metrics).
+    A metric that fails to build or to score clears the preview and says why. ``.value`` is the
+    built metric callable, ``.name`` / ``.params`` the choice and ``.config()`` the ``{"name",
+    "params"}`` dict a run config's ``metric`` section takes. ``.preview`` is the scored rollouts
+    table (empty when nothing is scored). With ``auto=False`` the preview waits for the "score"
+    button, and any change clears the old scores.
     """
 
     def __init__(self, run: RunLike, name: str | None = None, params: dict[str, Any] | None = None,
-                 n_preview: int = 12, auto: bool = True):
+                 n_preview: int = 12, auto: bool = True, theme: str | None = "auto"):
         self.pipeline = p = as_pipeline(run)
         self.catalog = rewards.list_metrics()
         names = self.catalog["name"].tolist()
-        run_metric = p.cfg.metric.name if isinstance(p.cfg.metric.name, str) else None
-        name = name or (run_metric if run_metric in names else names[0])
+        self.run_metric, run_params = run_metric(p)
+        run_name = self.run_metric if self.run_metric in names else None
+        name = name or (run_name or names[0])
         if name not in names:
             raise KeyError(f"unknown metric {name!r}; registered: {names}")
-        self._initial = {name: dict(params or (p.cfg.metric.params if name == run_metric else {}))}
+        self._run_params = dict(run_params) if run_name else {}
+        self._initial = {name: dict(params or (run_params if name == run_name else {}))}
+        self.columns_available = available_columns(p)
+        self.label_free = is_label_free(p)
         self.n_preview = n_preview
+        self._theme_arg = _theme.check_theme(theme)
+        self.theme = _theme.resolve_theme(theme)
         self._metric: Callable | None = None
         self._error: str | None = None
+        self._unavailable: str | None = None
         self._preview = pd.DataFrame()
-        self._updating = False
+        self._scored_for: dict[str, Any] | None = None
 
-        ckpts = p.checkpoints
-        self.rollouts = {c.epoch: p.rollouts(c) for c in ckpts}
-        self.dropdown = w.Dropdown(options=names, value=name, description="metric")
+        ckpts = checkpoints(p)
+        self.rollouts = {c.epoch: rollouts(p, c) for c in ckpts}
+        style = {"description_width": "initial"}
+        self.dropdown = w.Dropdown(options=[(self._option_label(n), n) for n in names], value=name, description="metric",
+                                   style=style, layout=w.Layout(width="480px"))
+        self.dropdown.add_class("nice-metric-dropdown")
         self.description = w.HTML()
         self.description.add_class("nice-metric-description")
         self.params_box = w.HBox(layout=w.Layout(flex_flow="row wrap"))
         self.checkpoint = w.Dropdown(options=[(f"epoch {c.epoch}", c.epoch) for c in ckpts], value=ckpts[-1].epoch,
-                                     description="rollouts of")
+                                     description="rollouts of", style=style, layout=w.Layout(width="190px"))
         prompt_ids = list(dict.fromkeys(str(i) for df in self.rollouts.values() for i in df["prompt_id"]))
-        self.prompt = w.Dropdown(options=[ALL] + prompt_ids, value=ALL, description="prompt")
-        self.auto = w.Checkbox(value=auto, description="score automatically", indent=False)
-        self.button = w.Button(description="score", icon="play")
+        self.prompt = w.Dropdown(options=[ALL] + prompt_ids, value=ALL, description="prompt", style=style,
+                                 layout=w.Layout(width="260px"))
+        self.differs = w.Checkbox(value=False, description="only where it differs from the run's reward", indent=False,
+                                  layout=w.Layout(width="300px"))
+        self.differs.add_class("nice-metric-differs")
+        self.auto = w.Checkbox(value=auto, description="score automatically", indent=False, layout=w.Layout(width="170px"))
+        self.button = w.Button(description="score", icon="play", layout=w.Layout(width="90px"))
         self.status = w.HTML()
-        self.table_html = w.HTML(layout=w.Layout(max_height="320px", overflow="auto"))
+        self.status.add_class("nice-metric-status")
+        self.table_html = w.HTML(layout=w.Layout(max_height="360px", overflow="auto", width="100%"))
         self.table_html.add_class("nice-metric-preview")
-        self.fig = go.FigureWidget(rewards_figure(self.rollouts[self.checkpoint.value]))
+        self.pager = Pager(n_preview, self._render_table)
+        self.fig = go.FigureWidget(rewards_figure(pd.DataFrame(), "score", metric=name, theme=self.theme,
+                                                  title=f"{name}: nothing scored yet").update_layout(width=760, autosize=False))
+        self._subplot_titles = [dict(a.to_plotly_json()) for a in self.fig.layout.annotations]
 
         self.dropdown.observe(self._on_metric, names="value")
         self.checkpoint.observe(self._maybe_score, names="value")
-        self.prompt.observe(lambda _: self._render_table(), names="value")
+        self.prompt.observe(lambda _: self._on_view(), names="value")
+        self.differs.observe(lambda _: self._on_view(), names="value")
+        self.auto.observe(self._maybe_score, names="value")
         self.button.on_click(lambda _: self.score())
+        self.probe = _theme.follow_page_theme(self) if self._theme_arg is None else None
+        header = w.HTML(H.STYLE + self.hide_fallback_style() + "<span class='nice-kit-title'>Metric picker</span> "
+                        + H.muted(f"the run's metric: {H.esc(self.run_metric)}"))
         super().__init__([
-            w.HTML(H.STYLE + "<b>Metric picker</b>"), self.dropdown, self.description, self.params_box,
-            w.HBox([self.checkpoint, self.prompt, self.auto, self.button]), self.status, self.table_html, self.fig,
-        ])
+            header, *([self.probe] if self.probe else []), self.dropdown, self.description, self.params_box,
+            w.HBox([self.checkpoint, self.prompt, self.differs, self.auto, self.button],
+                   layout=w.Layout(flex_flow="row wrap", align_items="center")),
+            self.status, self.table_html, self.pager, self.fig,
+        ], layout=w.Layout(width="100%"))
         self.add_class("nice-metric-picker")
+        self.add_class("nice-kit")
         self._on_metric()
 
     # ------------------------------------------------------------------------------ choice
@@ -117,10 +198,16 @@ class MetricPicker(w.VBox):
 
     @property
     def value(self) -> Callable | None:
-        """The metric built with the chosen parameters (None, with the error in ``.status``, if it fails)."""
+        """The metric built with the chosen parameters (None, with the error in ``.status``, if it fails
+        or the run cannot use it)."""
         if self._metric is None and self._error is None:
             self._build()
         return self._metric
+
+    @property
+    def error(self) -> str | None:
+        """Why the chosen metric has no scores (failed to build or score, or unavailable), else None."""
+        return self._error
 
     def config(self) -> dict[str, Any]:
         """``{"name": ..., "params": ...}``: the chosen metric as a run config's ``metric`` section
@@ -131,88 +218,193 @@ class MetricPicker(w.VBox):
     @property
     def preview(self) -> pd.DataFrame:
         """The previewed rollouts: epoch, prompt_id, sample, completion, reward (the run's metric) and
-        score (the chosen metric)."""
+        score (the chosen metric; NaN when it failed). Empty before scoring and after a change made
+        with automatic scoring off."""
         return self._preview
+
+    @property
+    def rows(self) -> pd.DataFrame:
+        """The preview rows the table pages through (after the prompt and "differs" filters)."""
+        df = self._preview
+        if df.empty:
+            return df
+        if self.prompt.value != ALL:
+            df = df[df["prompt_id"] == self.prompt.value]
+        if self.differs.value:
+            df = df[~np.isclose(df["score"].astype(float), df["reward"].astype(float), rtol=1e-6, atol=1e-9)]
+        return df
+
+    def unavailable(self, name: str | None = None, params: dict[str, Any] | None = None) -> str | None:
+        """Why this run cannot use metric ``name`` with ``params`` (default: the current choice)."""
+        name = name or self.name
+        info = rewards.metric_info(name)
+        if params is None:
+            params = self.params if name == self.name and hasattr(self, "_param_widgets") else info.params
+        return unavailable_reason(info, {**info.params, **params}, self.columns_available, self.label_free)
+
+    def _option_label(self, name: str) -> str:
+        info = rewards.metric_info(name)
+        start = {**info.params, **self._initial.get(name, {})}
+        reason = unavailable_reason(info, start, self.columns_available, self.label_free)
+        return f"{name} — unavailable: {reason}" if reason else name
 
     # ----------------------------------------------------------------------------- updates
     def _on_metric(self, change=None) -> None:
         info = self.info
-        needs = H.badge("needs reference answers", "#ff7f0e") if info.needs_reference else H.badge("label-free", "#2ca02c")
-        warn = ""
-        if info.needs_reference and self.pipeline.cfg.data.label_free:
-            warn = "<div style='color:#d62728'>this run is label-free: a metric that reads references cannot drive it</div>"
-        self.description.value = f"<div>{needs} {H.esc(info.description)}</div>{warn}"
-        start = {**info.params, **self._initial.pop(self.name, {})}
-        self._param_widgets = {k: _param_widget(k, info.params[k], start.get(k)) for k in info.params}
+        needs = H.badge("needs reference answers", "#e65100") if info.needs_reference else H.badge("label-free", "#2e7d32")
+        cols = info.needed_columns(info.params) if hasattr(info, "needed_columns") else ()
+        reads = H.muted(f" reads: {', '.join(cols)}") if cols else ""
+        self._desc = f"<div>{needs} {H.esc(info.description)}{reads}</div>"
+        again = self._run_params if self.name == self.run_metric else {}  # back to the run's metric: its settings
+        start = {**info.params, **self._initial.pop(self.name, again)}
+        choices = param_choices(info)
+        self._param_widgets = {k: _param_widget(k, info.params[k], start.get(k), choices.get(k)) for k in info.params}
         for wid in self._param_widgets.values():
             wid.observe(self._maybe_score, names="value")
         self.params_box.children = list(self._param_widgets.values()) or [w.HTML("<i>no parameters</i>")]
-        self._metric, self._error = None, None
         self._maybe_score()
+
+    def _describe(self) -> None:
+        reason = self._unavailable
+        warn = f"<div class='nice-kit-error'>unavailable for this run: {H.esc(reason)}</div>" if reason else ""
+        self.description.value = self._desc + warn
 
     def _maybe_score(self, change=None) -> None:
         self._metric, self._error = None, None
-        if self.auto.value:
+        self._unavailable = self.unavailable()
+        self._describe()
+        if self._unavailable:
+            self._fail(f"{self.name} is unavailable for this run: {self._unavailable}")
+        elif self.auto.value:
             self.score()
         else:
-            self.status.value = "<i>press score to preview</i>"
+            self._clear("settings changed: press <b>score</b> to preview" if self._scored_for is not None
+                        else "press <b>score</b> to preview")
 
     def _build(self) -> None:
+        if self._unavailable:
+            self._metric, self._error = None, f"unavailable: {self._unavailable}"
+            return
         try:
             self._metric, self._error = rewards.get_metric(self.name, **self.params), None
         except Exception as err:  # shown to the user: any metric may fail to build
             self._metric, self._error = None, f"{type(err).__name__}: {err}"
 
+    def _base(self) -> pd.DataFrame:
+        return self.rollouts[self.checkpoint.value][["epoch", "prompt_id", "sample", "completion", "reward"]].copy()
+
     def score(self) -> pd.DataFrame:
-        """Re-score the chosen checkpoint's rollouts with the chosen metric and redraw the preview."""
+        """Re-score the chosen checkpoint's rollouts with the chosen metric and redraw the preview; on a
+        failure the preview is cleared and the reason shown."""
+        self._unavailable = self.unavailable()
+        self._describe()
         self._build()
-        df = self.rollouts[self.checkpoint.value][["epoch", "prompt_id", "sample", "completion", "reward"]].copy()
-        df["prompt_id"] = df["prompt_id"].astype(str)
+        df = self._base()
+        self._scored_for = {"name": self.name, "params": self.params, "epoch": self.checkpoint.value}
         if self._metric is None:
-            self.status.value = f"<span style='color:#d62728'>could not build {H.esc(self.name)}: {H.esc(self._error)}</span>"
-            self._preview = df.assign(score=float("nan"))
-            self._render_table()
+            verb = "is unavailable" if self._unavailable else "could not be built"
+            self._fail(f"{self.name} {verb}: {self._error.removeprefix('unavailable: ')}")
             return self._preview
         try:
             df["score"] = rescore(self.pipeline, df, self._metric)
         except Exception as err:  # a metric may need a column or a service this run lacks
             self._error = f"{type(err).__name__}: {err}"
-            self.status.value = f"<span style='color:#d62728'>{H.esc(self.name)} failed on these rollouts: {H.esc(self._error)}</span>"
-            self._preview = df.assign(score=float("nan"))
-            self._render_table()
+            self._fail(f"{self.name} failed on these rollouts: {self._error}")
             return self._preview
         self._preview = df
         s = df["score"]
-        self.status.value = (f"<span style='color:#555'>{H.esc(self.name)} on {len(df)} completions of "
-                             f"{df['prompt_id'].nunique()} prompts (epoch {self.checkpoint.value}): mean {s.mean():.3g}, "
-                             f"{(s != 0).mean():.0%} non-zero, {df.groupby('prompt_id')['score'].nunique().gt(1).sum()} "
-                             "prompts with differing scores (only those carry a NICE signal)</span>")
+        differs = ~np.isclose(s.astype(float), df["reward"].astype(float), rtol=1e-6, atol=1e-9)
+        self.status.value = H.muted(
+            f"{H.esc(self.name)} on {len(df)} completions of {df['prompt_id'].nunique()} prompts (epoch "
+            f"{self.checkpoint.value}): mean {s.mean():.3g}, {(s != 0).mean():.0%} non-zero, "
+            f"{df.groupby('prompt_id')['score'].nunique().gt(1).sum()} prompts with differing scores (only those "
+            f"carry a NICE signal); differs from the run's reward ({H.esc(self.run_metric)}) on {int(differs.sum())}")
+        self.pager.reset(len(self.rows), self.n_preview)
         self._render_table()
-        with self.fig.batch_update():
-            self.fig.data[0].x = s.tolist()
-            self.fig.data[1].x = df["prompt_id"].tolist()
-            self.fig.data[1].y = s.tolist()
-            self.fig.layout.title.text = f"{self.name} scores of {len(df)} sampled completions"
+        self._draw(df)
         return df
 
+    def _draw(self, df: pd.DataFrame) -> None:
+        fig = rewards_figure(df, "score", metric=self.name, theme=self.theme,
+                             title=f"{self.name} scores of {len(df)} sampled completions (epoch {self.checkpoint.value})")
+        with self.fig.batch_update():
+            self.fig.data[0].x = df["score"].tolist()
+            self.fig.data[0].hovertemplate = fig.data[0].hovertemplate
+            self.fig.data[1].x = df["prompt_id"].tolist()
+            self.fig.data[1].y = df["score"].tolist()
+            self.fig.data[1].hovertemplate = fig.data[1].hovertemplate
+            self.fig.layout.title.text = fig.layout.title.text
+            self.fig.layout.xaxis.title.text = fig.layout.xaxis.title.text
+            self.fig.layout.yaxis2.title.text = fig.layout.yaxis2.title.text
+            self.fig.layout.xaxis2.showticklabels = fig.layout.xaxis2.showticklabels
+            self._axes(visible=len(df) > 0)
+
+    def _axes(self, visible: bool, message: str = "") -> None:
+        """Show the axes (scores drawn), or hide them behind ``message`` (nothing scored)."""
+        for axis in ("xaxis", "yaxis", "xaxis2", "yaxis2"):
+            self.fig.layout[axis].visible = visible
+        notes = list(self._subplot_titles)
+        if not visible and message:
+            notes.append(dict(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                              font=dict(size=13)))
+        self.fig.layout.annotations = notes
+
+    def _fail(self, message: str) -> None:
+        """No scores: say why, and clear the table and the figure (nothing stale stays on screen)."""
+        self._preview = self._base().assign(score=float("nan")) if self._error else pd.DataFrame()
+        self._clear(f"<span class='nice-kit-error'>{H.esc(message)}</span>")
+
+    def _clear(self, message: str) -> None:
+        if not self._error:
+            self._preview = pd.DataFrame()
+        self.status.value = message
+        self.pager.reset(0, self.n_preview)
+        self.table_html.value = "<i class='nice-kit-muted'>no scores to show</i>"
+        self._draw(pd.DataFrame(columns=["prompt_id", "score"]))
+        with self.fig.batch_update():
+            self.fig.layout.title.text = f"{self.name}: no scores (see the message above)"
+            self._axes(visible=False, message="nothing scored")
+        self.refresh_fallback()
+
+    def _on_view(self) -> None:
+        self.pager.reset(len(self.rows), self.n_preview)
+        self._render_table()
+
     def _render_table(self) -> None:
-        df = self._preview
-        if df.empty:
-            self.table_html.value = ""
-            return
-        if self.prompt.value != ALL:
-            df = df[df["prompt_id"] == self.prompt.value]
-        df = df.head(self.n_preview).rename(columns={"reward": "run reward", "score": f"{self.name}"})
-        self.table_html.value = H.table(df, ["prompt_id", "sample", "completion", "run reward", self.name],
-                                        key="prompt_id", max_chars=120)
+        df = self.rows
+        if self._preview.empty or self._preview["score"].isna().all():
+            self.table_html.value = "<i class='nice-kit-muted'>no scores to show</i>"
+        elif df.empty:
+            self.table_html.value = "<i class='nice-kit-muted'>no completion matches (the scores agree with the " \
+                                    "run's reward everywhere)</i>" if self.differs.value else "<i>no completions</i>"
+        else:
+            page = df.iloc[self.pager.slice()].rename(columns={"reward": "run reward", "score": self.name})
+            cols = [H.Column("prompt_id", "prompt", width="170px"), H.Column("sample", width="64px", numeric=True),
+                    H.Column("completion", long=True), H.Column("run reward", f"run reward ({self.run_metric})",
+                                                               width="110px", numeric=True),
+                    H.Column(self.name, width="100px", numeric=True)]
+            self.table_html.value = H.table(page, cols, key="prompt_id", max_chars=300)
+        self.refresh_fallback()
+
+    # ----------------------------------------------------------------------------- theme
+    def set_theme(self, theme: str) -> None:
+        self.theme = _theme.check_theme(theme) or "light"
+        with self.fig.batch_update():
+            _theme.apply(self.fig, self.theme)
+        self.refresh_fallback()
 
     # ---------------------------------------------------------------------- static fallback
     def figure(self) -> go.Figure:
-        df = self._preview if not self._preview.empty else self.rollouts[self.checkpoint.value]
-        col = "score" if "score" in df.columns else "reward"
-        return rewards_figure(df, col, title=f"{self.name} scores of {len(df)} sampled completions")
+        """The preview's figure as a static Figure (empty axes when nothing is scored)."""
+        df = self._preview
+        if df.empty or df["score"].isna().all():
+            return rewards_figure(pd.DataFrame(columns=["prompt_id", "score"]), "score", metric=self.name,
+                                  title=f"{self.name}: no scores", theme=self.theme)
+        return rewards_figure(df, "score", metric=self.name, theme=self.theme,
+                              title=f"{self.name} scores of {len(df)} sampled completions (epoch {self.checkpoint.value})")
 
-    def _repr_html_(self) -> str:
-        return (H.STYLE + f"<div><b>{H.esc(self.name)}</b> {H.esc(json.dumps(self.params))}</div>"
-                + self.description.value + self.status.value + self.table_html.value
-                + self.figure().to_html(include_plotlyjs="cdn", full_html=False))
+    def fallback_body(self) -> str:
+        return (f"<div><span class='nice-kit-title'>Metric picker</span> <b>{H.esc(self.name)}</b> "
+                f"{H.esc(json.dumps(self.params, default=str))}</div>" + self.description.value
+                + f"<div>{self.status.value}</div>" + self.table_html.value + self.pager.label.value
+                + figure_html(self.figure()))
