@@ -98,7 +98,9 @@ class Pipeline:
 
     def __init__(self, config: RunConfig, run_dir: str | Path, model=None, tokenizer=None, verbose: bool = True,
                  dist: Dist | None = None):
-        validate_config(config, check_model=model is None)  # a config edited in Python is checked too
+        # a config edited in Python is checked too; the model itself is checked when it is loaded, so a
+        # finished run made elsewhere opens without it
+        validate_config(config, check_model=False)
         self.cfg = config
         self.dist = dist or SINGLE  # the processes sharing this run (nice_kit.distributed); one by default
         self.run_dir = Path(run_dir)

@@ -49,7 +49,8 @@ def open_run(run_dir: str | Path, verbose: bool = False) -> Pipeline:
     if not config_path.exists():
         raise FileNotFoundError(f"{run_dir}: not a run directory (no config.json)")
     cfg = _resolve_data_paths(json.loads(config_path.read_text()), run_dir)
-    return Pipeline(RunConfig.from_dict(cfg), run_dir, verbose=verbose)
+    # the model is only needed if something must be computed: a run made elsewhere opens without it
+    return Pipeline(RunConfig.from_dict(cfg, check_model=False), run_dir, verbose=verbose)
 
 
 def as_pipeline(run: RunLike) -> Pipeline:
@@ -62,13 +63,17 @@ def as_pipeline(run: RunLike) -> Pipeline:
 
 
 def load_scores(p: Pipeline) -> pd.DataFrame:
-    """Influence scores (id + one column per method): ``scores.csv`` when the run wrote it, else
-    computed from the cached vectors."""
-    path = p.run_dir / "scores.csv"
-    if path.exists():
-        return pd.read_csv(path, dtype={"id": str})
+    """Influence scores (id + one column per method): ``scores.csv`` when the run wrote it (checked
+    against the run's current config: stale scores raise :class:`nice_kit.runs.StaleResultError`
+    naming what changed), else computed from the cached vectors."""
+    from nice_kit.runs import StaleResultError
+
+    if (p.run_dir / "scores.csv").exists():
+        return p.read_scores()
     try:
         return p.scores()
+    except StaleResultError:
+        raise
     except RuntimeError as err:
         raise RuntimeError(f"{p.run_dir}: no influence scores yet; run the pipeline first ({err})") from err
 
@@ -121,13 +126,9 @@ def spearman(x, y) -> float:
 
 
 def target_columns(p: Pipeline, records) -> dict[str, list[Any]]:
-    """The extra columns metrics read, one list entry per record (as the pipeline passes them):
-    every record column, plus ``response`` (the reference answer) unless the run is label-free."""
-    names = sorted({k for r in records for k in r.columns})
-    cols = {n: [r.columns.get(n) for r in records] for n in names}
-    if not p.cfg.data.label_free:
-        cols["response"] = [r.response for r in records]
-    return cols
+    """The extra columns metrics read, one list entry per record, exactly as the pipeline passes them
+    (label-free runs withhold the reference columns)."""
+    return p.metric_columns(records)[0]
 
 
 def rescore(p: Pipeline, rollouts: pd.DataFrame, metric) -> list[float]:
@@ -232,7 +233,5 @@ def available_columns(p: Pipeline) -> set[str]:
     recs = list(p.target_val)
     if not recs:
         return set()
-    names = set.intersection(*({k for k, v in r.columns.items() if v is not None} for r in recs))
-    if not p.cfg.data.label_free and all(r.response is not None for r in recs):
-        names.add("response")
-    return names
+    cols = target_columns(p, recs)
+    return {name for name, values in cols.items() if all(v is not None for v in values)}
