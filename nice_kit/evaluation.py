@@ -86,6 +86,12 @@ def finetune_and_evaluate(pipeline, train_ids: list[str], seed: int, test: list[
     return result
 
 
+def metric_label(pipeline) -> str:
+    """The run's metric as plots name it (a registered name, or a function's name)."""
+    name = pipeline.cfg.metric.name
+    return name if isinstance(name, str) else getattr(name, "__name__", type(name).__name__)
+
+
 def evaluation_inputs(pipeline, test: list[Record]) -> dict:
     """Everything a fine-tune-and-score result depends on besides the subset and the seed."""
     c = pipeline.cfg
@@ -162,7 +168,9 @@ def compare(pipeline, methods: list[str] | None = None, fraction: float | None =
     by_key = {r["key"]: r for r in rows}
     for method, s, seed, ids, key in jobs:  # this call's rows, labelled with this call's seeds
         out.append({**by_key[key], "method": method, "selection_seed": s, "seed": seed})
-    return pd.DataFrame(out).drop(columns=["key"]).reset_index(drop=True)
+    df = pd.DataFrame(out).drop(columns=["key"]).reset_index(drop=True)
+    df.attrs["metric"] = metric_label(pipeline)
+    return df
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
@@ -208,7 +216,9 @@ def checkpoint_curve(pipeline, split: str = "test") -> pd.DataFrame:
     if path.exists():
         df = pd.read_csv(path)
         if (df["key"] == key).all():
-            return df.drop(columns=["key"])
+            df = df.drop(columns=["key"])
+            df.attrs["metric"] = metric_label(pipeline)
+            return df
     rows = []
     reset_lora(pipeline.model, pipeline.cfg.seed)
     rows.append({"epoch": 0, "lr": 0.0, **evaluate_model(pipeline, records)})
@@ -217,4 +227,5 @@ def checkpoint_curve(pipeline, split: str = "test") -> pd.DataFrame:
         rows.append({"epoch": ckpt.epoch, "lr": ckpt.lr, **evaluate_model(pipeline, records)})
     df = pd.DataFrame(rows)
     df.assign(key=key).to_csv(path, index=False)
+    df.attrs["metric"] = metric_label(pipeline)
     return df

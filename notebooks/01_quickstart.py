@@ -36,6 +36,9 @@ from IPython.display import display
 
 from nice_kit.demo import demo_pipeline, fast_mode
 from nice_kit.evaluation import checkpoint_curve, compare, summarize
+from widgets import use_offline_renderer
+
+use_offline_renderer()  # figures also render in exported HTML and offline (plotly.js inline, once)
 
 pd.set_option("display.max_colwidth", 80)
 print("fast mode:", fast_mode())
@@ -137,7 +140,8 @@ display(diagnostics)
 #
 # `compare` fine-tunes a fresh LoRA on each method's subset (and on a random subset and the full pool),
 # then scores greedy completions of held-out test prompts with the metric and measures the reference
-# answers' loss. `summarize` averages over seeds.
+# answers' loss. `summarize` averages over fine-tuning seeds (and, with `selection_seeds`, over
+# re-runs of the selection itself: `sd_selection` and `sd_finetune` say which varies more).
 
 # %%
 results = compare(p)

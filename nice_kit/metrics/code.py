@@ -43,7 +43,7 @@ import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from nice_kit.metrics.registry import Metric, register_metric, require_column
 from nice_kit.metrics.sandbox import SandboxResult, run_untrusted
@@ -628,7 +628,7 @@ def _check_mode(mode: str) -> None:
     needs_reference=True,
     columns=("tests",),
 )
-def code_tests(mode: str = "partial", timeout_s: float = 5.0, memory_mb: int = 512, workers: int = 2) -> Metric:
+def code_tests(mode: Literal["partial", "pass_fail"] = "partial", timeout_s: float = 5.0, memory_mb: int = 512, workers: int = 2) -> Metric:
     _check_mode(mode)
 
     def metric(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
@@ -666,7 +666,7 @@ def code_tests(mode: str = "partial", timeout_s: float = 5.0, memory_mb: int = 5
     needs_reference=True,
     columns=("test", "entry_point"),
 )
-def humaneval(mode: str = "pass_fail", timeout_s: float = 5.0, memory_mb: int = 512, workers: int = 2) -> Metric:
+def humaneval(mode: Literal["partial", "pass_fail"] = "pass_fail", timeout_s: float = 5.0, memory_mb: int = 512, workers: int = 2) -> Metric:
     _check_mode(mode)
 
     def metric(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:

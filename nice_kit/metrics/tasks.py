@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any
+from typing import Any, Literal
 
 from .registry import Metric, register_metric, require_column
 
@@ -58,7 +58,7 @@ def _check_task(params: dict[str, Any], columns: dict[str, Any]) -> list[str]:
     check_params=_check_extract,
     check_record=_check_task,
 )
-def task_score(extract: str = "strict") -> Metric:
+def task_score(extract: Literal["strict", "last_number"] = "strict") -> Metric:
     import reasoning_gym
 
     if extract not in _EXTRACTORS:
@@ -87,7 +87,7 @@ def task_score(extract: str = "strict") -> Metric:
     columns=lambda params: (params.get("column", "answer"),),
     check_params=_check_extract,
 )
-def exact_match(extract: str = "strict", column: str = "answer") -> Metric:
+def exact_match(extract: Literal["strict", "last_number"] = "strict", column: str = "answer") -> Metric:
     if extract not in _EXTRACTORS:
         raise ValueError(f"extract must be one of {sorted(_EXTRACTORS)}, not {extract!r}")
     extractor = _EXTRACTORS[extract]
