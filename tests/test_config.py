@@ -81,7 +81,7 @@ def test_metric_parameter_of_the_wrong_type_or_value(tmp_path):
     path, msg = config_error(tmp_path, '[metric]\nname = "length"\nparams = { max_words = "abc" }\n')
     assert f"{path}: [metric] params.max_words: expected an integer, got the string 'abc'" in msg
     path, msg = config_error(tmp_path, '[metric]\nname = "task_score"\nparams = { extract = "fuzzy" }\n')
-    assert f"{path}: [metric] params: extract must be one of ['last_number', 'strict'], not 'fuzzy'" in msg
+    assert f"{path}: [metric] params.extract: expected one of 'strict', 'last_number', got the string 'fuzzy'" in msg
     path, msg = config_error(tmp_path, '[metric]\nname = "format"\nparams = { pattern = "(" }\n')
     assert f"{path}: [metric] params: pattern '(' is not a valid regular expression" in msg
 
