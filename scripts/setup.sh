@@ -34,4 +34,11 @@ if [ $dev = 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null
   fi
 fi
+if [ $dev = 1 ]; then
+  # JupyterLab saves widget state with the notebook, so a reopened notebook shows its widgets' last view
+  # instead of "Error displaying widget: model not found" (an environment-wide default; users may turn it off)
+  mkdir -p .venv/share/jupyter/lab/settings
+  [ -f .venv/share/jupyter/lab/settings/overrides.json ] || \
+    echo '{"@jupyter-widgets/jupyterlab-manager:plugin": {"saveState": true}}' > .venv/share/jupyter/lab/settings/overrides.json
+fi
 echo "nice_kit installed in .venv ($($py -c 'import torch; print("torch", torch.__version__)'))"
