@@ -404,7 +404,7 @@ class Projector:
             for c, start, lo, hi in self._chunks(offset, grads.shape[1]):
                 (bits,) = self._chunk(c)
                 bits = bits[lo - start:hi - start]
-                signs = F.embedding(bits.int(), self._table).view(len(bits), -1)[:, : s.dim]
+                signs = self._table.index_select(0, bits.reshape(-1).int()).view(len(bits), -1)[:, : s.dim]
                 part = grads[:, lo - offset:hi - offset].to(self.device, torch.float32)
                 out.addmm_(part, signs)
         return out.mul_(1 / math.sqrt(s.dim))
