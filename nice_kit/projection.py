@@ -164,10 +164,10 @@ def _argsort_rows(keys: torch.Tensor) -> torch.Tensor:
     return torch.sort(keys, dim=-1).indices
 
 
-def _sjlt_order(spec: ProjectionSpec, blk0: int, blk1: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """For blocks ``[blk0, blk1)``: ``order`` (nnz, nb, B) int64, the block-local coordinate at each
-    position (a partial last block's padding, local index >= its length, comes last), and ``signs``
-    (nnz, nb, B) int8 of each block-local coordinate.
+def _sjlt_order(spec: ProjectionSpec, group: int, blk0: int, blk1: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For blocks ``[blk0, blk1)`` of one group: ``order`` (nb, B) int64, the block-local coordinate
+    at each position (a partial last block's padding, local index >= its length, comes last), and
+    ``signs`` (nb, B) int8 of each block-local coordinate.
 
     A coordinate's sort key is ``(hash << bits) | local index`` (63 bits in all): distinct keys, so the
     order does not depend on the sort algorithm or the device.
@@ -175,18 +175,12 @@ def _sjlt_order(spec: ProjectionSpec, blk0: int, blk1: int, device) -> tuple[tor
     B, nb = sjlt_block_size(spec), blk1 - blk0
     bits = (B - 1).bit_length()
     j = torch.arange(blk0 * B, blk1 * B, dtype=torch.int64, device=device)
-    local = j % B
-    padding = j >= spec.input_dim
-    keys = torch.empty(spec.nnz, nb * B, dtype=torch.int64, device=device)
-    signs = torch.empty(spec.nnz, nb * B, dtype=torch.int8, device=device)
-    for k in range(spec.nnz):
-        hi = _hash(j, _salt(spec.seed, "key_hi", k))
-        lo = _hash(j, _salt(spec.seed, "key_lo", k))
-        high = ((hi << (31 - bits)) | (lo >> (bits + 1))).masked_fill_(padding, (1 << (63 - bits)) - 1)
-        keys[k] = (high << bits) | local
-        signs[k] = 1 - 2 * (_hash(j, _salt(spec.seed, "sign", k)) >> 31)
-    order = _argsort_rows(keys.view(spec.nnz * nb, B)).view(spec.nnz, nb, B)
-    return order, signs.view(spec.nnz, nb, B)
+    hi = _hash(j, _salt(spec.seed, "key_hi", group))
+    lo = _hash(j, _salt(spec.seed, "key_lo", group))
+    high = ((hi << (31 - bits)) | (lo >> (bits + 1))).masked_fill_(j >= spec.input_dim, (1 << (63 - bits)) - 1)
+    order = _argsort_rows(((high << bits) | (j % B)).view(nb, B))
+    signs = (1 - 2 * (_hash(j, _salt(spec.seed, "sign", group)) >> 31)).to(torch.int8)
+    return order, signs.view(nb, B)
 
 
 def sjlt_sketch(spec: ProjectionSpec, start: int = 0, stop: int | None = None,
@@ -201,11 +195,14 @@ def sjlt_sketch(spec: ProjectionSpec, start: int = 0, stop: int | None = None,
         raise ValueError(f"sjlt_sketch needs an sjlt spec and 0 <= start <= stop <= {spec.input_dim}")
     B, w = sjlt_block_size(spec), spec.dim // spec.nnz
     blk0, blk1 = start // B, -(-stop // B)
-    order, signs = _sjlt_order(spec, blk0, blk1, device)
-    position = torch.empty_like(order).scatter_(2, order, torch.arange(B, device=order.device).expand_as(order))
-    rows = position % w + (torch.arange(spec.nnz, device=order.device) * w)[:, None, None]
     lo, hi = start - blk0 * B, stop - blk0 * B
-    return rows.reshape(spec.nnz, -1)[:, lo:hi], signs.reshape(spec.nnz, -1)[:, lo:hi]
+    rows, signs = [], []
+    for k in range(spec.nnz):
+        order, sign = _sjlt_order(spec, k, blk0, blk1, device)
+        position = torch.empty_like(order).scatter_(1, order, torch.arange(B, device=order.device).expand_as(order))
+        rows.append((position % w + k * w).view(-1)[lo:hi])
+        signs.append(sign.view(-1)[lo:hi])
+    return torch.stack(rows), torch.stack(signs)
 
 
 def _sign_table(device) -> torch.Tensor:
@@ -328,15 +325,14 @@ class Projector:
         start, stop = c * self.chunk, min((c + 1) * self.chunk, s.input_dim)
         blk0, blk1 = start // B, -(-stop // B)
         nb, w = blk1 - blk0, s.dim // s.nnz
-        order, signs = _sjlt_order(s, blk0, blk1, self.device)
-        local = order + (torch.arange(nb, device=self.device) * B)[None, :, None]
-        index = local.clamp_max_(stop - start)
-        weight = torch.gather(signs, 2, order).float()
-
-        def bags(t):  # position p = m * w + r of (group, block) -> bag (block, group, r), entry m
-            return t.view(s.nnz, nb, B // w, w).permute(1, 0, 3, 2).reshape(nb * s.dim, B // w)
-
-        return bags(index).to(torch.int32).contiguous(), bags(weight).contiguous()
+        index = torch.empty(nb, s.nnz, w, B // w, dtype=torch.int32, device=self.device)
+        weight = torch.empty(nb, s.nnz, w, B // w, device=self.device)
+        base = (torch.arange(nb, device=self.device) * B)[:, None]
+        for k in range(s.nnz):  # position p = m * w + r of (block, group k) -> bag (block, k, r), entry m
+            order, signs = _sjlt_order(s, k, blk0, blk1, self.device)
+            index[:, k] = (order + base).clamp_max_(stop - start).view(nb, B // w, w).transpose(1, 2)
+            weight[:, k] = torch.gather(signs, 1, order).view(nb, B // w, w).transpose(1, 2)
+        return index.view(nb * s.dim, B // w), weight.view(nb * s.dim, B // w)
 
     def _rademacher_chunk(self, c: int) -> tuple[torch.Tensor]:
         start, stop = c * self.chunk, min((c + 1) * self.chunk, self.spec.input_dim)
