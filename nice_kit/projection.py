@@ -72,7 +72,7 @@ _BLOCK_TARGET = 1 << 16  # sjlt: coordinates per balanced block (rounded up to a
 _CHUNK_TARGET = 1 << 20  # sjlt: coordinates per gather call (a whole number of blocks)
 _RADEMACHER_TARGET = 1 << 22  # rademacher: matrix entries expanded per product on a CPU
 _RADEMACHER_TARGET_CUDA = 1 << 26  # and on a GPU (fewer, larger kernels)
-_PURPOSE = {"key_hi": 1, "key_lo": 2, "sign": 3, "rad_a": 4, "rad_c": 5, "rad_word": 6}
+_PURPOSE = {"key": 1, "rad_a": 4, "rad_c": 5, "rad_word": 6}
 
 
 def _signed32(c: int) -> int:
@@ -88,11 +88,17 @@ def mix32(x):
 
     Exact integer arithmetic, identical on every device: each product is masked to 32 bits.
     """
-    x = x ^ (x >> 16)
-    x = (x * _M1) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * _M2) & _MASK32
-    return x ^ (x >> 16)
+    if isinstance(x, int):
+        x ^= x >> 16
+        x = (x * _M1) & _MASK32
+        x ^= x >> 15
+        x = (x * _M2) & _MASK32
+        return x ^ (x >> 16)
+    x = x ^ (x >> 16)  # a new tensor: the caller's is left alone
+    x.mul_(_M1).bitwise_and_(_MASK32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(_M2).bitwise_and_(_MASK32)
+    return x.bitwise_xor_(x >> 16)
 
 
 def _salt(seed: int, purpose: str, group: int = 0) -> tuple[int, int]:
@@ -175,11 +181,12 @@ def _sjlt_order(spec: ProjectionSpec, group: int, blk0: int, blk1: int, device) 
     B, nb = sjlt_block_size(spec), blk1 - blk0
     bits = (B - 1).bit_length()
     j = torch.arange(blk0 * B, blk1 * B, dtype=torch.int64, device=device)
-    hi = _hash(j, _salt(spec.seed, "key_hi", group))
-    lo = _hash(j, _salt(spec.seed, "key_lo", group))
+    salt = _salt(spec.seed, "key", group)
+    hi = _hash(j, salt)  # three chained 32-bit hashes of j: the key's high and low bits, the sign
+    lo = mix32(hi ^ salt[0])
+    signs = (mix32(lo ^ salt[1]) >> 31).to(torch.int8).mul_(-2).add_(1)
     high = ((hi << (31 - bits)) | (lo >> (bits + 1))).masked_fill_(j >= spec.input_dim, (1 << (63 - bits)) - 1)
     order = _argsort_rows(((high << bits) | (j % B)).view(nb, B))
-    signs = (1 - 2 * (_hash(j, _salt(spec.seed, "sign", group)) >> 31)).to(torch.int8)
     return order, signs.view(nb, B)
 
 
