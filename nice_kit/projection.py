@@ -10,9 +10,10 @@ Two kinds, both scaled so that ``E ||S x||^2 = ||x||^2``:
 How the sketch is made (generator ``"hash-v1"``, recorded in :class:`ProjectionSpec`)
 --------------------------------------------------------------------------------------
 Every random choice is a pure integer function of ``(seed, purpose, group, coordinate)``: a counter-
-based hash (the 32-bit "lowbias32" mixer, applied twice with salts derived from the seed) evaluated
-with plain torch int64 operations, each product masked to 32 bits (multipliers are stored as signed
-values of magnitude < 2^31, so no int64 product overflows). The same ops give the same integers on
+based hash (the bijective 32-bit "lowbias32" mixer, applied twice to the coordinate with salts derived
+from the seed, and chained once more per further value) evaluated with plain torch int64 operations,
+each product masked to 32 bits (multipliers are stored as signed values of magnitude < 2^31, so no
+int64 product overflows). The same ops give the same integers on
 the CPU and on a GPU, in any process, for any slicing of the coordinates, so the sketch is generated
 on the device that holds the gradients and never on the host per batch. Only the floating-point sums
 (their order) differ between devices and batch sizes.
@@ -34,8 +35,8 @@ independent of the rows and of each other. Hence ``E <Sx, Sy> = <x, y>`` and the
 with ``nnz`` blocks (Kane-Nelson; Nelson-Nguyen): at most ``(2 / dim) ||x||^4``.
 The gather indices of each block (int32) and the signs (float32), 8 bytes per coordinate and group,
 are computed once and cached on the device up to ``cache_bytes``; chunks beyond the budget are
-regenerated at each call (a sort per block: cheap on a GPU, ~1 s per million coordinates per
-group-of-8 on one CPU thread).
+regenerated at each call (hashing and a sort per block: about 1-2 s per million coordinates at
+nnz=8 on one CPU thread, far less on a GPU).
 
 ``rademacher``: the entries of coordinate ``j``'s column are the bits of 32-bit hashes of ``(j, word)``,
 expanded to +-1 on the device by a 256-entry lookup table, block by block, and multiplied in fp32
@@ -398,7 +399,7 @@ class Projector:
             else:
                 picked = table.index_select(0, index.view(-1)).mul_(weight.view(-1, 1))
                 out_t += picked.view(b1 - b0, s.dim, -1, b).sum((0, 2))
-        return out_t.T.mul(1 / math.sqrt(s.nnz))
+        return out_t.T.contiguous().mul_(1 / math.sqrt(s.nnz))
 
     def _project_rademacher(self, grads: torch.Tensor, offset: int) -> torch.Tensor:
         s = self.spec
