@@ -68,7 +68,7 @@ def test_same_spec_same_projection_and_linearity(kind, small_chunks):
     torch.manual_seed(0)
     x = torch.randn(4, D)
     a = Projector(spec).project(x)
-    assert a.dtype == torch.float32 and a.shape == (4, 256)
+    assert a.dtype == torch.float32 and a.shape == (4, 256) and a.is_contiguous()
     assert_fp32_close(a, exact_projection(spec, x), spec, x)
     for other in (Projector(spec, cache_bytes=0), Projector(spec, kernel="gather")):
         assert_fp32_close(other.project(x), a, spec, x)
