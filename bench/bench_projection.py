@@ -198,7 +198,8 @@ def main() -> None:
     ap.add_argument("--device-dims", type=lambda s: [int(v) for v in s.split(",")],
                     default=[921_600, 16_777_216, 134_217_728])
     ap.add_argument("--compare-max", type=int, default=16_777_216, help="largest D compared with the CPU")
-    ap.add_argument("--kinds", type=lambda s: s.split(","), default=["sjlt"], help="sjlt,rademacher")
+    ap.add_argument("--kinds", type=lambda s: s.split(","), default=None,
+                    help="sjlt,rademacher (default: sjlt on the CPU, both on a device)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--dim", type=int, default=8192)
     ap.add_argument("--nnz", type=int, default=8)
@@ -213,6 +214,8 @@ def main() -> None:
     if args.quick:
         args.dims, args.device_dims, args.repeats, args.dim = [70_000], [70_000], 1, 1024
         args.kinds = ["sjlt", "rademacher"]
+    if args.kinds is None:
+        args.kinds = ["sjlt", "rademacher"] if args.device else ["sjlt"]
     if args.device:
         device_mode(args)
     else:

@@ -89,9 +89,13 @@ def test_cache_budget_changes_nothing(kind, small_chunks):
     partial = Projector(spec, cache_bytes=one_chunk * 3 // 2)
     results.append(partial.project(x))
     assert 0 < len(partial._cache) < len(full._cache)
-    results.append(Projector(spec, cache_bytes=0).project(x))
+    uncached = Projector(spec, cache_bytes=0)
+    results.append(uncached.project(x))
+    assert not uncached._cache
     for r in results[1:]:
         assert_fp32_close(r, results[0], spec, x)
+    for c, cached in full._cache.items():  # the integers themselves: cached or regenerated, the same
+        assert all(torch.equal(a, b) for a, b in zip(cached, uncached._chunk(c)))
 
 
 @pytest.mark.parametrize("kind", ["sjlt", "rademacher"])
