@@ -214,6 +214,7 @@ def main() -> None:
     if args.quick:
         args.dims, args.device_dims, args.repeats, args.dim = [70_000], [70_000], 1, 1024
         args.kinds = ["sjlt", "rademacher"]
+    torch.set_num_threads(args.threads)
     if args.kinds is None:
         args.kinds = ["sjlt", "rademacher"] if args.device else ["sjlt"]
     if args.device:
