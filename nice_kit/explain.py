@@ -188,6 +188,12 @@ def score_terms(cosines: np.ndarray, ckpt_weights, subtasks: list[str], counted:
     return w[None, :, None] * share[:, None, :], means, winner, names
 
 
+def _dots(stored: StoredVectors, x: np.ndarray, block_rows: int = 8192) -> np.ndarray:
+    """Every stored unit row's inner product with ``x`` (float64), reading ``block_rows`` rows at a time."""
+    return np.concatenate([stored.rows(a, a + block_rows).numpy() @ x for a in range(0, len(stored), block_rows)]
+                          or [np.zeros(0)])
+
+
 def _cosines(train: list[StoredVectors], val: list[np.ndarray], start: int, stop: int) -> np.ndarray:
     """(stop - start, C, m) inner products of the stored unit rows, in float64."""
     return np.stack([t.rows(start, stop).numpy().astype(np.float64) @ v.T for t, v in zip(train, val)], axis=1)
@@ -394,7 +400,7 @@ def explain(run: "Pipeline", example_id: str, method: str | Measurement = "nice"
     prompts = pd.DataFrame({
         "epoch": np.repeat(epochs, n_prompts), "prompt_id": prompt_ids_ * n_ckpt, "subtask": inp.subtasks * n_ckpt,
         "cosine": cos[0].ravel(), "checkpoint_weight": np.repeat(inp.ckpt_weights, n_prompts),
-        "weight": weights[0].ravel(), "contribution": (weights[0] * cos[0]).ravel(),
+        "weight": weights[0].ravel(), "contribution": (weights[0] * cos[0]).ravel() + 0.0,  # no -0.0
         "valid": valid.ravel(), "counted": np.tile(inp.counted, n_ckpt)})
     labels = np.asarray(inp.subtasks, dtype=object)
     subtasks = pd.DataFrame({
@@ -420,7 +426,7 @@ def explain(run: "Pipeline", example_id: str, method: str | Measurement = "nice"
     for c, (table, vecs) in enumerate(parts):
         gamma = inp.train[c].rows(i, i + 1).numpy().astype(np.float64)[0]
         j = _prompt_index(table, prompt_ids_)
-        gcos = vecs.all().numpy().astype(np.float64) @ gamma
+        gcos = _dots(vecs, gamma)
         part_norm = vecs.norms.astype(np.float64)
         prompt_norm = inp.val[c].norms.astype(np.float64)[j]
         share = np.divide(part_norm * gcos, prompt_norm, out=np.zeros_like(gcos), where=prompt_norm > 0)
@@ -428,7 +434,7 @@ def explain(run: "Pipeline", example_id: str, method: str | Measurement = "nice"
             "epoch": epochs[c], "prompt_id": table["prompt_id"], "subtask": labels[j], "sample": table["sample"],
             "kind": table["kind"], "text": table["text"], "reward": table["reward"],
             "policy_weight": table["policy_weight"], "n_tokens": table["n_tokens"], "gradient_norm": part_norm,
-            "cosine": gcos, "contribution": weights[0, c, j] * share}))
+            "cosine": gcos, "contribution": weights[0, c, j] * share + 0.0}))
     out.completions = pd.concat(frames, ignore_index=True)[COMPLETION_COLUMNS]
     return out
 
@@ -442,7 +448,8 @@ def check_decomposition(run: "Pipeline", method: str | Measurement = "nice", com
     ``difference``; for NICE with ``completions`` (computing the per-completion gradients when
     missing) also ``completion_difference`` (the largest |sum of a prompt's completion shares - its
     contribution| over checkpoints and prompts) and ``completion_ratio`` (the largest such difference
-    over its :func:`completion_tolerance`: at most 1 when every prompt is within it)."""
+    over its :func:`completion_tolerance`: at most 1 when every prompt is within it). The completions'
+    rows of every checkpoint are held in memory as float32 (rows x projection dim x 4 bytes each)."""
     inp = _inputs(run, method)
     m = inp.measurement
     aggregate = run.cfg.selection.aggregate
@@ -451,7 +458,7 @@ def check_decomposition(run: "Pipeline", method: str | Measurement = "nice", com
     parts = completion_vectors(run, m) if completions and isinstance(m, PolicyGradient) else None
     prompt_ids_ = inp.val[0].ids
     if parts is not None:  # per checkpoint: the part rows, their lengths, which prompt each belongs to
-        part_rows = [vecs.all().numpy().astype(np.float64) for _, vecs in parts]
+        part_rows = [vecs.all().numpy() for _, vecs in parts]  # float32: its rounding is far below float16's
         part_norms = [vecs.norms.astype(np.float64) for _, vecs in parts]
         owner = [np.eye(len(prompt_ids_))[_prompt_index(table, prompt_ids_)] for table, _ in parts]  # (rows, m)
         prompt_norms = [v.norms.astype(np.float64) for v in inp.val]
@@ -466,8 +473,8 @@ def check_decomposition(run: "Pipeline", method: str | Measurement = "nice", com
         if parts is None:
             continue
         for c in range(len(parts)):
-            gamma = inp.train[c].rows(start, stop).numpy().astype(np.float64)
-            shares = (gamma @ part_rows[c].T * part_norms[c]) @ owner[c]  # (b, m): sum_k n_k cos_k per prompt
+            gamma = inp.train[c].rows(start, stop).numpy()
+            shares = ((gamma @ part_rows[c].T).astype(np.float64) * part_norms[c]) @ owner[c]  # (b, m): sum_k n_k cos_k per prompt
             norm = prompt_norms[c]
             summed = weights[:, c, :] * np.divide(shares, norm, out=np.zeros_like(shares), where=norm > 0)
             diff = np.abs(summed - terms[:, c, :])
