@@ -356,3 +356,25 @@ def test_why_panel_shows_the_prompts_and_the_top_prompts_completions(run):
     assert panel.explanation.example_id == other and panel.explanation.method == "less"
     assert "no completions" in panel.completions.value
     assert other in panel._repr_html_()
+    # what an embedding explorer calls: errors are shown, not raised
+    assert panel.show("no-such-id", "nice", raise_errors=False) is None
+    assert "cannot explain no-such-id" in panel.header.value and len(panel.bars.data[0].x) == 0
+    with pytest.raises(KeyError):
+        panel.show("no-such-id", "nice")
+
+
+def test_why_panel_offers_to_compute_missing_completion_gradients(made, tokenizer, small_data, tiny_model_dir,
+                                                                  tmp_path):
+    pytest.importorskip("ipywidgets")
+    pytest.importorskip("anywidget")
+    from widgets.why import WhyPanel
+
+    p, _ = made
+    shutil.copytree(p.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("val_nice_completions"))
+    q = _open(_toml(tmp_path / "t.toml", small_data, tiny_model_dir), tmp_path / "run", tokenizer)
+    panel = WhyPanel(q, q.pool[0].id, "nice", compute=False)
+    assert panel.explanation.completions is None and panel.compute_button.layout.display != "none"
+    assert len(panel.bars.data[0].x) > 0 and "no completions" in panel.completions.value
+    panel.compute_button.click()
+    assert panel.explanation.completions is not None and panel.compute_button.layout.display == "none"
+    assert "nice-why-rewarded" in panel.completions.value or "nice-why-punished" in panel.completions.value

@@ -177,10 +177,31 @@ class WhyPanel(w.VBox):
         else:
             self.header.value = "<i class='nice-why-muted'>no example selected</i>"
 
-    def show(self, example_id: str, method: str | None = None, compute: bool | None = None) -> Explanation:
-        """Explain ``example_id`` under ``method`` (default: the last one) and redraw."""
+    def show(self, example_id: str, method: str | None = None, compute: bool | None = None,
+             raise_errors: bool = True) -> Explanation | None:
+        """Explain ``example_id`` under ``method`` (default: the last one) and redraw.
+
+        ``raise_errors=False`` (for an embedding widget) shows what went wrong (no scores yet, a stale
+        stage, a method that cannot be explained) in the panel instead of raising, and returns None."""
         self.method = method or self.method
-        expl = explain(self.pipeline, example_id, self.method, compute=self.compute if compute is None else compute)
+        try:
+            expl = explain(self.pipeline, example_id, self.method,
+                           compute=self.compute if compute is None else compute)
+        except (ValueError, RuntimeError, KeyError) as err:
+            if raise_errors:
+                raise
+            self.explanation = None
+            self.header.value = f"<div class='nice-why-neg'>cannot explain {H.esc(example_id)}: {H.esc(err)}</div>"
+            with self.bars.batch_update():
+                self.bars.data[0].x, self.bars.data[0].y, self.bars.data[0].customdata = [], [], []
+            self._updating = True
+            try:
+                self.prompt.options = []
+            finally:
+                self._updating = False
+            self.compute_button.layout.display = "none"
+            self.completions.value = ""
+            return None
         self.explanation = expl
         self.header.value = _header_html(expl)
         fig = why_figure(expl, self.top)
