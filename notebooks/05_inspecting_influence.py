@@ -166,7 +166,8 @@ print(f"largest gap between a prompt's completions and its contribution: {check[
 
 # %% [markdown]
 # Two examples: a harmful one that NICE picked (or, when it picked none, the harmful example it ranked
-# highest), and a good one (not harmful) that it did not pick: the one it ranked lowest.
+# highest), and a good one (not harmful, and on the target's tasks when the pool says so) that it did not
+# pick: the one it ranked lowest.
 
 # %%
 ranked = frame.sort_values("nice", ascending=False)
@@ -178,7 +179,10 @@ if len(harmful_picked):
 else:
     bad_id = ranked[is_harmful]["id"].iloc[0]
     print(f"NICE picked no harmful example; {bad_id} is the harmful example it ranked highest")
-good_id = ranked[~is_harmful & ~ranked["id"].isin(nice_ids)]["id"].iloc[-1]
+good = ranked[~is_harmful & ~ranked["id"].isin(nice_ids)]
+if "on_task" in good.columns and good["on_task"].fillna(False).astype(bool).any():
+    good = good[good["on_task"].fillna(False).astype(bool)]  # a correct answer of the target's own tasks
+good_id = good["id"].iloc[-1]
 print(f"{good_id}: not harmful, not picked (NICE rank {frame.set_index('id').loc[good_id, 'nice_rank']} of {n})")
 frame.set_index("id").loc[[bad_id, good_id], ["task", "harmful", "harm_kind", "nice", "nice_rank", "prompt",
                                              "response"]]
