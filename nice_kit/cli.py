@@ -114,6 +114,26 @@ def cmd_evaluate(args) -> None:
     print(f"\nper run: {p.run_dir / 'evaluation' / 'results.csv'}")
 
 
+def cmd_explain(args) -> None:
+    from .explain import check_decomposition, format_explanation
+
+    p = _pipeline(args)
+    if args.check:
+        df = check_decomposition(p, args.method)
+        worst = df.loc[df["difference"].abs().idxmax()]
+        print(f"{args.method}: {len(df)} examples ({p.cfg.selection.aggregate}); largest |sum of contributions - "
+              f"stored score| = {abs(worst['difference']):.3g} (example {worst['id']}, score {worst['stored']:+.6g})")
+        if "completion_difference" in df:
+            w = df.loc[df["completion_ratio"].idxmax()]
+            print(f"completions: largest |sum of a prompt's completion shares - its contribution| = "
+                  f"{df['completion_difference'].max():.3g}; largest against its float16 tolerance = "
+                  f"{w['completion_ratio']:.3g} of it (example {w['id']})")
+        return
+    if args.id is None:
+        raise ValueError("nice-kit explain needs a pool example ID (or --check for every example)")
+    print(format_explanation(p.explain(args.id, args.method), top=args.top))
+
+
 def cmd_metrics(args) -> None:
     from .metrics import list_metrics
 
@@ -153,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seeds", nargs="+", type=int, default=None, help="fine-tuning seeds")
     sp.add_argument("--selection-seeds", nargs="+", type=int, default=None,
                     help="selection seeds: k re-runs the selection with run seed + k and projection seed + k")
+    sp = add("explain", cmd_explain, "why an example scored what it did: its top target prompts and completions")
+    sp.add_argument("id", nargs="?", default=None, help="the pool example's id")
+    sp.add_argument("--method", choices=["less", "nice"], default="nice")
+    sp.add_argument("--top", type=int, default=10, help="how many contributions to print (default 10)")
+    sp.add_argument("--check", action="store_true",
+                    help="decompose every example and print the largest difference from its stored score")
     sm = sub.add_parser("metrics", help="list the registered reward metrics")
     sm.set_defaults(func=cmd_metrics)
     return parser

@@ -616,6 +616,14 @@ class Pipeline:
         save_records([by_id[i] for i in chosen[primary]], self.run_dir / "selected.jsonl")
         return chosen
 
+    def explain(self, example_id: str, method: str | Measurement = "nice", compute: bool = True):
+        """Why pool example ``example_id`` got its score: the terms of its checkpoints, target prompts,
+        subtasks and (NICE) sampled completions, adding up to the stored score
+        (:func:`nice_kit.explain.explain`; NICE's per-completion gradients are computed on first use)."""
+        from .explain import explain
+
+        return explain(self, example_id, method, compute=compute)
+
     def run(self, methods: list[str | Measurement] | None = None) -> pd.DataFrame:
         """Every stage in order (each skipped when already done); returns the selection summary (with the
         benchmark's diagnostics when the pool carries its flag columns, see :mod:`nice_kit.diagnostics`)."""

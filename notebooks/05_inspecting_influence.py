@@ -130,3 +130,116 @@ display(viewer)
 
 # %%
 viewer.figure().show()  # static version of the selected prompt's rewards and weights
+
+# %% [markdown]
+# ## Why this example? A score taken apart
+#
+# An influence score is a weighted sum of cosines (docs/method.md, step 6): for each warmup checkpoint
+# c and target prompt j, the cosine between the example's preconditioned gradient and the prompt's
+# validation gradient, weighted by the checkpoint's learning-rate share w_c; then the mean over each
+# subtask's prompts and the max over subtasks. Once the winning subtask is known that is linear, so
+# the score is a sum of terms `weight x cosine`, one per checkpoint and prompt, with weight w_c / (number
+# of the winning subtask's valid prompts) and 0 for the other subtasks' prompts.
+#
+# For NICE, a prompt's gradient is itself a sum over its sampled completions, sum_k a_k grad NLL(y_k),
+# and the random projection is linear, so every completion gets its own share of the prompt's term.
+# `p.explain(example_id, "nice")` returns all of it as tables: `prompts` (per checkpoint and prompt),
+# `subtasks` (the means, and which won) and `completions` (per sampled completion: text, reward, policy
+# weight a_k and contribution). The first call computes one projected gradient per sampled completion
+# and stores it beside the prompt vectors; later calls only read.
+#
+# How to read a sign: a contribution above 0 means a training step on the example moves the model
+# the way the metric wants. For a rewarded completion (a_k > 0) that means making it more likely; for
+# a punished one (a_k < 0), making it less likely.
+#
+# First, the terms really add up to the stored scores, for every example:
+
+# %%
+from nice_kit.explain import check_decomposition, format_explanation
+from widgets.why import why_panel
+
+check = check_decomposition(p, "nice")
+print(f"largest |sum of contributions - stored NICE score| over {len(check)} examples: "
+      f"{check['difference'].abs().max():.2g}")
+print(f"largest gap between a prompt's completions and its contribution: {check['completion_difference'].max():.2g} "
+      f"({check['completion_ratio'].max():.0%} of what float16 storage allows)")
+
+# %% [markdown]
+# Two examples: a harmful one that NICE picked (or, when it picked none, the harmful example it ranked
+# highest), and a good one (not harmful, and on the target's tasks when the pool says so) that it did not
+# pick: the one it ranked lowest.
+
+# %%
+ranked = frame.sort_values("nice", ascending=False)
+is_harmful = ranked["harmful"].fillna(False).astype(bool)
+harmful_picked = ranked[is_harmful & ranked["id"].isin(nice_ids)]
+if len(harmful_picked):
+    bad_id = harmful_picked["id"].iloc[0]
+    print(f"{bad_id}: harmful ({frame.set_index('id').loc[bad_id, 'harm_kind']}) and picked by NICE")
+else:
+    bad_id = ranked[is_harmful]["id"].iloc[0]
+    print(f"NICE picked no harmful example; {bad_id} is the harmful example it ranked highest")
+good = ranked[~is_harmful & ~ranked["id"].isin(nice_ids)]
+if "on_task" in good.columns and good["on_task"].fillna(False).astype(bool).any():
+    good = good[good["on_task"].fillna(False).astype(bool)]  # a correct answer of the target's own tasks
+good_id = good["id"].iloc[-1]
+print(f"{good_id}: not harmful, not picked (NICE rank {frame.set_index('id').loc[good_id, 'nice_rank']} of {n})")
+frame.set_index("id").loc[[bad_id, good_id], ["task", "harmful", "harm_kind", "nice", "nice_rank", "prompt",
+                                             "response"]]
+
+# %%
+def in_words(e) -> str:
+    """One explanation as a few sentences, from its tables."""
+    per = e.by_prompt()
+    subs = e.subtasks.set_index("subtask")["mean"]
+    if e.winner is None:
+        how = "the mean over every target prompt"
+    else:
+        others = ", ".join(f"{s} {v:+.3g}" for s, v in subs.items() if s != e.winner)
+        how = f"the mean of subtask {e.winner!r}, which won the max ({subs[e.winner]:+.3g}; {others or 'no other'})"
+    out = [f"{e.example_id} scored {e.score:+.4g} under {e.method.upper()}: {how}."]
+    up, down = per[per["contribution"] > 0], per[per["contribution"] < 0]
+    if len(up):
+        out.append(f"{len(up)} target prompt(s) pushed it up, most {up['prompt_id'].iloc[0]} "
+                   f"({up['contribution'].iloc[0]:+.3g}: {up['prompt'].iloc[0][:60]!r}).")
+    if len(down):
+        out.append(f"{len(down)} pushed it down, most {down['prompt_id'].iloc[-1]} ({down['contribution'].iloc[-1]:+.3g}).")
+    top = e.top_prompt()
+    if top is not None and e.completions is not None:
+        comp = e.completions_of(top)
+        c = comp.loc[comp["contribution"].abs().idxmax()]
+        kind = "rewarded" if c["policy_weight"] > 0 else "punished" if c["policy_weight"] < 0 else "unweighted"
+        effect = ("more likely" if c["policy_weight"] > 0 else "less likely") if c["contribution"] > 0 else (
+            "less likely" if c["policy_weight"] > 0 else "more likely")
+        out.append(f"Within {top}, the largest share ({c['contribution']:+.3g}) comes from the {kind} completion "
+                   f"{c['text'][:50]!r} (reward {c['reward']:.2g}, policy weight {c['policy_weight']:+.3g}, "
+                   f"epoch {c['epoch']}): a training step on this example makes it {effect}.")
+    return " ".join(out)
+
+
+bad_why = p.explain(bad_id, "nice")
+print(in_words(bad_why))
+print()
+print(format_explanation(bad_why, top=6))
+
+# %% [markdown]
+# The same as a panel: a bar per target prompt (green pushed the score up, red down; prompts of a
+# subtask that lost the max do not count and have no bar), and the completions of the top prompt,
+# rewarded ones apart from punished ones. Click a bar, or choose in the dropdown, for another prompt.
+
+# %%
+display(why_panel(p, bad_id, "nice"))
+
+# %%
+good_why = p.explain(good_id, "nice")
+print(in_words(good_why))
+display(why_panel(p, good_id, "nice"))
+
+# %% [markdown]
+# LESS's score of the same example decomposes the same way, over the reference answers instead of
+# sampled completions (so there is nothing below the prompts):
+
+# %%
+less_why = p.explain(good_id, "less")
+print(in_words(less_why))
+less_why.by_prompt()[["prompt_id", "subtask", "similarity", "contribution", "prompt"]]
