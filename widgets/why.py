@@ -7,14 +7,17 @@ the sampled completions behind NICE's gradient with their reward, policy weight 
 the rewarded completions (weight > 0) apart from the punished ones (weight < 0). The numbers come
 from :func:`nice_kit.explain.explain` and add up to the stored score.
 
-    from widgets.why import why_panel
+    from widgets import why_panel
     why_panel(run, "pool-0042", "nice")
 
+The influence explorer shows the same panel for its selected example (``InfluenceExplorer.why``).
 A contribution > 0 means a training step on the example moves the model the way the metric wants on
 that prompt or completion: a rewarded completion becomes more likely, a punished one less likely.
 
-Colours follow the JupyterLab theme (``var(--jp-...)`` CSS variables); the chart's background is
-transparent and its text and grid take the theme's colours.
+Text and tables take JupyterLab's theme colours (``var(--jp-...)`` CSS variables); the chart uses the
+light or dark plotly template as the other widgets' figures do (``theme="light" | "dark" | "auto"``).
+Displayed on its own, the panel also writes a static copy of itself (no CDN: see
+:class:`widgets._display.LiveFallback`).
 """
 
 from __future__ import annotations
@@ -42,10 +45,11 @@ STYLE = """
 .nice-why-muted {color: var(--jp-ui-font-color2, #5f5f5f);}
 .nice-why-error {color: var(--jp-error-color1, #d32f2f);}
 .nice-why-table {border-collapse: collapse; font-size: 12px; width: 100%; table-layout: fixed;}
-.nice-why-table th, .nice-why-table td {border-bottom: 1px solid var(--jp-border-color2, #e0e0e0); padding: 2px 6px;
-  text-align: left; vertical-align: top; color: var(--jp-ui-font-color1, #1f1f1f);}
-.nice-why-table th {background: var(--jp-layout-color2, #eeeeee); font-weight: 600;}
-.nice-why-table td.nice-why-num {font-variant-numeric: tabular-nums; white-space: nowrap;}
+.nice-why-table.nice-why-table th, .nice-why-table.nice-why-table td {border: none;
+  border-bottom: 1px solid var(--jp-border-color2, #e0e0e0); padding: 2px 6px; text-align: left; vertical-align: top;
+  color: var(--jp-ui-font-color1, #1f1f1f); line-height: 1.35; max-width: none;}
+.nice-why-table.nice-why-table th {background: var(--jp-layout-color2, #eeeeee); font-weight: 600;}
+.nice-why-table.nice-why-table td.nice-why-num {font-variant-numeric: tabular-nums; white-space: nowrap;}
 .nice-why-group {border-left: 4px solid var(--jp-border-color1, #999); padding: 2px 0 2px 8px; margin: 8px 0;}
 .nice-why-rewarded {border-left-color: var(--jp-success-color1, #2ca02c);}
 .nice-why-punished {border-left-color: var(--jp-error-color1, #d62728);}
@@ -114,8 +118,9 @@ def _header_html(expl: Explanation) -> str:
             "step on this example moves the model the way the metric wants.</span></div>")
 
 
-COMPLETION_HEADERS = (("epoch", "46px"), ("sample", "60px"), ("reward", "56px"), ("weight", "60px"),
-                      ("contribution", "92px"), ("completion", None))
+# column widths that hold the bold headers in JupyterLab's font and in the wider fonts of exported HTML
+COMPLETION_HEADERS = (("epoch", "54px"), ("sample", "64px"), ("reward", "64px"), ("weight", "68px"),
+                      ("contribution", "106px"), ("completion", None))
 
 
 def completions_html(expl: Explanation, prompt_id: str | None) -> str:
