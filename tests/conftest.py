@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,28 @@ def tiny_config(data: dict[str, str], **over):
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="session")
+def fast_run(tmp_path_factory):
+    """The fast-mode demo run (notebook 01's quickstart: the tiny random model on a slice of the
+    bundled data), finished, with NICE's per-completion gradients: built once per test session and
+    shared by every module that asks for it (tests/test_widgets.py, tests/test_browser.py).
+
+    Shared means read-only: never write into ``fast_run.run_dir`` (no stage, no config). A test that
+    changes a run works on its own copy (:func:`copy_run`)."""
+    from nice_kit.demo import demo_pipeline
+    from nice_kit.explain import completion_vectors
+
+    torch.set_num_threads(1)
+    p = demo_pipeline(tmp_path_factory.mktemp("fast_run") / "quickstart-fast", fast=True, verbose=False)
+    p.run()
+    completion_vectors(p, "nice")
+    return p
+
+
+def copy_run(run, dest: Path, leave_out: tuple[str, ...] = ()):
+    """A copy of ``run``'s directory at ``dest`` (without the files or folders named in
+    ``leave_out``, glob patterns), opened as a pipeline that shares ``run``'s model."""
+    shutil.copytree(run.run_dir, dest, ignore=shutil.ignore_patterns(*leave_out))
+    return run.sibling(dest, run.cfg)

@@ -1,13 +1,16 @@
 """The widgets rendered for real: JupyterLab + Debian's Chromium driven by Playwright.
 
-One fast-mode run is made in a temporary root (``runs/quickstart-fast``, where notebook 05 looks for
-it). JupyterLab starts on 127.0.0.1 (free port, token, its own config and settings folders; widget
-state saved with notebooks) and opens a notebook that shows the three widgets and a loss-vs-metric
-plot, in a 1280 x 800 window with the file browser open. The test drives each widget in the light
-theme, switches JupyterLab to the dark theme and checks again. Each time it asserts that text
-differs clearly from its background (contrast ratio), and it checks that a row click selects its
-example, that the metric picker's figure is cleared after a failed metric, and that the saved
-notebook's static copy of a filtered explorer holds the filter's rows. A second test executes
+The session's fast-mode run (``fast_run`` in conftest.py, with NICE's per-completion gradients) is
+copied into a temporary root (``runs/quickstart-fast``, where notebook 05 looks for it). JupyterLab
+starts on 127.0.0.1 (free port, token, its own config and settings folders; widget state saved with
+notebooks) and opens a notebook that shows the three widgets and a loss-vs-metric plot, in a
+1280 x 800 window with the file browser open. The test drives each widget in the light theme,
+switches JupyterLab to the dark theme and checks again. Each time it asserts that text differs
+clearly from its background (contrast ratio), and that the explorer's "why" panel draws the selected
+example's bars and its top prompt's rewarded and punished completions, with chart text that stands
+out from the chart's background; it checks that a row click selects its example (and redraws the
+why panel), that the metric picker's figure is cleared after a failed metric, and that the saved
+notebook's static copy of a filtered explorer holds the filter's rows and the why panel. A second test executes
 notebook 05, exports it to HTML (nbconvert) and opens that file with every network request blocked:
 its figures must draw from the inline plotly.js.
 
@@ -168,21 +171,15 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    """A root folder holding a finished fast-mode run (made as notebook 01 would make it) and a
-    notebooks/ folder, plus Lab's config and settings."""
+def base_dir(fast_run, tmp_path_factory) -> Path:
+    """A root folder holding a copy of the session's finished fast-mode run (what notebook 01 makes,
+    plus NICE's per-completion gradients) and a notebooks/ folder, plus Lab's config and settings.
+    (The run's data paths point at the session's copy of the data; notebook 05 rewrites them.)"""
     base = tmp_path_factory.mktemp("lab")
     root = base / "root"
     (root / "notebooks").mkdir(parents=True)
     _settings(base / "settings", base / "config")
-    from nice_kit.demo import demo_pipeline
-
-    here = os.getcwd()
-    os.chdir(root / "notebooks")  # the run's config holds data paths as notebook 05 will see them
-    try:
-        demo_pipeline(f"../{RUN}", fast=True, verbose=False).run()
-    finally:
-        os.chdir(here)
+    shutil.copytree(fast_run.run_dir, root / RUN)
     return base
 
 
@@ -254,6 +251,71 @@ def _shoot(page, locator, name: str) -> None:
     page.set_viewport_size(VIEWPORT)
 
 
+# The contrast of a plotly chart's text (title, tick labels) against the chart's own background.
+CHART_CONTRAST_JS = """
+(svg) => {
+  const parse = (c) => { const p = c.match(/[\\d.]+/g).map(Number); return { r: p[0], g: p[1], b: p[2] }; };
+  const lum = (c) => {
+    const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); };
+    return 0.2126 * f(c.r) + 0.7152 * f(c.g) + 0.0722 * f(c.b);
+  };
+  const bg = parse(getComputedStyle(svg).backgroundColor);
+  const plot = svg.closest('.js-plotly-plot');
+  return [...plot.querySelectorAll('.gtitle, .xtick text, .ytick text, .g-xtitle text')].map((t) => {
+    const fg = parse(getComputedStyle(t).fill);
+    const l1 = lum(fg), l2 = lum(bg);
+    return { text: t.textContent.slice(0, 40), fill: getComputedStyle(t).fill, background: getComputedStyle(svg).backgroundColor,
+             ratio: (Math.max(l1, l2) + 0.05) / (Math.min(l1, l2) + 0.05) };
+  });
+}
+"""
+
+
+def _plot(widget, cls: str):
+    """The plotly chart of the FigureWidget with class ``cls`` inside ``widget`` (the class is on the
+    widget's element, which may be the chart's own)."""
+    return widget.locator(f".{cls}.js-plotly-plot, .{cls} .js-plotly-plot").first
+
+
+def _check_why(page, explorer, theme: str, run_dir: Path) -> None:
+    """The explorer's why panel for the selected example: one bar per contributing target prompt
+    (as nice_kit.explain computes them), the top prompt's completions split into rewarded and
+    punished groups (each present when that prompt has such completions), chart text readable on the
+    chart's background; then a screenshot."""
+    from playwright.sync_api import expect
+
+    from nice_kit.explain import explain
+    from widgets import open_run
+    from widgets.why import prompt_bars
+
+    why = explorer.locator(".nice-why").first
+    expect(why).to_be_visible()
+    rid = explorer.locator(".nice-explorer-detail b").first.inner_text().strip()
+    expect(why.locator(".nice-why-header")).to_contain_text(f"{rid}: NICE score", timeout=20_000)
+    e = explain(open_run(run_dir), rid, "nice", compute=False)
+    n_bars = len(prompt_bars(e))
+    assert n_bars > 0
+    expect(why.locator(".nice-why-bars .trace.bars .point")).to_have_count(n_bars, timeout=20_000)
+    comp = e.completions_of(e.top_prompt())
+    rewarded, punished = int((comp["policy_weight"] > 0).sum()), int((comp["policy_weight"] < 0).sum())
+    assert rewarded and punished, "under the mean baseline a prompt with signal has both kinds of completion"
+    for cls, n in (("nice-why-rewarded", rewarded), ("nice-why-punished", punished)):
+        group = why.locator(f".nice-why-completions .{cls}")
+        expect(group).to_have_count(1)
+        expect(group.locator("tbody tr")).to_have_count(n)
+    chart = why.locator(".nice-why-bars .main-svg").first
+    texts = chart.evaluate(CHART_CONTRAST_JS)
+    assert len(texts) > 3, texts
+    bad = [t for t in texts if t["ratio"] < MIN_CONTRAST]
+    assert not bad, f"why chart ({theme} theme): text too close to its background: {bad[:5]}"
+    _assert_readable(why, "why panel", theme)
+    box = why.bounding_box()
+    assert box["x"] + box["width"] <= VIEWPORT["width"], f"the why panel overflows 1280 px: {box}"
+    widths = why.evaluate("(e) => [e.scrollWidth, e.clientWidth]")
+    assert widths[0] <= widths[1] + 1, f"the why panel scrolls sideways: {widths}"
+    _shoot(page, why, f"why_panel-{theme}.png")
+
+
 def _drive_and_check(page, theme: str) -> None:
     """Screenshots and checks of every widget in the current theme."""
     explorer = page.locator(".nice-explorer").first
@@ -264,7 +326,8 @@ def _drive_and_check(page, theme: str) -> None:
     from playwright.sync_api import expect
 
     # the figures follow the page's theme (the probe reports it to the kernel, which re-templates)
-    for fig in (explorer.locator(".js-plotly-plot").first, picker.locator(".js-plotly-plot").first):
+    for fig in (_plot(explorer, "nice-explorer-hist"), _plot(explorer, "nice-why-bars"),
+                picker.locator(".js-plotly-plot").first):
         expect(fig.locator(".main-svg").first).to_have_css("background-color", paper, timeout=30_000)
     for widget, name in ((explorer, "explorer"), (viewer, "rollout_viewer"), (picker, "metric_picker")):
         _tall(page, widget)
@@ -328,7 +391,7 @@ def test_widgets_in_jupyterlab_light_and_dark(chromium, lab):
                     pytest.fail(f"cell {i} did not render; outputs: {outputs}\npage errors: {errors}\n"
                                 f"console: {console[-10:]}\nlab log: {log.read_text()[-2000:]}", pytrace=False)
             page.set_viewport_size(VIEWPORT)
-            expect(explorer.locator(".js-plotly-plot")).to_have_count(2, timeout=60_000)
+            expect(explorer.locator(".js-plotly-plot")).to_have_count(3, timeout=60_000)  # why chart, hist, scatter
             expect(explorer.locator(".js-plotly-plot .scatterlayer .point").first).to_be_attached(timeout=60_000)
             expect(explorer.locator(".gtitle", has_text="Spearman")).to_have_count(1)
             assert table.locator("tbody tr").count() == 8
@@ -344,7 +407,7 @@ def test_widgets_in_jupyterlab_light_and_dark(chromium, lab):
             headers = table.locator("th").evaluate_all("(ths) => ths.map((t) => t.textContent.trim())")
             assert {"id", "selected by", "nice", "less", "prompt", "response", "on task", "source"} <= set(headers)
             table_box = wrap.bounding_box()
-            hist_box = explorer.locator(".js-plotly-plot").first.bounding_box()
+            hist_box = _plot(explorer, "nice-explorer-hist").bounding_box()
             assert hist_box["y"] >= table_box["y"] + table_box["height"] - 1, "plots should wrap below the table"
             assert explorer.bounding_box()["width"] <= VIEWPORT["width"]
             page.set_viewport_size(VIEWPORT)
@@ -363,6 +426,9 @@ def test_widgets_in_jupyterlab_light_and_dark(chromium, lab):
             expect(detail).to_contain_text(chosen, timeout=20_000)
             assert detail.text_content().startswith(chosen)
             expect(explorer.locator("tr.nice-kit-selected")).to_have_attribute("data-key", chosen, timeout=20_000)
+            # ... and redraws the why panel for it
+            phase[0] = "why panel (light)"
+            _check_why(page, explorer, "light", root / RUN)
             # a header click sorts by that column
             table.locator("th[data-sort='task']").click()
             expect(table.locator("th.nice-kit-sorted-asc")).to_have_attribute("data-sort", "task", timeout=20_000)
@@ -413,6 +479,9 @@ def test_widgets_in_jupyterlab_light_and_dark(chromium, lab):
             expect(page.locator(".jp-Cell").nth(4).locator(".js-plotly-plot .main-svg").first).to_have_css(
                 "background-color", "rgb(17, 17, 17)", timeout=30_000)
             _drive_and_check(page, "dark")
+            phase[0] = "why panel (dark)"
+            _check_why(page, explorer, "dark", root / RUN)
+            why_header = explorer.locator(".nice-why-header").first.inner_text()
 
             phase[0] = "saving"
             before = (root / "widgets.ipynb").stat().st_mtime
@@ -436,6 +505,7 @@ def test_widgets_in_jupyterlab_light_and_dark(chromium, lab):
     copy = copies[0]["data"]["text/html"]
     assert re.findall(r'data-key="([^"]+)"', copy) == live_ids
     assert "selected (top 10%): NICE" in copy and "cdn.plot.ly" not in copy
+    assert "why this score?" in copy and why_header.split(":")[0] in copy  # the why panel, as last seen
     state = saved.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
     assert len(state) > 10, "JupyterLab saved no widget state with the notebook"
 

@@ -358,7 +358,8 @@ def test_why_panel_shows_the_prompts_and_the_top_prompts_completions(run):
     assert other in panel._repr_html_()
     # what an embedding explorer calls: errors are shown, not raised
     assert panel.show("no-such-id", "nice", raise_errors=False) is None
-    assert "cannot explain no-such-id" in panel.header.value and len(panel.bars.data[0].x) == 0
+    assert "cannot explain the nice score of no-such-id" in panel.header.value and len(panel.bars.data[0].x) == 0
+    assert "no pool example with id" in panel.header.value and panel.chart.layout.display == "none"
     with pytest.raises(KeyError):
         panel.show("no-such-id", "nice")
 
@@ -375,6 +376,7 @@ def test_why_panel_offers_to_compute_missing_completion_gradients(made, tokenize
     panel = WhyPanel(q, q.pool[0].id, "nice", compute=False)
     assert panel.explanation.completions is None and panel.compute_button.layout.display != "none"
     assert len(panel.bars.data[0].x) > 0 and "no completions" in panel.completions.value
-    panel.compute_button.click()
+    panel.compute_button.click()  # loads the model (here the tiny one in memory) and stores the gradients
     assert panel.explanation.completions is not None and panel.compute_button.layout.display == "none"
+    assert "could not" not in panel.status.value and (tmp_path / "run" / "grads" / "val_nice_completions").exists()
     assert "nice-why-rewarded" in panel.completions.value or "nice-why-punished" in panel.completions.value

@@ -1,13 +1,15 @@
 """The widgets (widgets/): controls change what they should, from a live pipeline or a run directory.
 
-One fast-mode run (tiny model) is shared by the whole module; no browser is needed here (see
-test_browser.py for the widgets rendered in JupyterLab, in the light and the dark theme)."""
+The module works on its own copy of the session's fast-mode run (tiny model; ``fast_run`` in
+conftest.py); no browser is needed here (see test_browser.py for the widgets rendered in JupyterLab,
+in the light and the dark theme)."""
 
 from __future__ import annotations
 
 import html
 import json
 import re
+import shutil
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -16,26 +18,25 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 import pytest
-import torch
 from plotly.callbacks import Points
 
 pytest.importorskip("ipywidgets")
 pytest.importorskip("anywidget")  # plotly's FigureWidget needs it
 
+import nice_kit.pipeline as pipeline_mod  # noqa: E402
 import widgets  # noqa: E402
+from conftest import copy_run  # noqa: E402
+from nice_kit.explain import explain  # noqa: E402
 from widgets import InfluenceExplorer, MetricPicker, RolloutViewer, loss_vs_metric, open_run  # noqa: E402
 from widgets import _display, _html, _theme  # noqa: E402
 from widgets import metric_picker as mp  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from nice_kit.demo import demo_pipeline
-
-    torch.set_num_threads(1)
-    p = demo_pipeline(tmp_path_factory.mktemp("widgets") / "run", fast=True, verbose=False)
-    p.run()
-    return p
+def run(fast_run, tmp_path_factory):
+    """This module's copy of the session's fast run (with NICE's per-completion gradients): the tests
+    write into it (selections)."""
+    return copy_run(fast_run, tmp_path_factory.mktemp("widgets") / "run")
 
 
 @pytest.fixture(scope="module")
@@ -276,6 +277,166 @@ def test_explorer_panels_take_dataframes(explorer):
     assert "ZeroDivisionError" in explorer.panel_box.children[-1].value
 
 
+# ------------------------------------------------------------------------ the why panel
+def _bars(panel) -> dict[str, float]:
+    bar = panel.bars.data[0]
+    return dict(zip(bar.customdata, bar.x))
+
+
+def _expected_bars(run, rid: str, method: str) -> dict[str, float]:
+    per = explain(run, rid, method, compute=False).by_prompt()
+    per = per[per["contribution"] != 0]
+    return dict(zip(per["prompt_id"], per["contribution"]))
+
+
+def test_selecting_a_row_redraws_the_why_panel_for_that_example(explorer, run):
+    why = explorer.why
+    assert explorer.why_toggle.value and why.layout.display is None  # open by default
+    first = explorer.selected_id
+    assert why.shown == (first, "nice") and why.explanation.example_id == first
+    rid = explorer.table["id"].iloc[3]
+    assert rid != first
+    explorer.table_view.click(rid)  # a row click
+    e = why.explanation
+    assert why.shown == (rid, "nice") and e.example_id == rid and e.method == "nice"
+    assert _bars(why) == pytest.approx(_expected_bars(run, rid, "nice"))
+    assert html.escape(rid) in why.header.value and e.score == pytest.approx(explorer.frame.set_index("id").loc[rid, "nice"])
+    top = e.top_prompt()
+    assert why.prompt.value == top
+    comp = e.completions_of(top)  # the run has its per-completion gradients: the completions are shown
+    for cls, part in (("nice-why-rewarded", comp["policy_weight"] > 0), ("nice-why-punished", comp["policy_weight"] < 0)):
+        assert (cls in why.completions.value) == bool(part.any())
+    assert why.compute_button.layout.display == "none"
+    # a scatter click and select_example redraw it too
+    trace = explorer.scatter.data[1]
+    i = next(j for j, x in enumerate(trace.customdata) if x != rid)
+    trace._dispatch_on_click(Points(point_inds=[i], xs=[trace.x[i]], ys=[trace.y[i]], trace_name=trace.name,
+                                    trace_index=1), None)
+    assert why.explanation.example_id == trace.customdata[i]
+    other = explorer.frame["id"].iloc[-1]
+    explorer.select_example(other)
+    assert why.explanation.example_id == other and _bars(why) == pytest.approx(_expected_bars(run, other, "nice"))
+
+
+def test_switching_the_method_redraws_the_why_panel(explorer, run):
+    rid = explorer.table["id"].iloc[2]
+    explorer.table_view.click(rid)
+    nice_bars = _bars(explorer.why)
+    explorer.method.value = "less"
+    why = explorer.why
+    assert why.shown == (rid, "less") and why.explanation.method == "less" and why.explanation.example_id == rid
+    assert _bars(why) == pytest.approx(_expected_bars(run, rid, "less")) and _bars(why) != pytest.approx(nice_bars)
+    assert "LESS score" in why.header.value and "no completions" in why.completions.value
+    assert why.compute_button.layout.display == "none"  # LESS samples nothing: nothing to compute
+    explorer.table_view.click_header("nice")  # sorting by a score column switches the method too
+    assert why.shown == (rid, "nice") and _bars(why) == pytest.approx(nice_bars)
+
+
+def test_closing_the_why_panel_stops_its_redraws(explorer):
+    explorer.why_toggle.value = False
+    assert explorer.why.layout.display == "none" and "why this score?" not in explorer.fallback_html()
+    rid = explorer.table["id"].iloc[4]
+    explorer.table_view.click(rid)
+    assert explorer.why.shown[0] != rid  # closed: not redrawn
+    explorer.why_toggle.value = True
+    assert explorer.why.shown == (rid, "nice") and explorer.why.layout.display is None
+    explorer.search.value = "no such text anywhere"
+    assert explorer.why.explanation is None and "no example matches" in explorer.why.header.value
+
+
+def test_selecting_never_loads_the_model(run, tmp_path, monkeypatch):
+    """A run opened from disk whose per-completion gradients are not stored yet: rows, scatter points and
+    methods are chosen, the panel explains each from the stored vectors alone and offers the button;
+    only the button would load the model (here it cannot, and says so inside the panel)."""
+    shutil.copytree(run.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("val_nice_completions"))
+
+    def no_model(*args, **kwargs):
+        raise RuntimeError("the model must not be loaded")
+
+    monkeypatch.setattr(pipeline_mod, "load_model", no_model)
+    p = open_run(tmp_path / "run")
+    explorer = InfluenceExplorer(p, theme="light")
+    for rid in explorer.table["id"].iloc[[1, 5]]:
+        explorer.table_view.click(rid)
+        why = explorer.why
+        assert why.explanation.example_id == rid and why.explanation.completions is None
+        assert _bars(why) == pytest.approx(_expected_bars(run, rid, "nice"))
+        assert "per-completion gradients not available" in why.completions.value
+        assert why.compute_button.layout.display is None
+    explorer.method.value = "less"
+    assert explorer.why.shown[1] == "less" and explorer.why.compute_button.layout.display == "none"
+    explorer.method.value = "nice"
+    assert p._base_model is None and not (tmp_path / "run" / "grads" / "val_nice_completions").exists()
+    explorer.why.compute_button.click()  # the one thing that loads the model: here it fails, in the panel
+    assert "could not compute them" in explorer.why.status.value and "must not be loaded" in explorer.why.status.value
+    assert len(explorer.why.bars.data[0].x) > 0 and not explorer.why.compute_button.disabled  # prompts stay
+
+
+def test_why_panel_errors_show_inside_the_panel(run, tmp_path, monkeypatch):
+    q = copy_run(run, tmp_path / "run")
+    explorer = InfluenceExplorer(q, theme="light")
+    rid = explorer.table["id"].iloc[1]
+    # a stale stage: the scores no longer match what the config describes
+    monkeypatch.setattr(q, "scores_inputs", lambda methods: {"changed": True})
+    explorer.table_view.click(rid)
+    assert explorer.selected_id == rid and html.escape(rid) in explorer.detail.value  # the explorer lives on
+    assert explorer.why.explanation is None and "cannot explain the nice score of" in explorer.why.header.value
+    assert "computed from other vectors or settings" in explorer.why.header.value
+    assert explorer.why.chart.layout.display == "none"
+    assert "cannot explain" in explorer.fallback_html()
+    monkeypatch.undo()
+    # no scores yet
+    (tmp_path / "run" / "scores.json").unlink()
+    explorer.table_view.click(explorer.table["id"].iloc[2])
+    assert "no influence scores yet" in explorer.why.header.value
+    # a method the panel cannot explain (what the explorer calls for any score column)
+    assert explorer.why.show(rid, "custom", raise_errors=False) is None
+    assert "cannot explain the custom score" in explorer.why.header.value and "&#x27;custom&#x27;" in explorer.why.header.value
+    with pytest.raises(ValueError):
+        explorer.why.show(rid, "custom")
+
+
+def test_the_static_copy_follows_the_why_panel(run, shell):
+    explorer = InfluenceExplorer(run, k=5, theme="light")
+    explorer._ipython_display_()
+    display_id = next(o for o in shell.outputs if o.transient and o.transient.get("display_id")).transient["display_id"]
+
+    def latest() -> str:
+        return [o for o in shell.outputs if o.update and o.transient.get("display_id") == display_id][-1].data["text/html"]
+
+    rid = explorer.table["id"].iloc[3]
+    explorer.table_view.click(rid)
+    copy = latest()
+    assert "why this score?" in copy and explorer.why.header.value in copy
+    assert copy.count("Plotly.newPlot") == 3 and "cdn.plot.ly" not in copy  # why chart, histogram, scatter
+    e = explorer.why.explanation
+    other = next(v for _, v in explorer.why.prompt.options if v != e.top_prompt())
+    explorer.why.prompt.value = other  # the panel redraws by itself: the copy follows
+    assert html.escape(other) in latest().split("why this score?")[1]
+    assert completions_first_text(e, other) in latest()
+
+
+def completions_first_text(e, prompt_id: str) -> str:
+    comp = e.completions_of(prompt_id)
+    return html.escape(" ".join(str(comp["text"].iloc[0]).split()))
+
+
+def test_why_bars_are_labelled_with_their_subtask(run):
+    e = explain(run, run.pool[0].id, "nice", compute=False)
+    bars = widgets.why.prompt_bars(e)
+    assert len(bars) and all(s in lab for s, lab in zip(bars["subtask"], bars["label"]))
+    assert bars["label"].tolist() == bars["prompt_id"].tolist()  # these ids name their subtask: not repeated
+    e.prompts["subtask"] = "other"
+    assert widgets.why.prompt_bars(e)["label"].tolist() == [f"other · {p}" for p in bars["prompt_id"]]
+
+
+def test_why_panel_exported_from_the_package(run):
+    assert widgets.why_panel is widgets.why.why_panel and widgets.WhyPanel is widgets.why.WhyPanel
+    panel = widgets.why_panel(run, run.pool[0].id, "nice", theme="dark")
+    assert panel.bars.layout.template.layout.paper_bgcolor == _theme.PAPER["dark"]
+    assert panel.probe is None and "cdn.plot.ly" not in panel._repr_html_()
+
+
 # ----------------------------------------------------------------------- theme and colours
 def test_css_takes_colours_from_the_theme():
     """No hard-coded light background or dark text: every colour is a JupyterLab variable (with a
@@ -309,8 +470,11 @@ def test_explorer_figures_follow_the_theme(run):
     dark = InfluenceExplorer(run, theme="dark")
     assert dark.hist.layout.template.layout.paper_bgcolor == _theme.PAPER["dark"]
     assert dark.scatter.data[-1].marker.color == widgets.plots.FOREGROUND["dark"]
+    assert dark.why.bars.layout.template.layout.paper_bgcolor == _theme.PAPER["dark"]
     dark.set_theme("light")
     assert dark.scatter.layout.template.layout.paper_bgcolor == _theme.PAPER["light"]
+    assert dark.why.bars.layout.template.layout.paper_bgcolor == _theme.PAPER["light"]
+    assert dark.why.theme == "light" and dark.why.probe is None  # the explorer's theme, not a probe of its own
     assert dark.scatter.data[-1].marker.color == widgets.plots.FOREGROUND["light"]
     assert dark.probe is None  # an explicit theme does not follow the page
     auto, viewer, picker = InfluenceExplorer(run, theme="auto"), RolloutViewer(run), MetricPicker(run)
@@ -358,7 +522,7 @@ def test_static_figures_show_what_the_widget_shows(explorer):
     assert shown == set(explorer.table["id"]) and len(fig.data[0].x) == len(explorer.frame) - len(shown)
     html_copy = explorer._repr_html_()
     assert _row_ids(html_copy) == explorer.table["id"].head(explorer.k.value).tolist()
-    assert html_copy.count("Plotly.newPlot") == 2 and "harmful: harmful" in html_copy
+    assert html_copy.count("Plotly.newPlot") == 3 and "harmful: harmful" in html_copy  # with the why chart
 
 
 def test_plotlyjs_is_inlined_once_per_kernel(shell, monkeypatch):

@@ -2,8 +2,9 @@
 
 Every widget takes a live :class:`nice_kit.pipeline.Pipeline` or the path of a run directory::
 
-    from widgets import InfluenceExplorer, MetricPicker, RolloutViewer, open_run
-    InfluenceExplorer("runs/quickstart")
+    from widgets import InfluenceExplorer, MetricPicker, RolloutViewer, WhyPanel, open_run
+    InfluenceExplorer("runs/quickstart")     # its "why" panel is a WhyPanel of the selected example
+    WhyPanel("runs/quickstart", "pool-0042", "nice")
 
 Colours follow JupyterLab's light or dark theme (``theme="light" | "dark" | "auto"``). Displayed in
 a notebook, each widget also writes a static copy of itself (tables, text, figures) that follows
@@ -37,6 +38,7 @@ from .metric_picker import MetricPicker, param_choices, unavailable_reason
 from .plots import (disagreements, influence_scatter, loss_vs_metric, loss_vs_metric_checkpoints,
                     loss_vs_metric_subsets, nice_ticks, rewards_figure, rollout_figure, score_histogram)
 from .rollout_viewer import RolloutViewer, policy_summary, weight_explanation
+from .why import WhyPanel, why_figure, why_panel
 
 use_offline_renderer()
 
@@ -45,5 +47,6 @@ __all__ = [
     "as_pipeline", "load_scores", "pool_frame", "selected_ids", "spearman", "disagreements", "influence_scatter",
     "loss_vs_metric", "loss_vs_metric_checkpoints", "loss_vs_metric_subsets", "nice_ticks", "rewards_figure",
     "rollout_figure", "score_histogram", "figure_html", "use_offline_renderer", "lab_theme", "resolve_theme",
-    "param_choices", "unavailable_reason", "policy_summary", "weight_explanation",
+    "param_choices", "unavailable_reason", "policy_summary", "weight_explanation", "WhyPanel", "why_panel",
+    "why_figure",
 ]

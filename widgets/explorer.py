@@ -1,6 +1,7 @@
 """InfluenceExplorer: the pool as a clickable, sortable, filterable table with scores and what each
 method selects, a histogram and the NICE-vs-LESS scatter (both with the selection cutoffs, both
-following the filters), and the full text of the selected example."""
+following the filters), the full text of the selected example and why it got its score (the
+target prompts and sampled completions behind it, :mod:`widgets.why`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ._run import (FLAG_COLUMNS, RunLike, add_selection, as_pipeline, cutoff, po
                    score_columns, selection_fraction)
 from .plots import (FILTERED_OUT, _color, hover_text, histogram_marks, influence_scatter, scatter_groups_like,
                     scatter_title, score_histogram, selected_color)
+from .why import WhyPanel
 
 ALL = "(all)"
 # badge backgrounds dark enough for white text (the plot colours of LESS and NICE are too light)
@@ -53,15 +55,24 @@ class InfluenceExplorer(LiveFallback, w.VBox):
     bottom, rows per page, a text search over id / prompt / response. Click a row (or a scatter
     point) to read its example; click a header to sort by that column (again to reverse).
 
+    Under the example's text, the "why" panel (``.why``, a :class:`widgets.why.WhyPanel`; opened and
+    closed with ``.why_toggle``, open when ``why=True``) takes the selected example's score under the
+    chosen method apart: the target prompts that pushed it up and down, and the sampled completions
+    of the top prompt. Selecting never loads the model: NICE's per-completion gradients are only
+    read, and when they are not stored yet the panel offers a button that computes them. What
+    cannot be explained (no scores, a stale stage, another method) is said inside the panel.
+
     ``.table`` is the filtered, sorted DataFrame (the HTML table shows one page of it, ``.shown``);
     ``.selected_id`` the example whose text is shown. ``theme`` is "light", "dark" or "auto" (the
     page's JupyterLab theme). Displayed in a notebook, the explorer also writes a static copy of
-    itself that follows every change (see :class:`widgets._display.LiveFallback`).
+    itself, the why panel included, that follows every change (see
+    :class:`widgets._display.LiveFallback`).
     """
 
     PLOT_WIDTH = 400
 
-    def __init__(self, run: RunLike, k: int = 15, method: str | None = None, theme: str | None = "auto"):
+    def __init__(self, run: RunLike, k: int = 15, method: str | None = None, theme: str | None = "auto",
+                 why: bool = True):
         self.pipeline = p = as_pipeline(run)
         frame = pool_frame(p)
         self.methods = score_columns(frame)
@@ -111,17 +122,29 @@ class InfluenceExplorer(LiveFallback, w.VBox):
         self.detail.add_class("nice-explorer-detail")
         self.panel_box = w.VBox(layout=w.Layout(width="100%"))
         self.panel_box.add_class("nice-explorer-panels")
+        self.why = WhyPanel(p, method=self._sort[0], compute=False, theme=self.theme)
+        self.why.on_change(self._on_why_change)
+        self.why.layout.display = None if why else "none"
+        self.why_toggle = w.ToggleButton(value=why, description="why this score?", icon="question-circle",
+                                         tooltip="show or hide how the selected example's score decomposes into "
+                                                 "target prompts and sampled completions",
+                                         layout=w.Layout(width="auto", align_self="flex-start"))
+        self.why_toggle.add_class("nice-explorer-why-toggle")
+        self.why_toggle.observe(self._on_why_toggle, names="value")
+        self._drawing_why = False
         self.status = w.HTML()
 
         size = dict(width=self.PLOT_WIDTH, autosize=False)
         m = self.method.value
         self.hist = go.FigureWidget(score_histogram(f, m, cutoff=self.cutoffs[m], fraction=self.fraction,
                                                     theme=self.theme).update_layout(**size))
+        self.hist.add_class("nice-explorer-hist")
         self.has_scatter = {"nice", "less"} <= set(self.methods)
         self.scatter = None
         if self.has_scatter:
             self.scatter = go.FigureWidget(influence_scatter(f, cutoffs=self.cutoffs, fraction=self.fraction,
                                                              theme=self.theme).update_layout(**size))
+            self.scatter.add_class("nice-explorer-scatter")
             for trace in self.scatter.data[1:-1]:
                 trace.on_click(self._on_scatter_click)
 
@@ -136,7 +159,8 @@ class InfluenceExplorer(LiveFallback, w.VBox):
 
         controls = w.HBox([self.task, self.flag, self.picked, self.method, self.order, self.k, self.search],
                           layout=w.Layout(flex_flow="row wrap", align_items="center"))
-        left = w.VBox([self.table_view, self.pager, self.select, self.detail, self.panel_box],
+        left = w.VBox([self.table_view, self.pager, self.select, self.detail, self.why_toggle, self.why,
+                       self.panel_box],
                       layout=w.Layout(flex="1 1 640px", min_width="0", margin="0 8px 0 0"))
         plots = [self.hist] + ([self.scatter] if self.scatter is not None else [])
         right = w.Box(plots, layout=w.Layout(flex="1 1 410px", flex_flow="row wrap", align_content="flex-start",
@@ -390,6 +414,7 @@ class InfluenceExplorer(LiveFallback, w.VBox):
                 self.scatter.data[-1].x = sel["less"].tolist()
                 self.scatter.data[-1].y = sel["nice"].tolist()
                 self.scatter.data[-1].customdata = sel["id"].tolist()
+        self._update_why()
         self._render_panels()
         self.refresh_fallback()
 
@@ -416,6 +441,39 @@ class InfluenceExplorer(LiveFallback, w.VBox):
         return (f"<div class='nice-explorer-text'><div><b>{H.esc(rid)}</b>{harm} {self._picked_cell(r)} "
                 f"{H.muted(picked_txt)}</div><div>{scores}</div><div class='nice-kit-muted'>{' · '.join(flags)}</div>"
                 f"{chat}<div><b>prompt</b></div>{H.pre(rec.prompt)}<div><b>response</b></div>{H.pre(rec.response or '')}</div>")
+
+    # ------------------------------------------------------------------------ why panel
+    def _update_why(self, force: bool = False) -> None:
+        """Redraw the why panel for the selected example and method (when open, and when either
+        changed): only stored vectors are read, never the model; errors are shown in the panel."""
+        if not self.why_toggle.value:
+            return
+        rid, m = self._selected, self.method.value
+        if rid is not None and not force and self.why.shown == (rid, m) and self.why.explanation is not None:
+            return
+        self._drawing_why = True
+        try:
+            if rid is None:
+                self.why.clear("no example matches the filters")
+            else:
+                self.why.show(rid, m, compute=False, raise_errors=False)
+        finally:
+            self._drawing_why = False
+
+    def _on_why_change(self) -> None:
+        """The panel redrew by itself (a prompt chosen, a bar clicked, completions computed)."""
+        if not self._drawing_why:
+            self.refresh_fallback()
+
+    def _on_why_toggle(self, change) -> None:
+        self.why.layout.display = None if change["new"] else "none"
+        self._update_why()
+        self.refresh_fallback()
+
+    def _why_html(self) -> str:
+        if not self.why_toggle.value:
+            return ""
+        return f"<div class='nice-kit-title'>why this score?</div>{self.why.fallback_body()}"
 
     # --------------------------------------------------------------------------- panels
     def add_panel(self, title: str, render: Callable[[str, str], Any]) -> DetailPanel:
@@ -480,6 +538,11 @@ class InfluenceExplorer(LiveFallback, w.VBox):
             with self.scatter.batch_update():
                 self.scatter.data[0].marker.color = FILTERED_OUT[theme]
                 self.scatter.data[-1].marker.color = selected_color(theme)
+        self._drawing_why = True
+        try:
+            self.why.set_theme(theme)
+        finally:
+            self._drawing_why = False
         self._show(self._selected)
 
     # ---------------------------------------------------------------------- static fallback
@@ -511,6 +574,6 @@ class InfluenceExplorer(LiveFallback, w.VBox):
         plots = figure_html(self.histogram())
         if self.has_scatter:
             plots += figure_html(self.figure())
-        return (head + self.table_html() + self.detail_html(self._selected) + self._panels_html()
+        return (head + self.table_html() + self.detail_html(self._selected) + self._why_html() + self._panels_html()
                 + f"<div style='display:flex; flex-wrap:wrap; gap:8px'>{plots}</div>")
 

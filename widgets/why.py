@@ -7,17 +7,22 @@ the sampled completions behind NICE's gradient with their reward, policy weight 
 the rewarded completions (weight > 0) apart from the punished ones (weight < 0). The numbers come
 from :func:`nice_kit.explain.explain` and add up to the stored score.
 
-    from widgets.why import why_panel
+    from widgets import why_panel
     why_panel(run, "pool-0042", "nice")
 
+The influence explorer shows the same panel for its selected example (``InfluenceExplorer.why``).
 A contribution > 0 means a training step on the example moves the model the way the metric wants on
 that prompt or completion: a rewarded completion becomes more likely, a punished one less likely.
 
-Colours follow the JupyterLab theme (``var(--jp-...)`` CSS variables); the chart's background is
-transparent and its text and grid take the theme's colours.
+Text and tables take JupyterLab's theme colours (``var(--jp-...)`` CSS variables); the chart uses the
+light or dark plotly template as the other widgets' figures do (``theme="light" | "dark" | "auto"``).
+Displayed on its own, the panel also writes a static copy of itself (no CDN: see
+:class:`widgets._display.LiveFallback`).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import ipywidgets as w
 import pandas as pd
@@ -26,70 +31,89 @@ import plotly.graph_objects as go
 from nice_kit.explain import Explanation, explain
 
 from . import _html as H
+from . import _theme
+from ._display import LiveFallback, figure_html
 from ._run import RunLike, as_pipeline
 
 UP, DOWN = "#2ca02c", "#d62728"  # mid-tone green and red: readable on light and dark themes alike
+WIDTH = 640  # px: the chart fits the explorer's text column on a 1280 px screen with the file browser open
 
 STYLE = """
 <style>
-.nice-why {color: var(--jp-ui-font-color1, inherit); font-family: var(--jp-ui-font-family, sans-serif); font-size: 12px;}
-.nice-why .js-plotly-plot .main-svg text {fill: var(--jp-ui-font-color1, #333) !important;}
-.nice-why .js-plotly-plot .gridlayer path, .nice-why .js-plotly-plot .zerolinelayer path {
-  stroke: var(--jp-border-color2, #ddd) !important;}
-.nice-why-muted {color: var(--jp-ui-font-color2, #777);}
-.nice-why-table {border-collapse: collapse; font-size: 12px; width: 100%;}
-.nice-why-table th, .nice-why-table td {border-bottom: 1px solid var(--jp-border-color2, #ddd); padding: 2px 6px;
-  text-align: left; vertical-align: top; color: var(--jp-ui-font-color1, inherit);}
-.nice-why-table th {background: var(--jp-layout-color2, transparent); font-weight: 600;}
+.nice-why {color: var(--jp-ui-font-color1, #1f1f1f); font-family: var(--jp-ui-font-family, sans-serif); font-size: 12px;
+  line-height: 1.45; min-width: 0;}
+.nice-why-muted {color: var(--jp-ui-font-color2, #5f5f5f);}
+.nice-why-error {color: var(--jp-error-color1, #d32f2f);}
+.nice-why-table {border-collapse: collapse; font-size: 12px; width: 100%; table-layout: fixed;}
+.nice-why-table.nice-why-table th, .nice-why-table.nice-why-table td {border: none;
+  border-bottom: 1px solid var(--jp-border-color2, #e0e0e0); padding: 2px 6px; text-align: left; vertical-align: top;
+  color: var(--jp-ui-font-color1, #1f1f1f); line-height: 1.35; max-width: none;}
+.nice-why-table.nice-why-table th {background: var(--jp-layout-color2, #eeeeee); font-weight: 600;}
+.nice-why-table.nice-why-table td.nice-why-num {font-variant-numeric: tabular-nums; white-space: nowrap;}
 .nice-why-group {border-left: 4px solid var(--jp-border-color1, #999); padding: 2px 0 2px 8px; margin: 8px 0;}
 .nice-why-rewarded {border-left-color: var(--jp-success-color1, #2ca02c);}
 .nice-why-punished {border-left-color: var(--jp-error-color1, #d62728);}
 .nice-why-ignored {border-left-color: var(--jp-border-color1, #999);}
-.nice-why-pos {color: var(--jp-success-color1, #2ca02c); font-weight: 600;}
-.nice-why-neg {color: var(--jp-error-color1, #d62728); font-weight: 600;}
+.nice-why-pos {color: var(--jp-success-color1, #2e7d32); font-weight: 600;}
+.nice-why-neg {color: var(--jp-error-color1, #d32f2f); font-weight: 600;}
 .nice-why-text {font-family: var(--jp-code-font-family, monospace); white-space: pre-wrap; word-break: break-word;
-  background: var(--jp-cell-editor-background, transparent); border: 1px solid var(--jp-border-color2, #ddd);
-  padding: 2px 4px;}
+  color: var(--jp-content-font-color1, #1f1f1f); background: var(--jp-cell-editor-background, transparent);
+  border: 1px solid var(--jp-border-color2, #e0e0e0); padding: 2px 4px;}
 </style>
 """
+
+def _number(x: float, digits: int = 4) -> str:
+    """``x`` with its sign ("+0.0135", "-0.0208"), and plain "0" for zero."""
+    return "0" if x == 0 else f"{x:+.{digits}g}"
 
 
 def _signed(x: float) -> str:
     cls = "nice-why-pos" if x > 0 else "nice-why-neg" if x < 0 else "nice-why-muted"
-    return f"<span class='{cls}'>{x:+.4g}</span>"
+    return f"<span class='{cls}'>{_number(x)}</span>"
 
 
 def prompt_bars(expl: Explanation, top: int = 10) -> pd.DataFrame:
     """The prompts the chart shows: those that contribute, at most ``top`` pushing up and ``top``
-    pushing down (the largest), with a ``label`` (subtask · prompt id) and a ``color``."""
+    pushing down (the largest), with a ``label`` ("subtask · prompt id", or the prompt id alone when
+    it names its subtask) and a ``color``."""
     per = expl.by_prompt()
     per = per[per["contribution"] != 0]
     up = per[per["contribution"] > 0].head(top)
     down = per[per["contribution"] < 0].tail(top)
     out = pd.concat([up, down]).sort_values("contribution", kind="mergesort").reset_index(drop=True)
-    out["label"] = [f"{s} · {p}" for s, p in zip(out["subtask"], out["prompt_id"])]
+    out["label"] = [str(p) if str(s) in str(p) else f"{s} · {p}" for s, p in zip(out["subtask"], out["prompt_id"])]
     out["color"] = [UP if c > 0 else DOWN for c in out["contribution"]]
     return out
 
 
-def why_figure(expl: Explanation, top: int = 10) -> go.Figure:
-    """Horizontal bars of the target prompts' contributions to ``expl``'s score (green up, red down);
-    each bar's ``customdata`` is its prompt id."""
+def _chart(expl: Explanation, top: int) -> tuple[pd.DataFrame, list[str], str, int]:
+    """The chart's bars (:func:`prompt_bars`), their hover texts, its title and its height."""
     bars = prompt_bars(expl, top)
     cos = expl.prompts.pivot_table(index="prompt_id", columns="epoch", values="cosine", sort=False)
-    hover = [f"<b>{pid}</b> ({sub})<br>{H.esc(H.short(text, 70))}<br>contribution {c:+.4g}<br>cosine by epoch: "
-             + ", ".join(f"{e}: {v:+.3f}" for e, v in cos.loc[pid].items())
+    hover = [f"<b>{H.esc(pid)}</b> ({H.esc(sub)})<br>{H.esc(H.short(text, 70))}<br>contribution {c:+.4g}"
+             "<br>cosine by epoch: " + ", ".join(f"{e}: {v:+.3f}" for e, v in cos.loc[pid].items())
              for pid, sub, text, c in zip(bars["prompt_id"], bars["subtask"], bars["prompt"], bars["contribution"])]
-    fig = go.Figure(go.Bar(x=bars["contribution"], y=bars["label"], orientation="h", customdata=bars["prompt_id"],
-                           marker_color=bars["color"], hovertext=hover, hoverinfo="text"))
     n = len(expl.by_prompt())
-    title = (f"Why {expl.example_id}: {expl.method} score {expl.score:+.4g} "
-             f"({len(bars)} of {n} target prompts contribute)")
-    fig.update_layout(title=title, xaxis_title="contribution to the score (summed over checkpoints)",
-                      height=max(220, 70 + 22 * len(bars)), margin=dict(l=10, r=20, t=50, b=40),
-                      paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)", showlegend=False,
-                      yaxis=dict(automargin=True), xaxis=dict(zeroline=True))
-    return fig
+    title = f"{expl.method.upper()} score of {expl.example_id}: {len(bars)} of {n} target prompts contribute"
+    return bars, hover, title, max(220, 90 + 24 * len(bars))
+
+
+def _layout(title: str, height: int) -> dict:
+    return dict(title=dict(text=title, font=dict(size=14), x=0, xanchor="left"),
+                xaxis_title="contribution to the score (summed over checkpoints)", width=WIDTH, height=height,
+                margin=dict(l=10, r=20, t=40, b=40), showlegend=False, yaxis=dict(automargin=True),
+                xaxis=dict(zeroline=True, automargin=True))
+
+
+def why_figure(expl: Explanation, top: int = 10, theme: str | None = None) -> go.Figure:
+    """Horizontal bars of the target prompts' contributions to ``expl``'s score (green up, red down);
+    each bar's ``customdata`` is its prompt id. ``theme`` ("light" / "dark", default: JupyterLab's)
+    picks the template, as for the other widgets' figures."""
+    bars, hover, title, height = _chart(expl, top)
+    fig = go.Figure(go.Bar(x=bars["contribution"], y=bars["label"], orientation="h", customdata=bars["prompt_id"],
+                           marker_color=bars["color"], hovertext=hover, hoverinfo="text"),
+                    layout=_layout(title, height))
+    return _theme.apply(fig, _theme.resolve_theme(theme))
 
 
 def _header_html(expl: Explanation) -> str:
@@ -98,9 +122,14 @@ def _header_html(expl: Explanation) -> str:
         how = f"mean over every valid target prompt (subtask means: {subs})"
     else:
         how = f"subtask <b>{H.esc(expl.winner)}</b> won the max of subtask means ({subs})"
-    return (f"<div><b>{H.esc(expl.example_id)}</b>: {H.esc(expl.method)} score {_signed(expl.score)}; {how}. "
+    return (f"<div><b>{H.esc(expl.example_id)}</b>: {H.esc(expl.method.upper())} score {_signed(expl.score)}; {how}. "
             f"<span class='nice-why-muted'>The contributions add up to {expl.total:+.6g}. Above 0: a training "
             "step on this example moves the model the way the metric wants.</span></div>")
+
+
+# column widths that hold the bold headers in JupyterLab's font and in the wider fonts of exported HTML
+COMPLETION_HEADERS = (("epoch", "54px"), ("sample", "64px"), ("reward", "64px"), ("weight", "68px"),
+                      ("contribution", "106px"), ("completion", None))
 
 
 def completions_html(expl: Explanation, prompt_id: str | None) -> str:
@@ -120,96 +149,166 @@ def completions_html(expl: Explanation, prompt_id: str | None) -> str:
               ("nice-why-punished", "punished (policy weight < 0): a positive contribution makes them less likely",
                comp[comp["policy_weight"] < 0]),
               ("nice-why-ignored", "without weight (no share in the gradient)", comp[comp["policy_weight"] == 0])]
+    cols = "".join(f'<col style="width:{wd}">' if wd else "<col>" for _, wd in COMPLETION_HEADERS)
+    heads = "".join(f"<th>{name}</th>" for name, _ in COMPLETION_HEADERS)
     parts = [head]
     for cls, title, df in groups:
         if df.empty:
             continue
         rows = "".join(
             f"<tr><td>{r.epoch}</td><td>{'reference' if r.kind == 'reference' else int(r.sample)}</td>"
-            f"<td>{H.fmt(float(r.reward))}</td><td>{r.policy_weight:+.3g}</td><td>{_signed(float(r.contribution))}</td>"
+            f"<td class='nice-why-num'>{H.fmt(float(r.reward))}</td><td class='nice-why-num'>{_number(float(r.policy_weight), 3)}</td>"
+            f"<td class='nice-why-num'>{_signed(float(r.contribution))}</td>"
             f"<td><div class='nice-why-text'>{H.esc(' '.join(str(r.text).split()))}</div></td></tr>"
             for r in df.itertuples())
         parts.append(f"<div class='nice-why-group {cls}'><div><b>{len(df)} {H.esc(title)}</b></div>"
-                     "<table class='nice-why-table'><thead><tr><th>epoch</th><th>sample</th><th>reward</th>"
-                     f"<th>weight</th><th>contribution</th><th>completion</th></tr></thead><tbody>{rows}</tbody>"
-                     "</table></div>")
+                     f"<table class='nice-why-table'><colgroup>{cols}</colgroup><thead><tr>{heads}</tr></thead>"
+                     f"<tbody>{rows}</tbody></table></div>")
     return "".join(parts)
 
 
-class WhyPanel(w.VBox):
+class WhyPanel(LiveFallback, w.VBox):
     """Why one pool example got its score: the target prompts' bars and one prompt's completions.
 
     ``show(example_id, method)`` explains another example (what an explorer calls when its selection
     changes). ``compute=False`` never computes NICE's per-completion gradients (they need the model):
-    until they are stored the panel shows the prompts only, with a button that computes them.
+    until they are stored the panel shows the prompts only, with a button that computes them
+    (:meth:`compute_completions`).
 
-    ``.explanation`` is the :class:`~nice_kit.explain.Explanation` shown, ``.bars`` the chart
-    (a FigureWidget; click a bar to see its prompt's completions), ``.prompt`` the prompt dropdown,
-    ``.completions`` the completions' HTML. ``figure()`` and ``_repr_html_`` are static fallbacks.
+    ``.explanation`` is the :class:`~nice_kit.explain.Explanation` shown (None after an error),
+    ``.shown`` the (example id, method) last asked for, ``.bars`` the chart (a FigureWidget; click a
+    bar to see its prompt's completions), ``.prompt`` the prompt dropdown, ``.completions`` the
+    completions' HTML, ``.status`` what the compute button did. ``theme`` is "light", "dark" or
+    "auto" (the page's JupyterLab theme). Displayed on its own in a notebook, the panel also writes a
+    static copy of itself that follows every change (:class:`widgets._display.LiveFallback`);
+    ``on_change(callback)`` tells an embedding widget whenever the panel redraws.
     """
 
     UP, DOWN = UP, DOWN
 
     def __init__(self, run: RunLike, example_id: str | None = None, method: str = "nice", top: int = 10,
-                 compute: bool = True):
+                 compute: bool = True, theme: str | None = "auto"):
         self.pipeline = as_pipeline(run)
         self.method, self.top, self.compute = method, top, compute
+        self._theme_arg = _theme.check_theme(theme)
+        self.theme = _theme.resolve_theme(theme)
         self.explanation: Explanation | None = None
+        self.shown: tuple[str, str] | None = None
         self._updating = False
-        self.style = w.HTML(STYLE)
+        self._listeners: list[Callable[[], None]] = []
+        self.style = w.HTML(STYLE + self.hide_fallback_style())
         self.header = w.HTML()
-        self.bars = go.FigureWidget(go.Figure(go.Bar(x=[], y=[], orientation="h")))
+        self.header.add_class("nice-why-header")
+        self.bars = go.FigureWidget(_theme.apply(go.Figure(go.Bar(x=[], y=[], orientation="h", hoverinfo="text"),
+                                                           layout=_layout("", 220)), self.theme))
         self.bars.data[0].on_click(self._on_bar_click)
         self.bars.add_class("nice-why-bars")
+        self.chart = w.Box([self.bars], layout=w.Layout(width="100%", min_width="0"))  # hidden after an error
         self.prompt = w.Dropdown(options=[], description="prompt", layout=w.Layout(width="98%"))
         self.prompt.add_class("nice-why-prompt")
         self.prompt.observe(self._on_prompt, names="value")
         self.compute_button = w.Button(description="compute completion gradients", icon="cogs",
-                                       tooltip="needs the model: one gradient per sampled completion, stored")
-        self.compute_button.on_click(lambda _: self.show(self.explanation.example_id, self.method, compute=True))
+                                       tooltip="loads the model: one projected gradient per sampled completion, "
+                                               "stored beside the prompt vectors", layout=w.Layout(width="auto"))
+        self.compute_button.add_class("nice-why-compute")
+        self.compute_button.on_click(lambda _: self.compute_completions())
         self.compute_button.layout.display = "none"
-        self.completions = w.HTML()
+        self.status = w.HTML()
+        self.status.add_class("nice-why-status")
+        self.completions = w.HTML(layout=w.Layout(width="100%", margin="2px 0"))  # no sideways overflow
         self.completions.add_class("nice-why-completions")
-        super().__init__([self.style, self.header, self.bars, self.prompt, self.compute_button, self.completions])
+        self.probe = _theme.follow_page_theme(self) if self._theme_arg is None else None
+        super().__init__([self.style, *([self.probe] if self.probe else []), self.header, self.chart, self.prompt,
+                          w.HBox([self.compute_button, self.status], layout=w.Layout(align_items="center",
+                                                                                   flex_flow="row wrap")),
+                          self.completions], layout=w.Layout(width="100%", min_width="0"))
         self.add_class("nice-why")
         if example_id is not None:
             self.show(example_id, method)
         else:
-            self.header.value = "<i class='nice-why-muted'>no example selected</i>"
+            self.clear()
 
     def show(self, example_id: str, method: str | None = None, compute: bool | None = None,
              raise_errors: bool = True) -> Explanation | None:
         """Explain ``example_id`` under ``method`` (default: the last one) and redraw.
 
         ``raise_errors=False`` (for an embedding widget) shows what went wrong (no scores yet, a stale
-        stage, a method that cannot be explained) in the panel instead of raising, and returns None."""
+        stage, a method that cannot be explained, an unknown example) in the panel instead of raising,
+        and returns None."""
         self.method = method or self.method
+        self.shown = (str(example_id), self.method)
+        self.status.value = ""
         try:
             expl = explain(self.pipeline, example_id, self.method,
                            compute=self.compute if compute is None else compute)
-        except (ValueError, RuntimeError, KeyError) as err:
+        except Exception as err:  # noqa: BLE001 - an embedding widget's callbacks must not raise
             if raise_errors:
                 raise
-            self.explanation = None
-            self.header.value = f"<div class='nice-why-neg'>cannot explain {H.esc(example_id)}: {H.esc(err)}</div>"
-            with self.bars.batch_update():
-                self.bars.data[0].x, self.bars.data[0].y, self.bars.data[0].customdata = [], [], []
-            self._updating = True
-            try:
-                self.prompt.options = []
-            finally:
-                self._updating = False
-            self.compute_button.layout.display = "none"
-            self.completions.value = ""
+            self._show_error(example_id, err)
             return None
+        self._draw(expl)
+        return expl
+
+    def compute_completions(self) -> Explanation | None:
+        """What the button does: compute NICE's per-completion gradients (loads the model once;
+        stored, so later views only read them) and show the completions. A failure is shown beside
+        the button; the prompts stay on screen."""
+        if self.shown is None:
+            return None
+        example_id, method = self.shown
+        self.compute_button.disabled = True
+        self.status.value = "<span class='nice-why-muted'>computing the per-completion gradients (loads the model)…</span>"
+        try:
+            expl = explain(self.pipeline, example_id, method, compute=True)
+        except Exception as err:  # noqa: BLE001 - shown, not raised into the button's callback
+            self.status.value = (f"<span class='nice-why-error'>could not compute them: {H.esc(type(err).__name__)}: "
+                                 f"{H.esc(err)}</span>")
+            return None
+        finally:
+            self.compute_button.disabled = False
+        self._draw(expl)
+        return expl
+
+    def clear(self, message: str = "no example selected") -> None:
+        """Show nothing but ``message`` (plain text)."""
+        self.shown = None
+        self._blank(f"<i class='nice-why-muted'>{H.esc(message)}</i>")
+
+    def _show_error(self, example_id: str, err: Exception) -> None:
+        kind = "" if isinstance(err, (ValueError, RuntimeError, KeyError)) else f"{type(err).__name__}: "
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        self._blank(f"<div class='nice-why-error'>cannot explain the {H.esc(self.method)} score of "
+                    f"{H.esc(example_id)}: {kind}{H.esc(msg)}</div>")
+
+    def _blank(self, header: str) -> None:
+        self.explanation = None
+        self.header.value = header
+        with self.bars.batch_update():
+            self.bars.data[0].x, self.bars.data[0].y, self.bars.data[0].customdata = [], [], []
+            self.bars.layout.title.text = ""
+        self._updating = True
+        try:
+            self.prompt.options = []
+        finally:
+            self._updating = False
+        self.chart.layout.display = "none"
+        self.prompt.layout.display = "none"
+        self.compute_button.layout.display = "none"
+        self.completions.value = ""
+        self._changed()
+
+    def _draw(self, expl: Explanation) -> None:
         self.explanation = expl
         self.header.value = _header_html(expl)
-        fig = why_figure(expl, self.top)
-        with self.bars.batch_update():
+        bars, hover, title, height = _chart(expl, self.top)
+        with self.bars.batch_update():  # only what changes (re-sending the template would take 0.2 s)
             bar = self.bars.data[0]
-            bar.x, bar.y, bar.customdata = fig.data[0].x, fig.data[0].y, fig.data[0].customdata
-            bar.marker.color, bar.hovertext, bar.hoverinfo = fig.data[0].marker.color, fig.data[0].hovertext, "text"
-            self.bars.update_layout(fig.layout.to_plotly_json())
+            bar.x, bar.y, bar.customdata = bars["contribution"].tolist(), bars["label"].tolist(), bars["prompt_id"].tolist()
+            bar.marker.color, bar.hovertext = bars["color"].tolist(), hover
+            self.bars.layout.title.text = title
+            self.bars.layout.height = height
+        self.chart.layout.display = None
+        self.prompt.layout.display = None
         per = expl.by_prompt()
         per = per[per["contribution"] != 0]
         per = per.reindex(per["contribution"].abs().sort_values(ascending=False, kind="mergesort").index)
@@ -225,10 +324,10 @@ class WhyPanel(w.VBox):
         missing = expl.completions is None and "not available" in expl.note
         self.compute_button.layout.display = None if missing else "none"
         self._render(top)
-        return expl
 
     def _render(self, prompt_id: str | None) -> None:
         self.completions.value = completions_html(self.explanation, prompt_id)
+        self._changed()
 
     def _on_prompt(self, change) -> None:
         if not self._updating and self.explanation is not None:
@@ -238,23 +337,45 @@ class WhyPanel(w.VBox):
         if points.point_inds:
             self.prompt.value = str(trace.customdata[points.point_inds[0]])
 
+    # ------------------------------------------------------------------------ embedding
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` whenever the panel redraws (another example, prompt or theme)."""
+        self._listeners.append(callback)
+
+    def _changed(self) -> None:
+        self.refresh_fallback()
+        for callback in list(self._listeners):
+            callback()
+
+    def set_theme(self, theme: str) -> None:
+        """Redraw the chart for "light" or "dark" (the page's theme, when ``theme="auto"``)."""
+        theme = _theme.check_theme(theme) or "light"
+        if theme == self.theme:
+            return
+        self.theme = theme
+        with self.bars.batch_update():
+            _theme.apply(self.bars, theme)
+        self._changed()
+
     # ---------------------------------------------------------------------- static fallback
     def figure(self) -> go.Figure:
+        """The bar chart as a static Figure (an empty one when nothing is explained)."""
         if self.explanation is None:
-            return go.Figure()
-        return why_figure(self.explanation, self.top)
+            return _theme.apply(go.Figure(), self.theme)
+        return why_figure(self.explanation, self.top, self.theme)
 
-    def _repr_html_(self) -> str:
+    def fallback_body(self) -> str:
+        """What the panel shows now, as HTML: the header, the chart and the chosen prompt's completions."""
         if self.explanation is None:
-            return "<i>no example selected</i>"
-        fig = self.figure().to_html(include_plotlyjs="cdn", full_html=False)
-        return (STYLE + f"<div class='nice-why'>{self.header.value}{fig}"
+            return f"{STYLE}<div class='nice-why'>{self.header.value}</div>"
+        return (f"{STYLE}<div class='nice-why'>{self.header.value}{figure_html(self.figure())}"
                 f"{completions_html(self.explanation, self.prompt.value)}</div>")
 
 
-def why_panel(run: RunLike, example_id: str, method: str = "nice", top: int = 10, compute: bool = True) -> WhyPanel:
+def why_panel(run: RunLike, example_id: str, method: str = "nice", top: int = 10, compute: bool = True,
+              theme: str | None = "auto") -> WhyPanel:
     """A :class:`WhyPanel` showing ``example_id`` (see the module docstring)."""
-    return WhyPanel(run, example_id, method, top, compute)
+    return WhyPanel(run, example_id, method, top, compute, theme)
 
 
 __all__ = ["WhyPanel", "why_panel", "why_figure", "completions_html", "prompt_bars"]
