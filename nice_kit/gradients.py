@@ -142,17 +142,21 @@ def _check_groups(seqs: Sequence[WeightedSequence], n_groups: int) -> None:
                              "(one weight per token expected)")
 
 
-def _plan(seqs: Sequence[WeightedSequence], share_prefixes: bool = True) -> list[_Unit]:
+_MERGE_DUPLICATES = True  # benchmarks switch it off to measure what merging identical sequences gains
+
+
+def _plan(seqs: Sequence[WeightedSequence], share_prefixes: bool = True,
+          merge_duplicates: bool = True) -> list[_Unit]:
     """Units to run: identical sequences of a group merged (weights added), zero-weight sequences and
     tokens after the last weighted one dropped, and sequences of a group whose zero-weight prefixes
     (all tokens before the one that predicts the first weighted token) are identical sharing it."""
-    merged: dict[tuple[int, tuple[int, ...]], list[float]] = {}
-    for s in seqs:
-        key = (s.group, tuple(s.input_ids))
+    merged: dict[tuple[int, tuple[int, ...], int], list[float]] = {}
+    for n, s in enumerate(seqs):
+        key = (s.group, tuple(s.input_ids), 0 if merge_duplicates else n)
         w = merged.get(key)
         merged[key] = [float(x) for x in s.weights] if w is None else [a + float(b) for a, b in zip(w, s.weights)]
     buckets: dict[tuple[int, tuple[int, ...]], list[tuple[list[int], list[float], int]]] = {}
-    for (group, ids), w in merged.items():
+    for (group, ids, _), w in merged.items():
         weighted = [t for t in range(1, len(ids)) if w[t] != 0.0]
         if not weighted:
             continue  # contributes nothing
@@ -434,14 +438,25 @@ def _is_out_of_memory(err: BaseException) -> bool:
         s in msg for s in ("out of memory", "can't allocate memory", "cannot allocate memory"))
 
 
+@dataclass
+class BatchSize:
+    """A batch size that out-of-memory errors lower (halved, down to 1). Pass one object to every call
+    of a stage to keep the lowered value for the rest of the stage (an ``int`` is lowered per call)."""
+
+    value: int
+
+    def __post_init__(self):
+        if isinstance(self.value, bool) or not isinstance(self.value, int) or self.value < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.value!r}")
+
+
 class _Session:
     """Eval mode, hooks and the model's parts for one gradient computation; OOM-aware batch size."""
 
-    def __init__(self, model, pad_id: int, batch_size: int, log: Callable[[str], None] | None,
+    def __init__(self, model, pad_id: int, batch_size: int | BatchSize, log: Callable[[str], None] | None,
                  share_prefixes: bool):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.model, self.pad_id, self.batch_size = model, pad_id, batch_size
+        self.size = batch_size if isinstance(batch_size, BatchSize) else BatchSize(batch_size)
+        self.model, self.pad_id = model, pad_id
         self.log = log or logger.warning
         self.device = next(model.parameters()).device
         self.recorder = _PerExampleRecorder(model)
@@ -465,7 +480,7 @@ class _Session:
         buffer = torch.zeros(n_groups, self.recorder.dim, device=self.device)
         self.recorder.buffer = buffer
         try:
-            for batch in _forward_batches(_plan(seqs, self.share), batch_size):
+            for batch in _forward_batches(_plan(seqs, self.share, _MERGE_DUPLICATES), batch_size):
                 _run_batch(self.model, self.parts, batch, self.pad_id, self.device, self.recorder)
                 self.model.zero_grad(set_to_none=True)
                 self.recorder.release()
@@ -478,9 +493,9 @@ class _Session:
         """``compute(batch_size)``; on out-of-memory, halve the batch size (kept for later calls) and retry."""
         while True:
             try:
-                return compute(self.batch_size)
+                return compute(self.size.value)
             except Exception as err:  # noqa: BLE001 - re-raised unless it is an out-of-memory error
-                if not _is_out_of_memory(err) or self.batch_size <= 1:
+                if not _is_out_of_memory(err) or self.size.value <= 1:
                     raise
             # outside the except block: the failed batch's tensors are no longer referenced
             self.recorder.release()
@@ -490,19 +505,20 @@ class _Session:
                 torch.cuda.empty_cache()
             elif self.device.type == "mps":
                 torch.mps.empty_cache()
-            lowered = max(1, self.batch_size // 2)
-            self.log(f"out of memory at gradient batch size {self.batch_size}; "
+            lowered = max(1, self.size.value // 2)
+            self.log(f"out of memory at gradient batch size {self.size.value}; "
                      f"continuing with batch size {lowered}")
-            self.batch_size = lowered
+            self.size.value = lowered
 
 
 def group_gradients(model, seqs: list[WeightedSequence], n_groups: int, pad_id: int,
-                    batch_size: int = 8, *, log: Callable[[str], None] | None = None,
+                    batch_size: int | BatchSize = 8, *, log: Callable[[str], None] | None = None,
                     share_prefixes: bool = True) -> torch.Tensor:
     """Gradient of each group's summed weighted NLL: a (n_groups, D) float32 tensor on the model's device.
 
     At most ``batch_size`` sequences run per forward pass (halved on out-of-memory, with a message
-    through ``log``); the model must be a peft LoRA model and is used in eval mode (no dropout)."""
+    through ``log``; see :class:`BatchSize`); the model must be a peft LoRA model and is used in eval
+    mode (no dropout)."""
     _check_groups(seqs, n_groups)
     with _Session(model, pad_id, batch_size, log, share_prefixes) as session:
         return session.retrying(lambda size: session.gradients(seqs, n_groups, size))
@@ -511,7 +527,7 @@ def group_gradients(model, seqs: list[WeightedSequence], n_groups: int, pad_id: 
 def projected_gradients(model, seqs: Sequence[WeightedSequence], n_groups: int, pad_id: int,
                         project: Callable[[torch.Tensor], torch.Tensor],
                         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                        batch_size: int = 8, *, log: Callable[[str], None] | None = None,
+                        batch_size: int | BatchSize = 8, *, log: Callable[[str], None] | None = None,
                         share_prefixes: bool = True) -> torch.Tensor:
     """``project(transform(gradient))`` of each group: (n_groups, d) float32 on the CPU, not normalised.
 
@@ -519,7 +535,8 @@ def projected_gradients(model, seqs: Sequence[WeightedSequence], n_groups: int, 
     exceed batch_size x D floats; ``transform`` (e.g. Adam preconditioning) and ``project`` (e.g.
     ``Projector.project``) map a (b, D) block to (b, D) and (b, d). Groups without sequences stay
     zero rows. On out-of-memory the batch size is halved (down to 1, logged through ``log``) and the
-    block retried; the lower size is kept for the rest."""
+    block retried; the lower size is kept for the rest (and for later calls given the same
+    :class:`BatchSize`)."""
     _check_groups(seqs, n_groups)
     by_group: list[list[WeightedSequence]] = [[] for _ in range(n_groups)]
     for q in seqs:

@@ -5,7 +5,7 @@ import torch
 
 import nice_kit.gradients as gradients_mod
 from nice_kit.data import prompt_ids, tokenize_pair
-from nice_kit.gradients import (WeightedSequence, adam_precondition, gradient_dim, group_gradients, loop_gradients,
+from nice_kit.gradients import (BatchSize, WeightedSequence, adam_precondition, gradient_dim, group_gradients, loop_gradients,
                                 mean_nll_sequence, projected_gradients)
 from nice_kit.models import LoraSettings, add_lora, lora_parameters, tiny_model
 
@@ -269,9 +269,13 @@ def test_out_of_memory_lowers_the_batch_size_and_retries(tokenizer, monkeypatch,
     assert sum(s > 2 for s in sizes) == 2  # one failure per size: the lowered size is kept
 
     messages.clear()
-    proj = projected_gradients(model, seqs, n, tokenizer.pad_token_id, lambda g: g, batch_size=4, log=messages.append)
-    _assert_fp32_close(proj, want.cpu())
+    size = BatchSize(4)  # one object for a whole stage: the lowered size carries over to later calls
+    for _ in range(2):
+        proj = projected_gradients(model, seqs, n, tokenizer.pad_token_id, lambda g: g, batch_size=size,
+                                   log=messages.append)
+        _assert_fp32_close(proj, want.cpu())
     assert messages == ["out of memory at gradient batch size 4; continuing with batch size 2"]
+    assert size.value == 2
 
 
 def test_out_of_memory_at_batch_size_one_and_other_errors_propagate(tokenizer, monkeypatch):
@@ -306,6 +310,8 @@ def test_bad_groups_and_weights_are_named(tokenizer):
         group_gradients(model, [WeightedSequence([1, 2], [0, 1], 0), WeightedSequence([1, 2], [0, 1], 2)], 2, 0)
     with pytest.raises(ValueError, match="sequence 0: 1 weights for 2 tokens"):
         projected_gradients(model, [WeightedSequence([1, 2], [0], 0)], 1, 0, lambda g: g)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        group_gradients(model, [WeightedSequence([1, 2], [0, 1], 0)], 1, 0, batch_size=0)
 
 
 def test_adam_preconditioning_formula():
