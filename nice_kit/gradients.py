@@ -172,9 +172,17 @@ def _plan(seqs: Sequence[WeightedSequence], share_prefixes: bool = True,
     return units
 
 
+def _pass_tokens(batch: list[_Unit]) -> int:
+    """Token positions a forward pass of ``batch`` holds: padded prefixes plus padded continuations."""
+    rows = [ids for u in batch for ids, _ in u.rows]
+    return len(batch) * max(len(u.prefix) for u in batch) + len(rows) * max(len(ids) for ids in rows)
+
+
 def _forward_batches(units: list[_Unit], batch_size: int) -> list[list[_Unit]]:
-    """Units packed into forward passes of at most ``batch_size`` continuation rows (a larger unit is
-    split, each piece running its prefix); shared and unshared units never mix in one pass."""
+    """Units packed into forward passes that hold no more token positions than ``batch_size`` whole
+    sequences would (the pass's longest prefix + continuation, padded); a unit with more than
+    ``batch_size`` continuations is split, each piece running its prefix. Shared and unshared units
+    never mix in one pass. Without shared prefixes this is ``batch_size`` sequences per pass."""
     pieces = []
     for u in units:
         rows = sorted(u.rows, key=lambda r: len(r[0]))
@@ -184,13 +192,14 @@ def _forward_batches(units: list[_Unit], batch_size: int) -> list[list[_Unit]]:
     batches: list[list[_Unit]] = []
     for kind in (plain, shared):
         current: list[_Unit] = []
-        n = 0
+        longest = 0
         for u in kind:
-            if current and n + len(u.rows) > batch_size:
+            whole = len(u.prefix) + max(len(ids) for ids, _ in u.rows)
+            if current and _pass_tokens(current + [u]) > batch_size * max(longest, whole):
                 batches.append(current)
-                current, n = [], 0
+                current, longest = [], 0
             current.append(u)
-            n += len(u.rows)
+            longest = max(longest, whole)
         if current:
             batches.append(current)
     return batches

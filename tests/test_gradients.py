@@ -155,6 +155,23 @@ def test_nice_groups_share_their_prompt_and_equal_the_loop(tokenizer):
     assert batched[3].abs().max() == 0  # a group without sequences
 
 
+def test_forward_passes_hold_at_most_batch_size_whole_sequences(tokenizer):
+    seqs, _ = _nice_groups(tokenizer)
+    units = gradients_mod._plan(seqs) + gradients_mod._plan(_training_seqs(tokenizer))
+    for batch_size in (1, 2, 3, 8):
+        batches = gradients_mod._forward_batches(units, batch_size)
+        rows = sorted((u.group, tuple(u.prefix + ids)) for b in batches for u in b for ids, _ in u.rows)
+        assert rows == sorted((u.group, tuple(u.prefix + ids)) for u in units for ids, _ in u.rows)
+        for b in batches:
+            assert len({bool(u.prefix) for u in b}) == 1  # shared and unshared units never mix
+            longest = max(len(u.prefix) + len(ids) for u in b for ids, _ in u.rows)
+            assert gradients_mod._pass_tokens(b) <= batch_size * longest
+            if not b[0].prefix:
+                assert sum(len(u.rows) for u in b) <= batch_size
+    # short completions of shared prompts: several prompts run in one pass
+    assert max(len(b) for b in gradients_mod._forward_batches(units, 8) if b[0].prefix) > 1
+
+
 def test_plan_merges_duplicates_drops_zero_weights_and_trims():
     seqs = [WeightedSequence([1, 2, 3, 4, 5], [0, 0, 0, 0.5, 0], 0),
             WeightedSequence([1, 2, 3, 4, 5], [0, 0, 0, 0.25, 0], 0),  # duplicate: weights add
@@ -250,13 +267,17 @@ def test_out_of_memory_lowers_the_batch_size_and_retries(tokenizer, monkeypatch,
     model = _lora_model(tokenizer, seed=10)
     seqs, n = _nice_groups(tokenizer)
     want = group_gradients(model, seqs, n, tokenizer.pad_token_id, batch_size=4)
+    # a fake allocator limit: passes larger than those of batch size 2 do not fit (and some at 4 and 8 are larger)
+    units = gradients_mod._plan(seqs)
+    limit = max(gradients_mod._pass_tokens(b) for b in gradients_mod._forward_batches(units, 2))
+    assert max(gradients_mod._pass_tokens(b) for b in gradients_mod._forward_batches(units, 4)) > limit
     original = gradients_mod._run_batch
     sizes = []
 
     def limited(model_, parts, batch, *args):
-        rows = sum(len(u.rows) for u in batch)
-        sizes.append(rows)
-        if rows > 2:  # a fake allocator limit: more than 2 sequences per pass do not fit
+        tokens = gradients_mod._pass_tokens(batch)
+        sizes.append(tokens)
+        if tokens > limit:
             raise error()
         return original(model_, parts, batch, *args)
 
@@ -266,7 +287,7 @@ def test_out_of_memory_lowers_the_batch_size_and_retries(tokenizer, monkeypatch,
     _assert_fp32_close(got, want)
     assert messages == ["out of memory at gradient batch size 8; continuing with batch size 4",
                         "out of memory at gradient batch size 4; continuing with batch size 2"]
-    assert sum(s > 2 for s in sizes) == 2  # one failure per size: the lowered size is kept
+    assert sum(s > limit for s in sizes) == 2  # one failure per size: the lowered size is kept
 
     messages.clear()
     size = BatchSize(4)  # one object for a whole stage: the lowered size carries over to later calls
