@@ -19,7 +19,9 @@ How a batch is computed (``group_gradients``, ``projected_gradients``):
   to the continuations, and gradients flow back through it into the prefix's LoRA parameters, so the
   group's gradient is exactly the sum of its sequences' gradients. Identical sequences of one group
   are run once with their weights added (the gradient is linear in the weights).
-* **Out of memory** on a batch halves the batch size (down to 1) and retries that batch.
+* **Batches by token positions.** A forward pass holds no more token positions than ``batch_size``
+  whole sequences (so several prompts with their short completions share a pass); out of memory on a
+  batch halves the batch size (down to 1) and retries that batch (:class:`BatchSize`).
 
 The model's decoder, output head and cache are found generically (``get_decoder``,
 ``get_output_embeddings``) and checked once per model against its plain forward; a model where
