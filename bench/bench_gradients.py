@@ -1,6 +1,7 @@
-"""Benchmark of the training-gradient stage on the default model (not a test: it prints numbers).
+"""Benchmark of the gradient stages on the default model (not a test: it prints numbers).
 
     python bench/bench_gradients.py [--examples 64] [--reference-examples 4] [--run-dir runs/default]
+    python bench/bench_gradients.py --stages [--prompts 32] [--train-examples 64] [--threads 2]
 
 Prints, for 128-token examples and d=8192:
 * examples/s of nice_kit (batched per-example gradients + Adam preconditioning + sparse JL) and of a
@@ -9,16 +10,27 @@ Prints, for 128-token examples and d=8192:
 * projection quality on real gradients: the largest error of projected against exact cosines, and
   the Spearman correlation of influence rankings projected versus unprojected.
 Uses the warmup checkpoint of ``--run-dir`` when there is one, else runs a short warmup first.
+
+``--stages`` instead times, in one run on the bundled default (SmolLM2-135M, LoRA as in the config,
+``--threads`` CPU threads), the NICE validation-gradient stage (the target prompts of the config's
+``target_val`` with K completions each, sampled with ``nice_kit.rollouts.sample_rollouts``) and the
+training-gradient stage (pool examples, Adam-preconditioned), each BEFORE (a copy of the implementation
+this replaced, ``legacy_*`` below: hooks keep every layer's input and output gradient to the end, full
+logits, every completion runs its prompt) and AFTER (``nice_kit.gradients.projected_gradients``), with
+the bare forward+backward of the same batches beside them and the largest relative difference of the
+gradients. It needs no warmup: the LoRA weights are random (B non-zero), the Adam moments synthetic.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import resource
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from scipy.stats import spearmanr
@@ -28,7 +40,10 @@ sys.path.insert(0, str(ROOT))
 
 from nice_kit.config import RunConfig  # noqa: E402
 from nice_kit.data import IGNORE_INDEX, Tokenized, tokenize_records  # noqa: E402
-from nice_kit.gradients import adam_precondition, gradient_dim, group_gradients, loop_gradients, mean_nll_sequence  # noqa: E402
+import nice_kit.gradients as gradients_mod  # noqa: E402
+from nice_kit.gradients import (WeightedSequence, _batch, adam_precondition, gradient_dim, group_gradients,  # noqa: E402
+                                loop_gradients, mean_nll_sequence, projected_gradients, weighted_nll)
+from nice_kit.models import lora_parameters  # noqa: E402
 from nice_kit.influence import influence_scores  # noqa: E402
 from nice_kit.pipeline import Pipeline  # noqa: E402
 from nice_kit.projection import Projector, ProjectionSpec, normalize_rows  # noqa: E402
@@ -66,6 +81,256 @@ def dense_reference_project(g: torch.Tensor, dim: int, seed: int, block: int = 4
     return out / math.sqrt(dim)
 
 
+# ------------------------------------------------------------------------------------------------
+# --stages: the implementation before nice_kit.gradients.projected_gradients, copied as a reference
+
+
+class LegacyLoraHooks:
+    """Captures inputs and output gradients of every LoRA linear layer during one forward/backward."""
+
+    def __init__(self, model):
+        modules = dict(model.named_modules())
+        self.entries = [(p, modules[name.rsplit(".", 1)[0]]) for name, p in lora_parameters(model)]
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.grads: dict[int, torch.Tensor] = {}
+        self.handles = []
+
+    def __enter__(self):
+        for i, (_, mod) in enumerate(self.entries):
+            def fwd(module, args, output, i=i):
+                self.inputs[i] = args[0].detach()
+                if output.requires_grad:
+                    output.register_hook(lambda g, i=i: self.grads.__setitem__(i, g.detach()))
+            self.handles.append(mod.register_forward_hook(fwd))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.inputs.clear()
+        self.grads.clear()
+
+    def per_example(self) -> torch.Tensor:
+        parts = []
+        for i, (p, _) in enumerate(self.entries):
+            x, g = self.inputs[i], self.grads.get(i)
+            if g is None:
+                parts.append(torch.zeros(x.shape[0], p.numel(), device=x.device))
+                continue
+            parts.append(torch.einsum("bto,bti->boi", g.float(), x.float()).reshape(x.shape[0], -1))
+        self.inputs.clear()
+        self.grads.clear()
+        return torch.cat(parts, dim=1)
+
+
+def legacy_batches(seqs: list[WeightedSequence], n_groups: int, batch_size: int):
+    """Blocks of ``batch_size`` groups (fewest tokens first) and, in each, forward batches of
+    ``batch_size`` sequences sorted by length: (group ids of the block, [batches of (seq, row)])."""
+    by_group: list[list[WeightedSequence]] = [[] for _ in range(n_groups)]
+    for q in seqs:
+        by_group[q.group].append(q)
+    order = sorted((j for j in range(n_groups) if by_group[j]), key=lambda j: sum(len(q.input_ids) for q in by_group[j]))
+    for a in range(0, len(order), batch_size):
+        groups = order[a:a + batch_size]
+        part = [WeightedSequence(q.input_ids, q.weights, i) for i, j in enumerate(groups) for q in by_group[j]]
+        srt = sorted(range(len(part)), key=lambda i: len(part[i].input_ids))
+        yield groups, [[part[i] for i in srt[s:s + batch_size]] for s in range(0, len(srt), batch_size)]
+
+
+def legacy_projected(model, seqs, n_groups, pad_id, project, transform=None, batch_size=8) -> torch.Tensor:
+    """Pipeline._projected + group_gradients as they were (without the final normalisation)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = None
+    with LegacyLoraHooks(model) as hooks:
+        for groups, batches in legacy_batches(seqs, n_groups, batch_size):
+            g = torch.zeros(len(groups), gradient_dim(model), device=device)
+            for batch in batches:
+                ids, mask, w = _batch(batch, pad_id, device)
+                weighted_nll(model, ids, mask, w).sum().backward()
+                g.index_add_(0, torch.tensor([s.group for s in batch], device=device), hooks.per_example())
+                model.zero_grad(set_to_none=True)
+            if transform is not None:
+                g = transform(g)
+            v = project(g).cpu()
+            out = torch.zeros(n_groups, v.shape[1]) if out is None else out
+            out[groups] = v
+    return out
+
+
+def bare_legacy(model, seqs, n_groups, pad_id, batch_size=8) -> None:
+    """Forward+backward of the legacy batches (full logits), no hooks: today's floor."""
+    device = next(model.parameters()).device
+    for _, batches in legacy_batches(seqs, n_groups, batch_size):
+        for batch in batches:
+            ids, mask, w = _batch(batch, pad_id, device)
+            weighted_nll(model, ids, mask, w).sum().backward()
+            model.zero_grad(set_to_none=True)
+
+
+def bare_new(model, seqs, n_groups, batch_size=8, pad_id=0) -> None:
+    """Forward+backward of the batches projected_gradients runs (shared prompts, weighted logits), no hooks."""
+    device = next(model.parameters()).device
+    parts = gradients_mod._model_parts(model)
+    by_group: list[list[WeightedSequence]] = [[] for _ in range(n_groups)]
+    for q in seqs:
+        by_group[q.group].append(q)
+    order = sorted((j for j in range(n_groups) if by_group[j]), key=lambda j: sum(len(q.input_ids) for q in by_group[j]))
+    for a in range(0, len(order), batch_size):
+        part = [WeightedSequence(q.input_ids, q.weights, i) for i, j in enumerate(order[a:a + batch_size])
+                for q in by_group[j]]
+        for batch in gradients_mod._forward_batches(gradients_mod._plan(part), batch_size):
+            gradients_mod._run_batch(model, parts, batch, pad_id, device, None)
+            model.zero_grad(set_to_none=True)
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(largest per-row ||a-b|| / ||b||, largest |a-b| / largest |b|)."""
+    a, b = a.double(), b.double()
+    rows = ((a - b).norm(dim=1) / b.norm(dim=1).clamp_min(1e-30))[b.norm(dim=1) > 0]
+    return rows.max().item(), ((a - b).abs().max() / b.abs().max()).item()
+
+
+def stages(args) -> None:
+    from nice_kit.data import load_records, prompt_ids
+    from nice_kit.models import add_lora, load_model, lora_parameters as lora_params
+    from nice_kit.rollouts import sample_rollouts
+
+    cfg = RunConfig.from_file(args.config)
+    torch.set_num_threads(args.threads)
+    model, tok = load_model(cfg.model, device="cpu", dtype=torch.float32)
+    model = add_lora(model, cfg.lora, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    for name, p in lora_params(model):  # random adapter: B must be non-zero for A's gradient to be
+        with torch.no_grad():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.002 if "lora_B" in name else 0.05))
+    model.eval()
+    D = gradient_dim(model)
+    pad = tok.pad_token_id
+    projector = Projector(ProjectionSpec(kind=cfg.projection.kind, dim=cfg.projection.dim, seed=0,
+                                         nnz=cfg.projection.nnz, input_dim=D))
+    projector.project(torch.zeros(1, D))  # build the sketch once (cached, like in a run)
+    print(f"model {cfg.model} (LoRA r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)}): D={D:,}; "
+          f"threads {torch.get_num_threads()}; batch size {args.batch_size}; projection {cfg.projection.kind} "
+          f"d={cfg.projection.dim}")
+
+    # NICE validation gradients: K sampled completions per target prompt
+    recs = load_records(cfg.data.target_val)[: args.prompts]
+    rs = cfg.rollouts
+    key = {"model": cfg.model, "k": rs.k, "temperature": rs.temperature, "top_k": rs.top_k, "top_p": rs.top_p,
+           "max_new_tokens": rs.max_new_tokens, "stop": list(rs.stop), "seed": 0, "first": recs[0].id}
+    cache_file = ROOT / "runs" / "bench_gradients_rollouts.json"  # sampling is slow on a CPU: keep the samples
+    cached = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    wanted = {x.id for x in recs}
+    if cached.get("key") == key and wanted <= {row["prompt_id"] for row in cached["rows"]}:
+        rows = [row for row in cached["rows"] if row["prompt_id"] in wanted]
+        how = "read from " + str(cache_file.relative_to(ROOT))
+    else:
+        t0 = time.perf_counter()
+        with model.disable_adapter():  # the base model's own answers (the random adapter would garble them)
+            rows = sample_rollouts(model, tok, recs, rs, seed=0)
+        how = f"sampled in {time.perf_counter() - t0:.0f} s"
+        cache_file.parent.mkdir(exist_ok=True)
+        cache_file.write_text(json.dumps({"key": key, "rows": rows}))
+    eos = tok.eos_token_id
+    nice = []
+    for j, rec in enumerate(recs):
+        p_ids = prompt_ids(tok, rec.messages)
+        mine = [row for row in rows if row["prompt_id"] == rec.id]
+        for k, row in enumerate(mine):
+            comp = (list(row["token_ids"]) + [eos])[: max(1, cfg.data.max_length - len(p_ids))]
+            a = ((k % 4) - 1.5) / len(mine)  # synthetic non-zero weights: every completion counts
+            per_token = a / len(comp) if cfg.policy.token_normalize else a
+            nice.append(WeightedSequence(p_ids + comp, [0.0] * len(p_ids) + [per_token] * len(comp), j))
+    distinct = len({(s.group, tuple(s.input_ids)) for s in nice})
+    n_tok = sum(len(s.input_ids) for s in nice)
+    print(f"\nNICE: {len(recs)} target prompts x K={rs.k} completions of the base model, from "
+          f"nice_kit.rollouts.sample_rollouts (temperature {rs.temperature}, top-k {rs.top_k}, top-p {rs.top_p}, "
+          f"at most {rs.max_new_tokens} new tokens; {how}); {len(nice)} sequences, {n_tok} tokens, "
+          f"mean prompt {sum(len(prompt_ids(tok, r.messages)) for r in recs) / len(recs):.1f} tokens; "
+          f"{distinct} distinct completions; synthetic non-zero weights")
+
+    # training gradients: pool examples, Adam-preconditioned
+    pool_tok, _ = tokenize_records(tok, load_records(cfg.data.pool)[: args.train_examples], cfg.data.max_length)
+    train = [mean_nll_sequence(t, i) for i, t in enumerate(pool_tok)]
+    exp_avg = torch.randn(D, generator=gen) * 1e-4
+    exp_avg_sq = torch.rand(D, generator=gen) * 1e-7
+    print(f"training: {len(train)} pool examples, {sum(len(s.input_ids) for s in train) / len(train):.1f} tokens "
+          f"on average, {sum(sum(1 for w in s.weights[1:] if w) for s in train) / len(train):.1f} of them weighted; "
+          "synthetic Adam moments")
+
+    def rounds(measurements: dict[str, Callable[[], object]]) -> tuple[dict[str, float], dict[str, object]]:
+        """Each measurement once per round, ``--repeats`` rounds (load changes hit all alike); the fastest."""
+        best: dict[str, float] = {k: float("inf") for k in measurements}
+        results: dict[str, object] = {}
+        for _ in range(args.repeats):
+            for label, fn in measurements.items():
+                t = time.perf_counter()
+                results[label] = fn()
+                best[label] = min(best[label], time.perf_counter() - t)
+        return best, results
+
+    for name, seqs, n, transform in (("NICE validation gradients", nice, len(recs), None),
+                                     ("training gradients", train, len(train),
+                                      lambda g: adam_precondition(g, exp_avg, exp_avg_sq))):
+        raw: dict[str, list[torch.Tensor]] = {"before": [], "after": []}
+        t_project = {"before": 0.0, "after": 0.0}
+
+        def recording(key):
+            """(transform, project) that keep each block's raw gradients and time the projection."""
+            def keep(g):
+                raw[key].append(g.cpu())
+                return g if transform is None else transform(g)
+
+            def project(g):
+                t = time.perf_counter()
+                out = projector.project(g)
+                t_project[key] += time.perf_counter() - t
+                return out
+            return keep, project
+
+        def without_merging():
+            gradients_mod._MERGE_DUPLICATES = False
+            try:
+                return projected_gradients(model, seqs, n, pad, projector.project, transform, args.batch_size)
+            finally:
+                gradients_mod._MERGE_DUPLICATES = True
+
+        measurements = {
+            "before (legacy)": lambda: (raw["before"].clear(), t_project.update(before=0.0), legacy_projected(
+                model, seqs, n, pad, *recording("before")[::-1], args.batch_size))[-1],
+            "after": lambda: (raw["after"].clear(), t_project.update(after=0.0), projected_gradients(
+                model, seqs, n, pad, *recording("after")[::-1], args.batch_size))[-1],
+            "bare forward+backward, legacy batches": lambda: bare_legacy(model, seqs, n, pad, args.batch_size),
+            "bare forward+backward, new batches": lambda: bare_new(model, seqs, n, args.batch_size, pad),
+        }
+        if name.startswith("NICE"):
+            measurements["after, identical completions not merged"] = without_merging
+            measurements["after, prompts not shared (logits at weighted positions only)"] = lambda: projected_gradients(
+                model, seqs, n, pad, projector.project, transform, args.batch_size, share_prefixes=False)
+        times, results = rounds(measurements)
+        t_before, t_after = times["before (legacy)"], times["after"]
+        t_bare_old = times["bare forward+backward, legacy batches"]
+        v_before, v_after = results["before (legacy)"], results["after"]
+        lines = list(times.items())
+        unit = "prompts" if name.startswith("NICE") else "examples"
+        print(f"\n== {name} stage ({n} {unit}, {len(seqs)} sequences) ==")
+        for label, t in lines:
+            print(f"{label:62s}: {t:7.2f} s  {n / t:7.2f} {unit}/s")
+        print(f"(before and after include the projection: {t_project['before']:.2f} s and {t_project['after']:.2f} s "
+              "in the last round; the bare passes do not)")
+        print(f"speed-up after vs before: {t_before / t_after:.2f}x; after vs today's bare floor: "
+              f"{t_bare_old / t_after:.2f}x (target for NICE: >= 2x vs before)")
+        # the rows of each block, in the same group order in both implementations
+        g_before = torch.cat(raw["before"])
+        g_after = torch.cat(raw["after"])
+        rel_row, rel_max = relative_difference(g_after, g_before)
+        vec_row, _ = relative_difference(v_after, v_before)
+        print(f"gradients after vs before: largest per-group relative difference {rel_row:.2e}, largest "
+              f"|difference| / largest |entry| {rel_max:.2e}; projected vectors {vec_row:.2e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "default.toml"))
@@ -77,7 +342,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--nnz-sweep", action="store_true",
                     help="also compare sjlt nnz 1/4/8 at d=8192 and 16384 over 8 projection seeds")
+    ap.add_argument("--stages", action="store_true",
+                    help="time the NICE validation-gradient and training-gradient stages before/after (see above)")
+    ap.add_argument("--prompts", type=int, default=32, help="--stages: target prompts (K completions each)")
+    ap.add_argument("--train-examples", type=int, default=64, help="--stages: pool examples")
+    ap.add_argument("--threads", type=int, default=2, help="--stages: CPU threads")
+    ap.add_argument("--repeats", type=int, default=1, help="--stages: runs per measurement (the fastest is shown)")
     args = ap.parse_args()
+    if args.stages:
+        stages(args)
+        return
 
     cfg = RunConfig.from_file(args.config)
     p = Pipeline(cfg, args.run_dir, verbose=True)
