@@ -52,6 +52,9 @@ class WarmupSettings:
 
 @dataclass
 class GradientSettings:
+    # a forward pass holds at most batch_size whole sequences' worth of token positions (several short NICE
+    # completions sharing one prompt fit in one pass), and batch_size groups are projected at once;
+    # lowered automatically on out-of-memory. Results do not depend on it.
     batch_size: int = 8
     chunk_size: int = 32  # examples per file on disk (the unit of resuming and sharding)
 

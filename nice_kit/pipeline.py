@@ -41,7 +41,8 @@ from . import metrics as metrics_mod
 from .config import RunConfig, check_targets, metric_columns, validate_config
 from .data import Record, collate, file_digest, load_records, save_records, tokenize_records
 from .distributed import SINGLE, Dist, on_rank_zero
-from .gradients import WeightedSequence, adam_precondition, gradient_dim, group_gradients, mean_nll_sequence
+from .gradients import (BatchSize, WeightedSequence, adam_precondition, gradient_dim, mean_nll_sequence,
+                        projected_gradients)
 from .influence import influence_scores, top_fraction
 from .measurements import Measurement, PolicyGradient, as_measurement
 from .models import add_lora, load_model, load_tokenizer, set_threads
@@ -333,28 +334,21 @@ class Pipeline:
                 atomic_write_text(stage.path / "ids.json", json.dumps(ids))
         return stage
 
+    @cached_property
+    def _gradient_batch(self) -> BatchSize:
+        """The gradient batch size, shared by every stage of this pipeline: lowered once on
+        out-of-memory, it stays lowered (nice_kit.gradients.BatchSize)."""
+        return BatchSize(self.cfg.gradients.batch_size)
+
     def _projected(self, seqs: list[WeightedSequence], n_groups: int, transform=None) -> dict[str, torch.Tensor]:
         """Projected gradients of ``n_groups`` groups of sequences: unit rows and their norms.
 
-        Groups are computed ``gradients.batch_size`` at a time (shortest first, to pad little) and
-        projected at once, so full-size gradients never exceed batch_size x D floats in memory."""
-        by_group: list[list[WeightedSequence]] = [[] for _ in range(n_groups)]
-        for q in seqs:
-            by_group[q.group].append(q)
-        order = sorted(range(n_groups), key=lambda j: sum(len(q.input_ids) for q in by_group[j]))
-        out = torch.zeros(n_groups, self.projector.spec.dim)
-        step = self.cfg.gradients.batch_size
-        for a in range(0, n_groups, step):
-            groups = order[a:a + step]
-            part = [WeightedSequence(q.input_ids, q.weights, i) for i, j in enumerate(groups) for q in by_group[j]]
-            if not part:
-                continue  # groups without sequences (no signal) stay zero
-            g = group_gradients(self.model, part, len(groups), self.tokenizer.pad_token_id, step)
-            if transform is not None:
-                g = transform(g)
-            out[groups] = self.projector.project(g).cpu()
-        norms = out.norm(dim=1)
-        return {"vectors": normalize_rows(out), "norms": norms}
+        :func:`nice_kit.gradients.projected_gradients` forms per-example gradients layer by layer
+        during backward, computes logits only where a weight is non-zero, runs a prompt shared by a
+        group's sequences once, and projects ``gradients.batch_size`` groups at a time."""
+        out = projected_gradients(self.model, seqs, n_groups, self.tokenizer.pad_token_id, self.projector.project,
+                                  transform, self._gradient_batch, log=lambda m: tqdm.write(f"[nice_kit] {m}"))
+        return {"vectors": normalize_rows(out), "norms": out.norm(dim=1)}
 
     def train_gradients(self, shard: tuple[int, int] = (0, 1)) -> None:
         """Projected, Adam-preconditioned gradients of every pool example at every checkpoint."""

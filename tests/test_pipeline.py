@@ -65,7 +65,7 @@ def test_second_run_reuses_every_stage(finished, tokenizer, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("recomputed a cached stage")
 
-    monkeypatch.setattr(pipeline_mod, "group_gradients", boom)
+    monkeypatch.setattr(pipeline_mod, "projected_gradients", boom)
     monkeypatch.setattr(pipeline_mod, "sample_rollouts", boom)
     monkeypatch.setattr(pipeline_mod, "train_lora", boom)
     again = Pipeline(p.cfg, p.run_dir, model=tiny_model(tokenizer), tokenizer=tokenizer, verbose=False)
@@ -77,17 +77,17 @@ def test_interrupted_stage_resumes_from_its_last_chunk(tokenizer, small_data, tm
     p = make(tokenizer, small_data, tmp_path / "r")
     p.warmup()
     calls = {"n": 0}
-    real = pipeline_mod.group_gradients
+    real = pipeline_mod.projected_gradients
 
-    per_chunk = p.cfg.gradients.chunk_size // p.cfg.gradients.batch_size  # group_gradients calls per chunk
+    per_chunk = 1  # projected_gradients calls per chunk
 
     def crash_on_third(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 2 * per_chunk + 1:  # the first batch of the third chunk
+        if calls["n"] == 2 * per_chunk + 1:  # the third chunk
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(pipeline_mod, "group_gradients", crash_on_third)
+    monkeypatch.setattr(pipeline_mod, "projected_gradients", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         p.train_gradients()
     stage = tmp_path / "r" / "grads" / "train" / "epoch_1"
