@@ -372,6 +372,8 @@ class Projector:
             offset = 0
         if not (0 <= offset and offset + n <= s.input_dim):
             raise ValueError(f"coordinates [{offset}, {offset + n}) are outside the gradient's [0, {s.input_dim})")
+        if grads.shape[0] == 0 or n == 0:  # nothing to project: an empty batch, or an empty slice
+            return torch.zeros(grads.shape[0], s.dim, device=self.device)
         if s.kind == "sjlt":
             return self._project_sjlt(grads, offset)
         return self._project_rademacher(grads, offset)

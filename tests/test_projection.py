@@ -273,3 +273,11 @@ def test_normalize_rows_keeps_zero_rows_zero():
     out = normalize_rows(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
     torch.testing.assert_close(out, torch.tensor([[0.6, 0.8], [0.0, 0.0]]))
 
+
+
+@pytest.mark.parametrize("kind", ["sjlt", "rademacher"])
+def test_an_empty_batch_projects_to_an_empty_result(kind):
+    spec = ProjectionSpec(kind=kind, dim=64, seed=0, input_dim=1000, nnz=4 if kind == "sjlt" else 8)
+    out = Projector(spec).project(torch.zeros(0, 1000))
+    assert out.shape == (0, 64) and out.dtype == torch.float32
+    assert Projector(spec).project(torch.zeros(3, 0), offset=10).abs().sum() == 0
