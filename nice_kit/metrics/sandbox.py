@@ -77,6 +77,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 __all__ = ["SandboxResult", "run_untrusted", "sandbox_kind", "BUBBLEWRAP", "RLIMITS_ONLY"]
 
@@ -521,8 +522,9 @@ def _uid_known(uid: int) -> bool:
         return False
 
 
-def _processes_of(uid: int) -> list[int]:
-    """Pids of live (non-zombie) processes whose real uid is ``uid`` (Linux; [] elsewhere)."""
+def _live_pids(matches: Callable[[str], bool]) -> list[int]:
+    """Pids of the processes in /proc for which ``matches(pid)`` holds (Linux; [] elsewhere); a
+    process that vanishes or cannot be read is skipped."""
     out = []
     try:
         names = os.listdir("/proc")
@@ -532,10 +534,19 @@ def _processes_of(uid: int) -> list[int]:
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/status") as f:
-                text = f.read()
-        except OSError:
+            if matches(name):
+                out.append(int(name))
+        except (OSError, ValueError, IndexError):
             continue
+    return out
+
+
+def _processes_of(uid: int) -> list[int]:
+    """Pids of live (non-zombie) processes whose real uid is ``uid`` (Linux; [] elsewhere)."""
+
+    def matches(pid: str) -> bool:
+        with open(f"/proc/{pid}/status") as f:
+            text = f.read()
         state = uid_line = None
         for line in text.splitlines():
             if line.startswith("State:"):
@@ -543,29 +554,20 @@ def _processes_of(uid: int) -> list[int]:
             elif line.startswith("Uid:"):
                 uid_line = line.split()
                 break
-        if uid_line and int(uid_line[1]) == uid and state not in ("Z", "X"):
-            out.append(int(name))
-    return out
+        return bool(uid_line) and int(uid_line[1]) == uid and state not in ("Z", "X")
+
+    return _live_pids(matches)
 
 
 def _session_members(sid: int) -> list[int]:
     """Pids of live processes in session ``sid`` (Linux; [] elsewhere)."""
-    out = []
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return out
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
-                out.append(int(name))
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
+
+    def matches(pid: str) -> bool:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[3]) == sid and fields[0] not in ("Z", "X")
+
+    return _live_pids(matches)
 
 
 def _kill_all(pids: list[int]) -> None:
