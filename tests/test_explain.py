@@ -321,8 +321,6 @@ def test_cli_explain_and_check(made):
 
 # ------------------------------------------------------------------------------------ the panel
 def test_why_panel_shows_the_prompts_and_the_top_prompts_completions(run):
-    pytest.importorskip("ipywidgets")
-    pytest.importorskip("anywidget")
     import html
 
     from widgets.why import WhyPanel, why_panel
@@ -366,8 +364,6 @@ def test_why_panel_shows_the_prompts_and_the_top_prompts_completions(run):
 
 def test_why_panel_offers_to_compute_missing_completion_gradients(made, tokenizer, small_data, tiny_model_dir,
                                                                   tmp_path):
-    pytest.importorskip("ipywidgets")
-    pytest.importorskip("anywidget")
     from widgets.why import WhyPanel
 
     p, _ = made

