@@ -182,7 +182,7 @@ def main() -> None:
         "metric": {"name": "length"},
         "policy": {"variant": "vanilla", "baseline": "mean"},
         "selection": {"fraction": 0.05},
-    })
+    }, check_model=False)  # the model is built in memory and passed to the pipeline
     cfg.metric.name, cfg.metric.params = text_length, {}
     p = Pipeline(cfg, run_dir, model=model, tokenizer=tok, verbose=False)
     rows = []
