@@ -174,11 +174,19 @@ def compare(pipeline, methods: list[str] | None = None, fraction: float | None =
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """Per method and fraction: the metric's (and loss's) mean and standard error over every run, and
-    the two sources of variance: ``sd_selection`` (the spread of the per-selection means over
-    selection seeds) and ``sd_finetune`` (the pooled spread over fine-tuning seeds within a selection)."""
+    """Per method and fraction: the metric's (and loss's) mean over every run and its standard error,
+    and the two sources of variance: ``sd_selection`` (the spread of the per-selection means over
+    selection seeds) and ``sd_finetune`` (the pooled spread over fine-tuning seeds within a selection).
+
+    With one selection the standard error is that of the runs' mean. With several, the runs of one
+    selection are not independent draws (they share its subset), so the standard error is that of the
+    per-selection means: their spread over ``sqrt(n_selections)``, which counts both sources."""
     def sem(x):
         return float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+    def nested_sem(g, column):
+        means = g.groupby("selection_seed")[column].mean()
+        return sem(means) if len(means) > 1 else sem(g[column])
 
     results = results.copy()
     if "selection_seed" not in results.columns:
@@ -186,7 +194,7 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (method, fraction), g in results.groupby(["method", "fraction"], sort=False):
         row = {"method": method, "fraction": fraction, "metric_mean": float(g["metric"].mean()),
-               "metric_se": sem(g["metric"]), "n_runs": len(g),
+               "metric_se": nested_sem(g, "metric"), "n_runs": len(g),
                "n_selections": g["selection_seed"].nunique(), "n_finetune_seeds": g["seed"].nunique()}
         per_sel = g.groupby("selection_seed")["metric"]
         means = per_sel.mean()
@@ -195,7 +203,7 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
         dof = sum(d for d, _ in within)
         row["sd_finetune"] = math.sqrt(sum(d * v for d, v in within) / dof) if dof else float("nan")
         if "loss" in g.columns:
-            row["loss_mean"], row["loss_se"] = float(g["loss"].mean()), sem(g["loss"])
+            row["loss_mean"], row["loss_se"] = float(g["loss"].mean()), nested_sem(g, "loss")
         rows.append(row)
     return pd.DataFrame(rows)
 

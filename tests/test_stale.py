@@ -191,6 +191,25 @@ def test_evaluation_varies_selection_and_finetuning_seeds(tokenizer, small_data,
     assert len(trained) == n  # every row was kept: nothing retrained
 
 
+def test_summarize_counts_both_sources_of_variance():
+    """Runs of one selection share its subset: with several selections the standard error is that of
+    the per-selection means; with one, that of the runs. Values computed by hand."""
+    from nice_kit.evaluation import summarize
+
+    rows = [{"method": "nice", "fraction": 0.1, "selection_seed": s, "seed": t, "metric": m, "loss": 1.0 + m}
+            for s, ms in enumerate(([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])) for t, m in enumerate(ms)]
+    rows += [{"method": "full", "fraction": 1.0, "selection_seed": 0, "seed": t, "metric": m, "loss": 1.0}
+             for t, m in enumerate((0.2, 0.4))]
+    out = summarize(pd.DataFrame(rows)).set_index("method")
+    nice, full = out.loc["nice"], out.loc["full"]
+    assert nice["metric_mean"] == pytest.approx(0.35)
+    assert nice["sd_selection"] == pytest.approx(0.3 / 2 ** 0.5)  # selection means 0.2 and 0.5
+    assert nice["sd_finetune"] == pytest.approx(0.1)  # each selection's runs: sd 0.1
+    assert nice["metric_se"] == pytest.approx(0.15)  # sd of the 2 means / sqrt(2), not the 6 runs' 0.076
+    assert nice["loss_se"] == pytest.approx(0.15)
+    assert full["metric_se"] == pytest.approx(0.1) and pd.isna(full["sd_selection"])  # sd 0.141 / sqrt(2)
+
+
 def test_rollouts_do_not_depend_on_chunk_or_batch_sizes(done, tokenizer, tmp_path):
     data = {k: getattr(done.cfg.data, k) for k in ("pool", "target_val", "target_test")}
     frames = []

@@ -18,18 +18,23 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 import pytest
+from conftest import copy_run
 from plotly.callbacks import Points
 
-pytest.importorskip("ipywidgets")
-pytest.importorskip("anywidget")  # plotly's FigureWidget needs it
-
-import nice_kit.pipeline as pipeline_mod  # noqa: E402
-import widgets  # noqa: E402
-from conftest import copy_run  # noqa: E402
-from nice_kit.explain import explain  # noqa: E402
-from widgets import InfluenceExplorer, MetricPicker, RolloutViewer, loss_vs_metric, open_run  # noqa: E402
-from widgets import _display, _html, _theme  # noqa: E402
-from widgets import metric_picker as mp  # noqa: E402
+import nice_kit.pipeline as pipeline_mod
+import widgets  # ipywidgets and anywidget (plotly's FigureWidget) come with nice_kit[widgets]: never skipped
+from nice_kit.explain import explain
+from widgets import (
+    InfluenceExplorer,
+    MetricPicker,
+    RolloutViewer,
+    _display,
+    _html,
+    _theme,
+    loss_vs_metric,
+    open_run,
+)
+from widgets import metric_picker as mp
 
 
 @pytest.fixture(scope="module")

@@ -578,20 +578,13 @@ def _kill_all(pids: list[int]) -> None:
             pass
 
 
-def _sweep(uid: int) -> None:
-    """Kill every process running under the run's private uid (we are root)."""
-    for _ in range(200):
-        pids = _processes_of(uid)
-        if not pids:
-            return
-        _kill_all(pids)
-        time.sleep(0.002)
+def _sweep(list_processes: Callable[[], list[int]], rounds: int) -> None:
+    """Kill what ``list_processes`` returns until it returns nothing (or ``rounds`` pass).
 
-
-def _sweep_session(sid: int) -> None:
-    """Kill what is left in the run's session (a backstop where no uid was dropped)."""
-    for _ in range(50):
-        pids = _session_members(sid)
+    Used with the run's private uid (we are root) and, as a backstop where no uid was dropped,
+    with the run's session."""
+    for _ in range(rounds):
+        pids = list_processes()
         if not pids:
             return
         _kill_all(pids)
@@ -963,9 +956,9 @@ def _run(
             except Exception:  # pragma: no cover
                 pass
         if ids is not None:
-            _sweep(ids[0])
+            _sweep(lambda: _processes_of(ids[0]), 200)
         elif proc is not None and supervised:
-            _sweep_session(proc.pid)
+            _sweep(lambda: _session_members(proc.pid), 50)
         if proc is not None:
             for stream in (proc.stdin, proc.stdout, proc.stderr):
                 try:
