@@ -88,3 +88,15 @@ def test_a_registered_metric_can_bring_its_own_checks():
     assert info.param_problems({"threshold": -1}) == ["threshold must be >= 0"]
     assert info.record_problems({}, {"label": "c"}) == ["label must be a or b"]
     assert info.needed_columns({}) == ("label",) and built == []  # nothing was built to check
+
+
+def test_old_module_name_still_works_and_says_it_moved():
+    import importlib
+    import sys
+
+    import nice_kit.metrics as metrics
+
+    sys.modules.pop("nice_kit.rewards", None)
+    with pytest.warns(DeprecationWarning, match="moved to nice_kit.metrics"):
+        old = importlib.import_module("nice_kit.rewards")
+    assert old.get_metric is metrics.get_metric and old.score is metrics.score
