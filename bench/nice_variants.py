@@ -5,6 +5,11 @@
 Reuses the run's warmup, training gradients and rollouts (linked into runs/variants/<name>), recomputes
 only NICE's validation gradients per variant, and prints the share of harmful / wrong-answer /
 verbose / on-task examples among each variant's top 10% (the benchmark's flags, never seen by NICE).
+
+    python bench/nice_variants.py --only "no baseline" "mean baseline (default)" --retrain-seeds 0 1 2
+
+also trains a fresh LoRA on each variant's selection per fine-tuning seed, as ``nice-kit evaluate``
+does, and prints the test metric (mean ± standard error over the seeds).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from nice_kit.config import RunConfig  # noqa: E402
 from nice_kit.diagnostics import selection_diagnostics  # noqa: E402
+from nice_kit.evaluation import finetune_and_evaluate  # noqa: E402
 from nice_kit.pipeline import Pipeline  # noqa: E402
 
 VARIANTS = {
@@ -39,6 +46,8 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs" / "default.toml"))
     ap.add_argument("--run-dir", default=str(ROOT / "runs" / "default"))
     ap.add_argument("--only", nargs="*", help="substrings of variant names to run")
+    ap.add_argument("--retrain-seeds", nargs="*", type=int, default=[],
+                    help="fine-tuning seeds: retrain on each variant's selection and score the test prompts")
     args = ap.parse_args()
     src = Path(args.run_dir).resolve()
     base = RunConfig.from_file(args.config).to_dict()
@@ -58,9 +67,16 @@ def main() -> None:
             p._base_model, p._tokenizer, p._peft = model
         p.validation_gradients("nice")
         model = (p._base_model, p._tokenizer, p._peft)
-        diag = selection_diagnostics(p, p.select(p.scores(["nice"])))
+        selection = p.select(p.scores(["nice"]))
+        diag = selection_diagnostics(p, selection)
         row = diag[diag["method"] == "nice"].iloc[0].to_dict()
         rows.append({"variant": name, **{k: v for k, v in row.items() if k.endswith("share")}})
+        if args.retrain_seeds:
+            test = p.target_test[: p.cfg.evaluation.max_test or None]
+            runs = [finetune_and_evaluate(p, selection["nice"], seed, test) for seed in args.retrain_seeds]
+            metric = np.array([r["metric"] for r in runs])
+            rows[-1]["test_metric"] = float(metric.mean())
+            rows[-1]["test_metric_se"] = float(metric.std(ddof=1) / np.sqrt(len(metric))) if len(metric) > 1 else np.nan
         print(pd.DataFrame(rows).tail(1).to_string(index=False, header=len(rows) == 1), flush=True)
     print("\n" + pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
 
