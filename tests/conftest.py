@@ -76,3 +76,12 @@ def copy_run(run, dest: Path, leave_out: tuple[str, ...] = ()):
     ``leave_out``, glob patterns), opened as a pipeline that shares ``run``'s model."""
     shutil.copytree(run.run_dir, dest, ignore=shutil.ignore_patterns(*leave_out))
     return run.sibling(dest, run.cfg)
+
+
+def pytest_collection_modifyitems(config, items):
+    """With ``-n 2 --dist loadgroup`` (the README's test command): each test file stays on one
+    worker (its module fixtures are built once), and the notebooks run on one worker in order
+    (notebook 05 opens the run notebook 01 makes)."""
+    for item in items:
+        group = "notebooks" if item.path.suffix == ".ipynb" else str(item.path)
+        item.add_marker(pytest.mark.xdist_group(group))
