@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -78,10 +79,19 @@ def copy_run(run, dest: Path, leave_out: tuple[str, ...] = ()):
     return run.sibling(dest, run.cfg)
 
 
-def pytest_collection_modifyitems(config, items):
-    """With ``-n 2 --dist loadgroup`` (the README's test command): each test file stays on one
-    worker (its module fixtures are built once), and the notebooks run on one worker in order
-    (notebook 05 opens the run notebook 01 makes)."""
-    for item in items:
-        group = "notebooks" if item.path.suffix == ".ipynb" else str(item.path)
-        item.add_marker(pytest.mark.xdist_group(group))
+
+if importlib.util.find_spec("xdist"):
+    def pytest_xdist_make_scheduler(config, log):
+        """``-n 2 --dist loadfile`` (the README's test command): each test file runs on one worker (its
+        module fixtures are built once), and the notebooks all on one worker, in order (notebook 05
+        opens the run notebook 01 makes)."""
+        if config.getvalue("dist") != "loadfile":
+            return None
+        from xdist.scheduler import LoadScopeScheduling
+
+        class FilesAndNotebooks(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                path = nodeid.split("::", 1)[0]
+                return "notebooks" if path.endswith(".ipynb") else path
+
+        return FilesAndNotebooks(config, log)

@@ -161,7 +161,7 @@ def test_completion_shares_add_up_to_their_prompt_within_the_float16_tolerance(r
 
 def test_completion_gradients_add_up_to_the_stored_prompt_gradient(run):
     """sum_k P(a_k g_k) = P G_j: the per-completion stage against the NICE stage, coordinate by coordinate."""
-    parts = completion_vectors(run, "nice", compute=False)
+    parts = completion_vectors(run, "nice", compute=True)  # computed here unless an earlier test did
     val = run.stored_vectors("nice")
     for (table, vecs), v in zip(parts, val):
         rows = vecs.all().double() * torch.from_numpy(vecs.norms).double()[:, None]
