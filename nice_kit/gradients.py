@@ -112,7 +112,8 @@ def loop_gradients(model, seqs: list[WeightedSequence], n_groups: int) -> torch.
 
 def adam_precondition(grads: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                       beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> torch.Tensor:
-    """One Adam step's direction for each row of ``grads`` given the optimiser's moments (docs/method.md, "The pipeline", step 2)."""
+    """One Adam step's direction for each row of ``grads`` given the optimiser's moments
+    (docs/method.md, "The pipeline", step 2)."""
     m = beta1 * exp_avg + (1 - beta1) * grads
     v = beta2 * exp_avg_sq + (1 - beta2) * grads.pow(2)
     return m / torch.sqrt(v + eps)

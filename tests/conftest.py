@@ -79,7 +79,6 @@ def copy_run(run, dest: Path, leave_out: tuple[str, ...] = ()):
     return run.sibling(dest, run.cfg)
 
 
-
 if importlib.util.find_spec("xdist"):
     def pytest_xdist_make_scheduler(config, log):
         """``-n 2 --dist loadfile`` (the README's test command): each test file runs on one worker (its
