@@ -5,8 +5,10 @@
 Reuses the run's warmup, training gradients and rollouts (linked into runs/variants/<name>), recomputes
 only NICE's validation gradients per variant, and prints the share of harmful / wrong-answer /
 verbose / on-task examples among each variant's top 10% (the benchmark's flags, never seen by NICE).
+The "reference estimator" rows are the reference implementation's arithmetic (policy.estimator =
+"reference"); the others are nice_kit's estimator with the settings named.
 
-    python bench/nice_variants.py --only "no baseline" "mean baseline (default)" --retrain-seeds 0 1 2
+    python bench/nice_variants.py --only "paper.toml" "mean baseline (default)" --retrain-seeds 0 1 2
 
 also trains a fresh LoRA on each variant's selection per fine-tuning seed, as ``nice-kit evaluate``
 does, and prints the test metric (mean ± standard error over the seeds).
@@ -30,8 +32,14 @@ from nice_kit.diagnostics import selection_diagnostics  # noqa: E402
 from nice_kit.evaluation import finetune_and_evaluate  # noqa: E402
 from nice_kit.pipeline import Pipeline  # noqa: E402
 
+REFERENCE = {"estimator": "reference", "baseline": "none"}
 VARIANTS = {
-    "vanilla, no baseline (reference)": {"policy": {"variant": "vanilla", "baseline": "none"}},
+    "reference estimator: vanilla (paper.toml)": {"policy": {**REFERENCE, "variant": "vanilla"}},
+    "reference estimator: rejection": {"policy": {**REFERENCE, "variant": "rejection"}},
+    "reference estimator: hard_rejection": {"policy": {**REFERENCE, "variant": "hard_rejection"}},
+    "reference estimator: topk_rejection": {"policy": {**REFERENCE, "variant": "topk_rejection"}},
+    "reference estimator: topk_hard": {"policy": {**REFERENCE, "variant": "topk_hard"}},
+    "vanilla, no baseline": {"policy": {"variant": "vanilla", "baseline": "none"}},
     "vanilla, mean baseline (default)": {"policy": {"variant": "vanilla", "baseline": "mean"}},
     "vanilla, leave-one-out baseline": {"policy": {"variant": "vanilla", "baseline": "loo"}},
     "mean baseline, per-token normalised": {"policy": {"variant": "vanilla", "baseline": "mean", "token_normalize": True}},

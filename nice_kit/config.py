@@ -89,13 +89,20 @@ class MetricSettings:
 
 @dataclass
 class PolicySettings:
-    variant: str = "vanilla"  # vanilla | rejection | topk
-    baseline: str = "mean"  # none | mean | loo
-    topk: int = 4
-    fallback_to_reference: bool = True
-    token_normalize: bool = False  # divide each completion's NLL by its token count
-    divide_by_kept: bool = True
-    include_eos: bool = True  # the end-of-sequence token counts in a completion's NLL when the model sampled it
+    # "nice_kit": nice_kit's estimator (variants vanilla | rejection | topk, baselines, the settings below);
+    # "reference": the reference implementation's arithmetic (github.com/JTWang2000/NICE), variants
+    # vanilla | rejection | hard_rejection | topk_rejection | topk_hard, with worst_case_protect and
+    # do_normalize; baseline must be "none" and the nice_kit-only settings are not used (docs/method.md)
+    estimator: str = "nice_kit"
+    variant: str = "vanilla"  # nice_kit: vanilla | rejection | topk; reference: its five names
+    baseline: str = "mean"  # none | mean | loo (nice_kit only)
+    topk: int = 4  # nice_kit's topk variant (the reference's topk_* keep 10)
+    fallback_to_reference: bool = True  # nice_kit's rejection
+    token_normalize: bool = False  # divide each completion's NLL by its token count (nice_kit)
+    divide_by_kept: bool = True  # nice_kit
+    include_eos: bool = True  # the end-of-sequence token counts in a completion's NLL when the model sampled it (nice_kit)
+    worst_case_protect: bool = False  # reference: a rejection variant that keeps nothing uses r_ref x grad NLL(ref)
+    do_normalize: bool = False  # reference: mean instead of summed NLL per completion
 
 
 @dataclass
@@ -397,9 +404,15 @@ def _projection_kinds() -> tuple[str, ...]:
 
 
 def _variants() -> tuple[str, ...]:
-    from .policy import VARIANTS
+    from .policy import ALL_VARIANTS
 
-    return VARIANTS
+    return ALL_VARIANTS
+
+
+def _estimators() -> tuple[str, ...]:
+    from .policy import ESTIMATORS
+
+    return ESTIMATORS
 
 
 def _baselines() -> tuple[str, ...]:
@@ -466,6 +479,7 @@ RULES: dict[tuple[str, str], tuple[Callable[[Any], str | None], ...]] = {
     ("rollouts", "stop"): (_non_empty_strings,),
     ("rollouts", "batch_size"): (_at_least(1),),
     ("rollouts", "max_batch_tokens"): (_at_least(1),),
+    ("policy", "estimator"): (_choices(_estimators),),
     ("policy", "variant"): (_choices(_variants),),
     ("policy", "baseline"): (_choices(_baselines),),
     ("policy", "topk"): (_at_least(1),),
@@ -587,19 +601,51 @@ def _cross_checks(cfg: RunConfig, bad: set[str]) -> list[tuple[str, str]]:
             out.append(("[projection] nnz", f"the sjlt projection needs nnz to divide dim; dim = {p.dim} is not a "
                                             f"multiple of nnz = {p.nnz}"))
     pol = cfg.policy
-    if d.label_free and not bad & {"policy.variant", "data.label_free"} and pol.variant == "rejection":
+    if not bad & {"policy.estimator", "policy.variant", "policy.baseline"}:
+        out.extend(_estimator_problems(pol, d.label_free))
+    own = pol.estimator == "nice_kit" and "policy.estimator" not in bad  # the checks below are of nice_kit's estimator
+    if own and d.label_free and not bad & {"policy.variant", "data.label_free"} and pol.variant == "rejection":
         out.append(("[policy] variant", "the rejection variant compares completions with the reference answer's "
                                         "reward; a label-free run has none (use vanilla or topk)"))
-    if not bad & {"policy.variant", "policy.topk", "rollouts.k"} and pol.variant == "topk" and pol.topk > r.k:
+    if own and not bad & {"policy.variant", "policy.topk", "rollouts.k"} and pol.variant == "topk" and pol.topk > r.k:
         out.append(("[policy] topk", f"keeps the best {pol.topk} of rollouts.k = {r.k} completions; it must be at "
                                      "most k"))
-    if not bad & {"policy.variant", "policy.baseline", "rollouts.k"} and pol.variant == "vanilla" \
+    if own and not bad & {"policy.variant", "policy.baseline", "rollouts.k"} and pol.variant == "vanilla" \
             and pol.baseline != "none" and r.k < 2:
         out.append(("[rollouts] k", f"the {pol.baseline!r} baseline needs at least 2 completions per prompt (with "
                                     "one, every weight is 0); raise k or set policy.baseline = \"none\""))
     if d.label_free and "selection.methods" not in bad and set(cfg.selection.methods) <= {"less"}:
         out.append(("[selection] methods", "LESS needs reference answers, and this run is label-free; add \"nice\""))
     return out
+
+
+def _estimator_problems(pol: PolicySettings, label_free: bool) -> list[tuple[str, str]]:
+    """The variant and baseline must be the chosen estimator's."""
+    from .policy import REFERENCE_VARIANTS, VARIANTS
+
+    if pol.estimator == "reference":
+        out = []
+        if pol.variant not in REFERENCE_VARIANTS:
+            out.append(("[policy] variant", f"the reference estimator's variants are {list(REFERENCE_VARIANTS)}, "
+                                            f"not {pol.variant!r} (nice_kit's topk is estimator = \"nice_kit\")"))
+        if pol.baseline != "none":
+            out.append(("[policy] baseline", f"the reference estimator subtracts no baseline; set baseline = \"none\" "
+                                             f"(or estimator = \"nice_kit\" to keep {pol.baseline!r})"))
+        if pol.token_normalize:
+            out.append(("[policy] token_normalize", "is nice_kit's; the reference estimator's equivalent is "
+                                                    "do_normalize = true"))
+        if label_free and pol.variant in ("hard_rejection", "topk_hard"):
+            out.append(("[policy] variant", f"the reference's {pol.variant} compares completions with the reference "
+                                            "answer's reward; a label-free run has none (use vanilla, rejection or "
+                                            "topk_rejection)"))
+        if label_free and pol.worst_case_protect and pol.variant != "vanilla":
+            out.append(("[policy] worst_case_protect", "falls back to the reference answer; a label-free run has none"))
+        return out
+    if pol.variant not in VARIANTS:
+        return [("[policy] variant", f"{pol.variant!r} is a variant of the reference estimator: set estimator = "
+                                     f"\"reference\" (nice_kit's own variants are {list(VARIANTS)}; its rejection "
+                                     "keeps ties with the reference answer like the reference's hard_rejection)")]
+    return []
 
 
 # ------------------------------------------------------------------------------------------------

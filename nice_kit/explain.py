@@ -34,8 +34,8 @@ import pandas as pd
 
 from .data import prompt_ids
 from .gradients import WeightedSequence
-from .influence import AGGREGATES
-from .measurements import Measurement, PolicyGradient, completion_sequence
+from .influence import AGGREGATES, counted_prompts
+from .measurements import Measurement, PolicyGradient, estimator_sequence
 from .runs import read_stage
 from .vectors import StoredVectors, chunk_tensors, open_vectors
 from .warmup import checkpoint_weights, load_adapter_weights
@@ -221,8 +221,7 @@ def _inputs(run: "Pipeline", method: str | Measurement) -> _Inputs:
                          f"{[c for c in scores.columns if c != 'id']}); compute them: nice-kit score --methods ...")
     train, val = run.stored_vectors("train"), run.stored_vectors(m)
     n_prompts = len(val[0])
-    counted = (np.stack([v.valid for v in val]).any(axis=0) if val[0].valid is not None
-               else np.ones(n_prompts, dtype=bool))
+    counted = counted_prompts([v.valid for v in val], n_prompts)
     return _Inputs(m, train, val, [v.all().numpy().astype(np.float64) for v in val],
                    checkpoint_weights(run.checkpoints), run._subtasks(), counted, scores)
 
@@ -254,14 +253,15 @@ def completion_parts(run: "Pipeline", m: PolicyGradient, ckpt: "Checkpoint") -> 
         "text": df["completion"].astype(str), "reward": df["reward"].astype(float),
         "policy_weight": df["weight"].astype(float),
         "n_tokens": df["token_ids"].map(len) if "token_ids" in df else df["n_tokens"],
-        "token_ids": df["token_ids"], "ended_with_eos": df["ended_with_eos"].astype(bool)})
+        "token_ids": df["token_ids"], "ended_with_eos": df["ended_with_eos"].astype(bool),
+        "eos_token_id": df["eos_token_id"] if "eos_token_id" in df else None})
     fallback = {pid: pw.reference for pid, pw in per_prompt.items() if pw.reference}
     if fallback:
         ref_rewards = run.reference_rewards()
         by_id = {r.id: r for r in run.target_val}
         refs = pd.DataFrame([{"prompt_id": pid, "sample": -1, "kind": "reference", "text": by_id[pid].response or "",
                               "reward": float(ref_rewards.get(pid, np.nan)), "policy_weight": float(a),
-                              "n_tokens": 0, "token_ids": [], "ended_with_eos": False}
+                              "n_tokens": 0, "token_ids": [], "ended_with_eos": False, "eos_token_id": None}
                              for pid, a in fallback.items()])
         rows = pd.concat([rows, refs], ignore_index=True)
     rows["_order"] = rows["prompt_id"].map(order)
@@ -277,7 +277,7 @@ def _attribute(run: "Pipeline", records, sequences: list[WeightedSequence], part
                ) -> dict[str, list[WeightedSequence]]:
     """Which part each of the measurement's sequences belongs to (``records[j]`` is group j).
 
-    A completion's sequence is rebuilt with :func:`~nice_kit.measurements.completion_sequence` and
+    A completion's sequence is rebuilt with :func:`~nice_kit.measurements.estimator_sequence` and
     found among the measurement's; what is left of a prompt belongs to its reference row. Every
     sequence is attributed once, so a prompt's parts add up to exactly what its gradient sums."""
     by_group: dict[int, list[WeightedSequence]] = defaultdict(list)
@@ -291,13 +291,14 @@ def _attribute(run: "Pipeline", records, sequences: list[WeightedSequence], part
         for r in rows[rows["kind"] == "completion"].itertuples():
             if r.policy_weight == 0:
                 continue
-            seq = completion_sequence(run, p_ids, list(r.token_ids), bool(r.ended_with_eos), float(r.policy_weight), j)
+            seq = estimator_sequence(run, p_ids, token_ids=r.token_ids, text=r.text, ended_with_eos=r.ended_with_eos,
+                                     weight=float(r.policy_weight), group=j, eos_id=r.eos_token_id)
             if seq is None:
                 continue
             k = next((i for i, q in enumerate(left) if q.input_ids == seq.input_ids and q.weights == seq.weights), None)
             if k is None:
                 raise RuntimeError(f"target prompt {rec.id}, sample {r.sample}: the measurement's sequences do not "
-                                   "include this completion as completion_sequence builds it; cannot attribute")
+                                   "include this completion as estimator_sequence builds it; cannot attribute")
             out[r.part_id] = [left.pop(k)]
         if left:
             ref = rows[rows["kind"] == "reference"]

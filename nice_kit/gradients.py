@@ -62,6 +62,13 @@ def mean_nll_sequence(tok: Tokenized, group: int) -> WeightedSequence:
     return WeightedSequence(tok.input_ids, [0.0 if l == IGNORE_INDEX else 1.0 / n for l in tok.labels], group)
 
 
+def accumulation_dtype(model) -> torch.dtype:
+    """What per-example gradients are summed in: float32, or float64 for a float64 model (exactness
+    checks against float64 oracles, tests/test_reference_estimator.py)."""
+    params = lora_parameters(model)
+    return torch.float64 if params and params[0][1].dtype == torch.float64 else torch.float32
+
+
 def gradient_dim(model) -> int:
     return sum(p.numel() for _, p in lora_parameters(model))
 
@@ -284,8 +291,8 @@ class _PerExampleRecorder:
 
     def _add(self, offset: int, size: int, x: torch.Tensor, g: torch.Tensor, rows) -> None:
         b = x.shape[0]
-        x = x.reshape(b, -1, x.shape[-1]).to(torch.float32)
-        g = g.reshape(b, -1, g.shape[-1]).to(torch.float32)
+        x = x.reshape(b, -1, x.shape[-1]).to(self.buffer.dtype)
+        g = g.reshape(b, -1, g.shape[-1]).to(self.buffer.dtype)
         target = self.buffer[:, offset:offset + size]
         groups, single = rows
         if single is not None:  # all rows in one group: one matrix product
@@ -394,9 +401,10 @@ def _weighted_logits(model, parts: _ModelParts, batch: list[_Unit], pad_id: int,
     unit_of_row = [i for i, u in enumerate(batch) for _ in u.rows]
     row_groups = [batch[i].group for i in unit_of_row]
     ids, mask = _pad([c[0] for c in conts], pad_id, device)
-    weights = torch.zeros(ids.shape, dtype=torch.float32)
+    acc = recorder.buffer.dtype if recorder is not None and recorder.buffer is not None else accumulation_dtype(model)
+    weights = torch.zeros(ids.shape, dtype=acc)
     for i, (_, w) in enumerate(conts):
-        weights[i, : len(w)] = torch.tensor(w, dtype=torch.float32)
+        weights[i, : len(w)] = torch.tensor(w, dtype=acc)
     rows, cols = (weights[:, 1:] != 0).nonzero(as_tuple=True)  # on the CPU: no device synchronisation
     head_groups = [row_groups[r] for r in rows.tolist()]
     weights, rows, cols = weights.to(device), rows.to(device), cols.to(device)
@@ -433,7 +441,7 @@ def _run_batch(model, parts: _ModelParts, batch: list[_Unit], pad_id: int, devic
                recorder: _PerExampleRecorder | None) -> None:
     """Forward and backward of one batch: per-example gradients land in ``recorder.buffer``."""
     logits, targets, weights = _weighted_logits(model, parts, batch, pad_id, device, recorder)
-    nll = F.cross_entropy(logits.float(), targets, reduction="none")
+    nll = F.cross_entropy(logits.to(weights.dtype), targets, reduction="none")
     (nll * weights).sum().backward()
 
 
@@ -488,8 +496,8 @@ class _Session:
         self.model.train(self.was_training)
 
     def gradients(self, seqs: Sequence[WeightedSequence], n_groups: int, batch_size: int) -> torch.Tensor:
-        """(n_groups, D) float32 gradients on the model's device."""
-        buffer = torch.zeros(n_groups, self.recorder.dim, device=self.device)
+        """(n_groups, D) gradients on the model's device (float32; float64 for a float64 model)."""
+        buffer = torch.zeros(n_groups, self.recorder.dim, device=self.device, dtype=accumulation_dtype(self.model))
         self.recorder.buffer = buffer
         try:
             for batch in _forward_batches(_plan(seqs, self.share, _MERGE_DUPLICATES), batch_size):
@@ -526,7 +534,8 @@ class _Session:
 def group_gradients(model, seqs: list[WeightedSequence], n_groups: int, pad_id: int,
                     batch_size: int | BatchSize = 8, *, log: Callable[[str], None] | None = None,
                     share_prefixes: bool = True) -> torch.Tensor:
-    """Gradient of each group's summed weighted NLL: a (n_groups, D) float32 tensor on the model's device.
+    """Gradient of each group's summed weighted NLL: a (n_groups, D) float32 tensor on the model's device
+    (float64 for a float64 model).
 
     At most ``batch_size`` sequences run per forward pass (halved on out-of-memory, with a message
     through ``log``; see :class:`BatchSize`); the model must be a peft LoRA model and is used in eval

@@ -21,20 +21,33 @@ AGGREGATES = ("max_of_means", "mean")
 
 
 def _rows(source, start: int, stop: int) -> torch.Tensor:
-    if isinstance(source, torch.Tensor):
-        return source[start:stop].float()
+    if isinstance(source, torch.Tensor):  # float64 stays float64 (exactness checks); anything else float32
+        rows = source[start:stop]
+        return rows if rows.dtype == torch.float64 else rows.float()
     return source.rows(start, stop)
 
 
 def similarity_matrix(train: Sequence, val: list[torch.Tensor], weights: list[float], start: int = 0,
                       stop: int | None = None) -> torch.Tensor:
-    """sum_c w_c Gamma_c[start:stop] @ G_c^T: the checkpoint-weighted cosines, (rows, m) float32."""
+    """sum_c w_c Gamma_c[start:stop] @ G_c^T: the checkpoint-weighted cosines, (rows, m) float32
+    (float64 when the training rows are float64 tensors)."""
     stop = len(train[0]) if stop is None else stop
     out = None
     for w, t, v in zip(weights, train, val):
-        part = w * (_rows(t, start, stop) @ v.float().T)
+        rows = _rows(t, start, stop)
+        part = w * (rows @ v.to(rows.dtype).T)
         out = part if out is None else out + part
     return out
+
+
+def counted_prompts(valid: Sequence[np.ndarray | None], n_prompts: int) -> np.ndarray:
+    """Which target prompts count in the aggregate: those that carry a signal at some checkpoint.
+
+    ``valid[c]`` is checkpoint c's validity flags (None: every prompt is valid, as for LESS and the
+    reference's estimator, which counts a zero gradient as a cosine of 0)."""
+    if any(v is None for v in valid):
+        return np.ones(n_prompts, dtype=bool)
+    return np.stack([np.asarray(v, dtype=bool) for v in valid]).any(axis=0)
 
 
 def _subtask_columns(subtasks: list[str], valid: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -68,7 +81,8 @@ def influence_scores(train: Sequence, val: list[torch.Tensor], weights: list[flo
         raise ValueError("no target prompt carries a signal (every one was masked out)")
     n = len(train[0])
     groups = _subtask_columns(subtasks, valid)
-    out = np.empty(n, dtype=np.float32)
+    out = np.empty(n, dtype=np.float64 if isinstance(train[0], torch.Tensor) and train[0].dtype == torch.float64
+                   else np.float32)
     for start in range(0, n, block_rows):
         stop = min(start + block_rows, n)
         sims = similarity_matrix(train, val, weights, start, stop).cpu()

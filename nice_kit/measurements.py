@@ -37,7 +37,7 @@ import pandas as pd
 
 from .data import Record, prompt_ids, tokenize_pair
 from .gradients import WeightedSequence, mean_nll_sequence
-from .policy import PromptWeights, applicable_settings, policy_weights
+from .policy import PromptWeights, applicable_settings, policy_weights, reference_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import Pipeline
@@ -127,14 +127,19 @@ class PolicyGradient(Measurement):
         """The checkpoint's rollouts with a ``weight`` column, and the weights of each prompt."""
         p = run.cfg.policy
         df = run.rollouts(ckpt)
-        ref = run.reference_rewards() if p.variant == "rejection" else {}
+        ref = run.reference_rewards() if uses_reference_reward(p) else {}
         weights, per_prompt = np.zeros(len(df)), {}
         for pid, idx in df.groupby("prompt_id", sort=False).groups.items():
             idx = list(idx)
-            pw = policy_weights(df.loc[idx, "reward"].tolist(), variant=p.variant, baseline=p.baseline,
-                                topk=p.topk, reference_reward=ref.get(pid),
-                                fallback_to_reference=p.fallback_to_reference and pid in ref,
-                                divide_by_kept=p.divide_by_kept)
+            rewards = df.loc[idx, "reward"].tolist()
+            if p.estimator == "reference":
+                pw = reference_weights(rewards, variant=p.variant, reference_reward=ref.get(pid),
+                                       worst_case_protect=p.worst_case_protect)
+            else:
+                pw = policy_weights(rewards, variant=p.variant, baseline=p.baseline,
+                                    topk=p.topk, reference_reward=ref.get(pid),
+                                    fallback_to_reference=p.fallback_to_reference and pid in ref,
+                                    divide_by_kept=p.divide_by_kept)
             weights[idx] = pw.completion
             per_prompt[pid] = pw
         df["weight"] = weights
@@ -145,8 +150,10 @@ class PolicyGradient(Measurement):
         self._prepared[ckpt.epoch] = (df, per_prompt)
         silent = [pid for pid, pw in per_prompt.items() if not pw.signal]
         if silent:
+            fate = ("count as 0 in their subtask's mean (the reference's arithmetic)"
+                    if run.cfg.policy.estimator == "reference" else "left out of the aggregate")
             run.log(f"epoch {ckpt.epoch}: {len(silent)} of {len(per_prompt)} target prompts carry no signal "
-                    "(every policy weight is zero); left out of the aggregate")
+                    f"(every policy weight is zero); {fate}")
         return {pid: {"signal": pw.signal, "note": pw.note, "reference_weight": pw.reference}
                 for pid, pw in per_prompt.items()}
 
@@ -155,27 +162,72 @@ class PolicyGradient(Measurement):
             self.prepare(run, ckpt)
         df, per_prompt = self._prepared[ckpt.epoch]
         by_prompt = {pid: rows for pid, rows in df.groupby("prompt_id", sort=False)}
+        reference = run.cfg.policy.estimator == "reference"
         seqs: list[WeightedSequence] = []
         valid = []
         for j, rec in enumerate(records):
             pw = per_prompt[rec.id]
-            valid.append(bool(pw.signal))
+            valid.append(True if reference else bool(pw.signal))  # the reference counts a zero gradient as 0
             rows = by_prompt.get(rec.id)
             p_ids = prompt_ids(run.tokenizer, rec.messages)
             if rows is not None:
-                eos_ids = rows["eos_token_id"] if "eos_token_id" in rows else [None] * len(rows)
-                for toks, eos, eos_id, w in zip(rows["token_ids"], rows["ended_with_eos"], eos_ids, rows["weight"]):
-                    seq = (completion_sequence(run, p_ids, list(toks), bool(eos), float(w), j,
-                                               eos_id=None if pd.isna(eos_id) else int(eos_id)) if w != 0 else None)
+                for row in rows.itertuples():
+                    seq = estimator_sequence(run, p_ids, token_ids=row.token_ids, text=row.completion,
+                                             ended_with_eos=row.ended_with_eos, weight=float(row.weight), group=j,
+                                             eos_id=getattr(row, "eos_token_id", None)) if row.weight != 0 else None
                     if seq is not None:
                         seqs.append(seq)
             if pw.reference:
-                ref = tokenize_pair(run.tokenizer, rec.messages, rec.response, run.cfg.data.max_length)
-                seq = mean_nll_sequence(ref, j)
-                n = max(ref.n_response_tokens, 1)  # summed NLL, as for completions (the reference's fallback)
-                seq.weights = [x * n * pw.reference for x in seq.weights]
-                seqs.append(seq)
+                seqs.append(reference_fallback_sequence(run, rec, pw.reference, j))
         return Measured(seqs, valid)
+
+
+def uses_reference_reward(policy) -> bool:
+    """Whether the configured estimator reads the metric's reward of the reference answers."""
+    if policy.estimator == "reference":
+        return policy.variant in ("hard_rejection", "topk_hard") or (policy.variant != "vanilla"
+                                                                    and policy.worst_case_protect)
+    return policy.variant == "rejection"
+
+
+def reference_fallback_sequence(run: "Pipeline", rec: Record, weight: float, group: int) -> WeightedSequence:
+    """The reference answer's NLL times ``weight``, summed over its tokens (a rejection variant's
+    fallback; the mean instead under the reference estimator's ``do_normalize``)."""
+    ref = tokenize_pair(run.tokenizer, rec.messages, rec.response, run.cfg.data.max_length)
+    seq = mean_nll_sequence(ref, group)
+    p = run.cfg.policy
+    n = 1 if (p.estimator == "reference" and p.do_normalize) else max(ref.n_response_tokens, 1)
+    seq.weights = [x * n * weight for x in seq.weights]
+    return seq
+
+
+def estimator_sequence(run: "Pipeline", p_ids: list[int], *, token_ids: list[int], text: str, ended_with_eos: bool,
+                       weight: float, group: int, eos_id: Any = None) -> WeightedSequence | None:
+    """A sampled completion as the configured estimator takes its gradient:
+    :func:`completion_sequence` (nice_kit: the sampled ids) or :func:`reference_completion_sequence`
+    (the reference: the text the metric scored, encoded again)."""
+    if run.cfg.policy.estimator == "reference":
+        return reference_completion_sequence(run, p_ids, text, weight, group)
+    return completion_sequence(run, p_ids, list(token_ids), bool(ended_with_eos), weight, group,
+                               eos_id=None if eos_id is None or pd.isna(eos_id) else int(eos_id))
+
+
+def reference_completion_sequence(run: "Pipeline", p_ids: list[int], text: str, weight: float,
+                                  group: int) -> WeightedSequence | None:
+    """A completion as the reference takes its gradient: its text (the sampled ids decoded with
+    special tokens skipped, so never an end-of-sequence token) encoded again without special tokens
+    after the prompt, the NLL summed over those tokens (``do_normalize``: their mean) times ``weight``.
+
+    An empty text has no token: the reference's loss over no token is 0/0, whose gradient PyTorch
+    gives as exactly zero, so the completion adds nothing (but still counts among the kept for the
+    division): None here. nice_kit cuts the re-encoded tokens at ``data.max_length``; the reference
+    does not cut."""
+    comp = list(run.tokenizer.encode(text, add_special_tokens=False)) if text else []
+    comp = comp[: max(1, run.cfg.data.max_length - len(p_ids))]
+    if not comp:
+        return None
+    per_token = weight / len(comp) if run.cfg.policy.do_normalize else weight
+    return WeightedSequence(p_ids + comp, [0.0] * len(p_ids) + [per_token] * len(comp), group)
 
 
 def completion_sequence(run: "Pipeline", p_ids: list[int], toks: list[int], ended_with_eos: bool, weight: float,

@@ -43,7 +43,7 @@ from .data import Record, collate, file_digest, load_records, save_records, toke
 from .distributed import SINGLE, Dist, on_rank_zero
 from .gradients import (BatchSize, WeightedSequence, adam_precondition, gradient_dim, mean_nll_sequence,
                         projected_gradients)
-from .influence import influence_scores, top_fraction
+from .influence import counted_prompts, influence_scores, top_fraction
 from .measurements import Measurement, PolicyGradient, as_measurement
 from .models import add_lora, load_model, load_tokenizer, set_threads
 from .projection import Projector, ProjectionSpec, normalize_rows, save_spec
@@ -551,7 +551,7 @@ class Pipeline:
             val = self.stored_vectors(m)
             mask = None
             if val[0].valid is not None:  # a prompt counts if it has signal at any checkpoint
-                mask = torch.from_numpy(np.stack([v.valid for v in val]).any(axis=0))
+                mask = torch.from_numpy(counted_prompts([v.valid for v in val], len(subtasks)))
                 if not mask.any():
                     raise ValueError(
                         f"{m.name}: none of the {len(subtasks)} target prompts got a non-zero policy gradient "

@@ -95,8 +95,9 @@ pd.DataFrame({"answer": answers, "logit": theta, "p": probs, "reward": r,
 # sample's NLL gradient: Ĝ = Σ_k a_k ∇NLL(y_k). nice_kit computes the weights with
 # `policy_weights(rewards, variant=..., baseline=...)`:
 #
-# * `baseline="none"`: a_k = r_k / K (the reference implementation's vanilla estimator, which
-#   sums without dividing by K: a scale that no cosine sees);
+# * `baseline="none"`: a_k = r_k / K (the weights of the reference implementation's vanilla
+#   estimator, which sums without dividing by K: a scale that no cosine sees; its other details,
+#   re-encoded text and prompts without signal counted as 0, are `policy.estimator = "reference"`);
 # * `baseline="mean"`: a_k = (r_k − mean r) / K;
 # * `baseline="loo"`: a_k = (r_k − mean of the *other* rewards) / K.
 #

@@ -67,14 +67,16 @@ else:
 # %% [markdown]
 # ## The paper's settings: `configs/paper.toml`
 #
-# The file holds the reference implementation's settings (the files and commit are in
-# [docs/method.md](../docs/method.md), "The reference implementation's settings"): LoRA r=128,
-# alpha=512, dropout 0.1 on the q, k, v, o projections; warmup on a random 5% of the pool with
-# AdamW at lr 2e-5, linear decay, warmup ratio 0.03, effective batch 128 (8 x 16 accumulation),
-# 4 epochs, `max_length` 2048; the reference's dense Rademacher projection to d=8192; K=20
-# completions per target prompt at temperature 1.2, top-k 50, top-p 0.95; the vanilla policy
-# gradient without a baseline; the top 5%. The lines marked `<-` in the file are yours to change:
-# the model, the data and the metric.
+# The file holds the paper's setting, and says setting by setting which are the reference
+# implementation's (the files and commit are in [docs/method.md](../docs/method.md), "The reference
+# implementation's settings"): LoRA r=128, alpha=512, dropout 0.1 on the q, k, v, o projections;
+# warmup on a random 5% of the pool with AdamW at lr 2e-5, linear decay, warmup ratio 0.03,
+# effective batch 128 (nice_kit splits it 8 x 16; the reference 1 x 128), 4 epochs, `max_length`
+# 2048; a dense Rademacher projection to d=8192 (the reference's distribution, not TRAK's matrix);
+# K=20 completions per target prompt at temperature 1.2, top-k 50, top-p 0.95; the reference's own
+# estimator (`policy.estimator = "reference"`, checked against an oracle of its arithmetic in
+# `tests/test_reference_estimator.py`); the top 5%. The lines marked `<-` in the file are yours to
+# change: the model, the data and the metric.
 #
 # From Python, `RunConfig.from_file` reads it and applies `overrides` (nested dicts, the same
 # shape as the file) before checking it; `check_model=False` lets it load on a machine that does
@@ -215,7 +217,7 @@ with pd.option_context("display.max_colwidth", 160):
 # %% [markdown]
 # Two things to read off this table.
 #
-# * **The projection's kind.** `configs/paper.toml` keeps the reference's dense Rademacher matrix.
+# * **The projection's kind.** `configs/paper.toml` keeps a dense Rademacher matrix, like the reference.
 #   At D in the hundreds of millions its packed bits far exceed the cache and its product costs
 #   2 x d x D floating-point operations per example; the sparse `sjlt` (nice_kit's default, the
 #   same distortion guarantee, see `nice_kit/projection.py`) needs nnz/d of that arithmetic and its
