@@ -157,3 +157,16 @@ def test_paper_config_uses_the_reference_estimator():
     assert cfg.policy.baseline == "none" and not cfg.policy.worst_case_protect and not cfg.policy.do_normalize
     assert (cfg.rollouts.k, cfg.rollouts.temperature, cfg.rollouts.top_k, cfg.rollouts.top_p) == (20, 1.2, 50, 0.95)
     assert cfg.selection.aggregate == "max_of_means"
+
+
+def test_the_rollout_viewer_describes_the_reference_estimator():
+    import widgets
+    from nice_kit.config import PolicySettings
+
+    ref = PolicySettings(estimator="reference", variant="topk_hard", baseline="none", worst_case_protect=True)
+    assert widgets.policy_summary(ref) == "reference estimator: topk_hard, do_normalize=False, worst_case_protect=True"
+    text = widgets.weight_explanation(ref, 20)
+    assert "10 best" in text and "reference answer's" in text and "worst_case_protect" in text
+    vanilla = widgets.weight_explanation(PolicySettings(estimator="reference", baseline="none"), 20)
+    assert "no division" in vanilla and "baseline=" not in widgets.policy_summary(
+        PolicySettings(estimator="reference", baseline="none"))

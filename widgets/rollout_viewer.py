@@ -27,6 +27,9 @@ def policy_summary(policy) -> str:
     """The policy settings that apply to the configured variant, e.g. "vanilla, baseline=mean,
     divide_by_kept=True, token_normalize=False" (``topk`` only for the topk variant,
     ``fallback_to_reference`` only for rejection)."""
+    if getattr(policy, "estimator", "nice_kit") == "reference":
+        names = ("do_normalize",) + (("worst_case_protect",) if policy.variant != "vanilla" else ())
+        return ", ".join([f"reference estimator: {policy.variant}"] + [f"{k}={getattr(policy, k)}" for k in names])
     names = APPLIES.get(policy.variant, tuple(k for k in policy.__dict__ if k != "variant"))
     return ", ".join([str(policy.variant)] + [f"{k}={getattr(policy, k)}" for k in names])
 
@@ -35,6 +38,8 @@ def weight_explanation(policy, k: int) -> str:
     """One line saying how a completion's weight is computed under ``policy`` with ``k`` completions
     per prompt (plain text)."""
     variant, baseline = policy.variant, policy.baseline
+    if getattr(policy, "estimator", "nice_kit") == "reference":
+        return reference_weight_explanation(policy, k)
     if variant == "rejection":
         kept, count = "the completions whose reward beats the reference answer's reward", "the number kept"
     elif variant == "topk":
@@ -55,6 +60,20 @@ def weight_explanation(policy, k: int) -> str:
     if variant == "rejection" and policy.fallback_to_reference:
         line += "; when none is kept the reference answer gets weight 1"
     return line + ": positive weights push a completion up, negative ones down."
+
+
+def reference_weight_explanation(policy, k: int) -> str:
+    """:func:`weight_explanation` for the reference's estimator (``policy.estimator = "reference"``)."""
+    variant = policy.variant
+    if variant == "vanilla":
+        return (f"weight = reward (the reference's vanilla: all {k} completions, no baseline, no division): "
+                "positive weights push a completion up, negative ones down.")
+    rule = "reward > 0" if variant in ("rejection", "topk_rejection") else "reward > the reference answer's − 1e-5"
+    pool = "the 10 best (ties: the later samples)" if variant.startswith("topk") else f"the {k} completions"
+    line = f"weight = reward / the number kept, for {pool} with {rule}; the others get 0"
+    line += ("; when none is kept the reference answer gets its reward as weight (worst_case_protect)"
+             if policy.worst_case_protect else "; when none is kept the prompt's gradient is zero, counted as 0")
+    return line + "."
 
 
 def _signed(x: float) -> str:
