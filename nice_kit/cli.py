@@ -10,7 +10,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.t
 
 
 # commands that only read what earlier stages wrote: a mistyped run directory is an error, not a new run
-_READERS = ("score", "select", "evaluate", "explain")
+_READERS = ("score", "select", "evaluate", "explain", "what-if")
 
 
 def _pipeline(args):
@@ -134,6 +134,31 @@ def cmd_explain(args) -> None:
     print(format_explanation(p.explain(args.id, args.method), top=args.top))
 
 
+def _setting(text: str) -> tuple[str, object]:
+    """``section.setting=value`` with a TOML value (``none`` and other bare words are strings)."""
+    import tomllib
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected section.setting=value, got {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def cmd_what_if(args) -> None:
+    from .whatif import what_if
+
+    p = _pipeline(args)
+    got = what_if(p, dict(args.set or []), top_moves=args.top)
+    print(got.summary())
+    if args.out:
+        got.scores.to_csv(args.out, index=False)
+        print(f"\nscores: {args.out}")
+
+
 def cmd_metrics(args) -> None:
     from .metrics import list_metrics
 
@@ -179,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top", type=int, default=10, help="how many contributions to print (default 10)")
     sp.add_argument("--check", action="store_true",
                     help="decompose every example and print the largest difference from its stored score")
+    sp = add("what-if", cmd_what_if, "NICE's selection under another metric, estimator or aggregate, from stored "
+             "vectors (no new samples; computes the per-completion gradients once)")
+    sp.add_argument("--set", action="append", type=_setting, metavar="SECTION.SETTING=VALUE",
+                    help="a [metric] or [policy] setting, selection.aggregate or selection.fraction, e.g. "
+                         "--set policy.baseline=none --set metric.name=length --set metric.params.max_words=3")
+    sp.add_argument("--top", type=int, default=10, help="how many rank moves to print (default 10)")
+    sp.add_argument("--out", default=None, help="write the what-if's scores (CSV) here")
     sm = sub.add_parser("metrics", help="list the registered reward metrics")
     sm.set_defaults(func=cmd_metrics)
     return parser

@@ -27,10 +27,10 @@ def has_flags(run: "Pipeline") -> bool:
     return all(any(c in r.columns for r in run.pool) for c in ("harmful", "on_task"))
 
 
-def selection_diagnostics(run: "Pipeline", chosen: dict[str, list[str]]) -> pd.DataFrame:
+def selection_diagnostics(run: "Pipeline", chosen: dict[str, list[str]], write: bool = True) -> pd.DataFrame:
     """Share of harmful, on-task and each kind of harmful example in each method's selection, beside
     the whole pool and the random baseline's subset for seed 0 (the one ``evaluation.compare``
-    trains on). Written to ``diagnostics.csv``."""
+    trains on). Written to ``diagnostics.csv`` (unless ``write`` is False)."""
     flags = pd.DataFrame([{"id": r.id, **{k: r.columns.get(k) for k in FLAG_COLUMNS}}
                           for r in run.pool]).set_index("id")
     fraction = len(next(iter(chosen.values()))) / len(flags)
@@ -47,7 +47,8 @@ def selection_diagnostics(run: "Pipeline", chosen: dict[str, list[str]]) -> pd.D
             row[f"{kind}_share"] = float((sub["harm_kind"] == kind).mean())
         out.append(row)
     df = pd.DataFrame(out)
-    df.to_csv(run.run_dir / "diagnostics.csv", index=False)
+    if write:
+        df.to_csv(run.run_dir / "diagnostics.csv", index=False)
     return df
 
 

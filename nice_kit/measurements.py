@@ -126,24 +126,7 @@ class PolicyGradient(Measurement):
     def weights(self, run: "Pipeline", ckpt: "Checkpoint") -> tuple[pd.DataFrame, dict[str, PromptWeights]]:
         """The checkpoint's rollouts with a ``weight`` column, and the weights of each prompt."""
         p = run.cfg.policy
-        df = run.rollouts(ckpt)
-        ref = run.reference_rewards() if uses_reference_reward(p) else {}
-        weights, per_prompt = np.zeros(len(df)), {}
-        for pid, idx in df.groupby("prompt_id", sort=False).groups.items():
-            idx = list(idx)
-            rewards = df.loc[idx, "reward"].tolist()
-            if p.estimator == "reference":
-                pw = reference_weights(rewards, variant=p.variant, reference_reward=ref.get(pid),
-                                       worst_case_protect=p.worst_case_protect)
-            else:
-                pw = policy_weights(rewards, variant=p.variant, baseline=p.baseline,
-                                    topk=p.topk, reference_reward=ref.get(pid),
-                                    fallback_to_reference=p.fallback_to_reference and pid in ref,
-                                    divide_by_kept=p.divide_by_kept)
-            weights[idx] = pw.completion
-            per_prompt[pid] = pw
-        df["weight"] = weights
-        return df, per_prompt
+        return weigh_rollouts(run.rollouts(ckpt), p, run.reference_rewards() if uses_reference_reward(p) else {})
 
     def prepare(self, run, ckpt):
         df, per_prompt = self.weights(run, ckpt)
@@ -180,6 +163,29 @@ class PolicyGradient(Measurement):
             if pw.reference:
                 seqs.append(reference_fallback_sequence(run, rec, pw.reference, j))
         return Measured(seqs, valid)
+
+
+def weigh_rollouts(df: pd.DataFrame, policy, reference_rewards: dict[str, float]
+                   ) -> tuple[pd.DataFrame, dict[str, PromptWeights]]:
+    """``df`` (rollouts with a ``reward`` column) with each completion's policy weight in ``weight``,
+    and each prompt's :class:`~nice_kit.policy.PromptWeights`, under ``policy`` (``[policy]``)."""
+    p, ref = policy, reference_rewards
+    df = df.copy()
+    weights, per_prompt = np.zeros(len(df)), {}
+    for pid, idx in df.groupby("prompt_id", sort=False).indices.items():
+        rewards = df["reward"].iloc[idx].tolist()
+        if p.estimator == "reference":
+            pw = reference_weights(rewards, variant=p.variant, reference_reward=ref.get(pid),
+                                   worst_case_protect=p.worst_case_protect)
+        else:
+            pw = policy_weights(rewards, variant=p.variant, baseline=p.baseline,
+                                topk=p.topk, reference_reward=ref.get(pid),
+                                fallback_to_reference=p.fallback_to_reference and pid in ref,
+                                divide_by_kept=p.divide_by_kept)
+        weights[idx] = pw.completion
+        per_prompt[pid] = pw
+    df["weight"] = weights
+    return df, per_prompt
 
 
 def uses_reference_reward(policy) -> bool:

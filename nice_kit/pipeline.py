@@ -98,7 +98,7 @@ class Pipeline:
     """One run of the pipeline: a config and the run directory its stages write to."""
 
     def __init__(self, config: RunConfig, run_dir: str | Path, model=None, tokenizer=None, verbose: bool = True,
-                 dist: Dist | None = None):
+                 dist: Dist | None = None, write_config: bool = True):
         # a config edited in Python is checked too; the model itself is checked when it is loaded, so a
         # finished run made elsewhere opens without it
         validate_config(config, check_model=False)
@@ -110,7 +110,8 @@ class Pipeline:
         self._base_model, self._tokenizer = model, tokenizer
         self._peft = None
         self._measurements: dict[str, Measurement] = {}
-        atomic_write_text(self.run_dir / "config.json", json.dumps(config.to_dict(), indent=1, default=str))
+        if write_config:  # False: a view of the run under other settings (what-ifs) leaves its config alone
+            atomic_write_text(self.run_dir / "config.json", json.dumps(config.to_dict(), indent=1, default=str))
 
     def sibling(self, run_dir: str | Path, config: RunConfig) -> "Pipeline":
         """Another run with ``config`` in ``run_dir`` sharing this one's model and tokenizer (same base
@@ -609,6 +610,13 @@ class Pipeline:
         primary = "nice" if "nice" in chosen else next(iter(chosen))
         save_records([by_id[i] for i in chosen[primary]], self.run_dir / "selected.jsonl")
         return chosen
+
+    def what_if(self, changes: dict[str, Any] | None = None, **policy: Any):
+        """NICE's scores and selection if the config had ``changes`` (dotted settings, or policy
+        settings as keywords), from stored vectors: :func:`nice_kit.whatif.what_if`."""
+        from .whatif import what_if
+
+        return what_if(self, changes, **policy)
 
     def explain(self, example_id: str, method: str | Measurement = "nice", compute: bool = True):
         """Why pool example ``example_id`` got its score: the terms of its checkpoints, target prompts,
