@@ -601,7 +601,7 @@ def _ship_beside_the_copy(here: str) -> None:
     system python3 without the project's packages)."""
     import psutil
 
-    for path in (sandbox._BOOT_PATH, sandbox._PROBE_PATH):
+    for path in (sandbox._BOOT_PATH, sandbox._LOADER_PATH, sandbox._PROBE_PATH):
         shutil.copy(path, os.path.join(here, os.path.basename(path)))
         os.chmod(os.path.join(here, os.path.basename(path)), 0o644)
     shipped = os.path.join(here, "psutil")
@@ -732,7 +732,7 @@ def test_nothing_outlives_a_killed_scoring_process(mode):
 # ----------------------------------------------------------------------------------------------
 # The child's programs as package files, the two isolation strategies, the psutil lookups (#17)
 
-CHILD_PROGRAMS = ("_sandbox_child.py", "_sandbox_probe.py")
+CHILD_PROGRAMS = ("_sandbox_child.py", "_sandbox_loader.py", "_sandbox_probe.py")
 
 
 def test_child_programs_are_package_files_and_pyflakes_clean():
@@ -744,8 +744,9 @@ def test_child_programs_are_package_files_and_pyflakes_clean():
     from pyflakes.reporter import Reporter
 
     here = os.path.dirname(os.path.abspath(sandbox.__file__))
-    assert (sandbox._BOOT_PATH, sandbox._PROBE_PATH) == tuple(os.path.join(here, n) for n in CHILD_PROGRAMS)
-    for path, source in ((sandbox._BOOT_PATH, sandbox._BOOT), (sandbox._PROBE_PATH, sandbox._PROBE_CODE)):
+    paths = (sandbox._BOOT_PATH, sandbox._LOADER_PATH, sandbox._PROBE_PATH)
+    assert paths == tuple(os.path.join(here, n) for n in CHILD_PROGRAMS)
+    for path, source in zip(paths, (sandbox._BOOT, sandbox._BOOT_LOADER, sandbox._PROBE_CODE)):
         with open(path, encoding="utf-8") as f:
             assert f.read() == source
         out = io.StringIO()
@@ -758,13 +759,17 @@ def test_child_programs_are_package_files_and_pyflakes_clean():
 
 
 def test_child_bootstrap_imports_without_side_effects():
-    """Importing the bootstrap (for coverage, an IDE) runs nothing: no limits, no fork; its helpers
-    work as a module."""
+    """Importing the bootstrap, the loader or the probe (for coverage, an IDE) runs nothing: no
+    limits, no fork, argv untouched; the bootstrap's helpers work as a module."""
     import importlib
     import resource
 
     before = [resource.getrlimit(getattr(resource, n)) for n in ("RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_NOFILE")]
+    argv = list(sys.argv)
     child = importlib.import_module("nice_kit.metrics._sandbox_child")
+    for name in ("_sandbox_loader", "_sandbox_probe"):
+        importlib.import_module(f"nice_kit.metrics.{name}")
+    assert sys.argv == argv
     after = [resource.getrlimit(getattr(resource, n)) for n in ("RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_NOFILE")]
     assert before == after
     assert callable(child._boot) and set(child._SYSCALLS) == {"x86_64", "aarch64"}

@@ -4,4 +4,5 @@ the uid the code ran as, and what the bootstrap set up (``__nice_sandbox__``, JS
 import json
 import os
 
-print("nice-sandbox-ok", os.getuid(), json.dumps(globals()["__nice_sandbox__"]))
+if __name__ == "__main__":
+    print("nice-sandbox-ok", os.getuid(), json.dumps(globals()["__nice_sandbox__"]))

@@ -129,11 +129,13 @@ class SandboxResult:
 # The child's programs: standard-library files beside this one (shipped with the package), whose
 # source the child's interpreter runs. _sandbox_child.py is the bootstrap, the first code the child
 # runs: it sets the limits, drops to the unprivileged uid, starts the supervisor (fallback), applies
-# Landlock and seccomp, and only then runs the untrusted file. _sandbox_probe.py is what the probe
-# of a mode runs.
+# Landlock and seccomp, and only then runs the untrusted file. _sandbox_loader.py is the -c program
+# that runs the bootstrap precompiled by this interpreter; _sandbox_probe.py is what the probe of a
+# mode runs.
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _BOOT_PATH = os.path.join(_HERE, "_sandbox_child.py")
+_LOADER_PATH = os.path.join(_HERE, "_sandbox_loader.py")
 _PROBE_PATH = os.path.join(_HERE, "_sandbox_probe.py")
 
 
@@ -148,9 +150,8 @@ def _program_source(path: str) -> str:
 
 
 _BOOT = _program_source(_BOOT_PATH)
+_BOOT_LOADER = _program_source(_LOADER_PATH)
 _PROBE_CODE = _program_source(_PROBE_PATH)
-# The -c command line that runs the bootstrap precompiled by this interpreter (marshalled, in hex).
-_BOOT_LOADER = "import marshal, sys\nexec(marshal.loads(bytes.fromhex(sys.argv.pop(1))))\n"
 
 
 @functools.lru_cache(maxsize=16)
