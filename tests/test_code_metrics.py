@@ -464,3 +464,62 @@ def test_humaneval_reference_solutions_that_need_dicts_helpers_and_floats():
     for mode in ("pass_fail", "partial"):
         scores = get_metric("humaneval", mode=mode)([r["prompt"] for r in records], [r["response"] for r in records], **columns)
         assert scores == [1.0] * len(records), (mode, scores)
+
+
+# ----------------------------------------------------------------------------------------------
+# The harness as a package file (#17)
+
+
+def test_harness_is_a_package_file_pyflakes_clean_and_standard_library_only():
+    import ast
+    import io
+    import sys
+
+    import pyflakes.api as pyflakes_api
+    from pyflakes.reporter import Reporter
+
+    from nice_kit.metrics import code
+
+    assert code._HARNESS_PATH == Path(code.__file__).with_name("_harness.py")
+    assert code._HARNESS == code._HARNESS_PATH.read_text(encoding="utf-8")
+    out = io.StringIO()
+    assert pyflakes_api.check(code._HARNESS, str(code._HARNESS_PATH), Reporter(out, out)) == 0, out.getvalue()
+    tree = ast.parse(code._HARNESS)
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported and imported <= set(sys.stdlib_module_names), imported
+
+
+def test_harness_imports_without_running_and_its_value_codec_is_strict():
+    """Importing the harness (coverage, an IDE) runs nothing; values cross as builtin literals
+    (numpy numbers and builtin subclasses as their base type), anything else as a handle, and the
+    decoder refuses what is not a value."""
+    import collections
+    import importlib
+
+    import numpy as np
+
+    harness = importlib.import_module("nice_kit.metrics._harness")
+    assert harness._link is None  # _nice_harness did not run
+    kept = []
+
+    def handle(v):
+        kept.append(v)
+        return {"H": len(kept) - 1, "c": callable(v)}
+
+    value = [None, True, 3, 2.5, "s", b"\x00b", 1 + 2j, (1, [2]), {3}, frozenset({4}), {"k": {5: (6,)}}]
+    encoded = harness._encode(value, handle)
+    assert json.loads(json.dumps(encoded)) == encoded and not kept
+    assert harness._decode(encoded, lambda m: pytest.fail("no handle expected")) == value
+    Pair = collections.namedtuple("Pair", "a b")
+    assert harness._decode(harness._encode([Pair(1, 2), np.int64(7), np.float32(0.5)], handle), None) == [(1, 2), 7, 0.5]
+    assert harness._encode(len, handle) == {"H": 0, "c": True} and kept == [len]
+    assert harness._decode({"H": 0}, lambda m: ("handle", m["H"])) == ("handle", 0)
+    for bad in ({"X": []}, {"L": 1}, {"D": [[1]]}, {"C": ["a", 1]}, [1], {"B": 3}):
+        with pytest.raises(ValueError):
+            harness._decode(bad, lambda m: None)
+    deep = 0
+    for _ in range(harness._MAX_DEPTH + 2):
+        deep = [deep]
+    with pytest.raises(ValueError, match="nested too deeply"):
+        harness._encode(deep, handle)

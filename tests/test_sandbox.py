@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -594,6 +595,23 @@ def add(a, b):
 """
 
 
+def _ship_beside_the_copy(here: str) -> None:
+    """What the copied sandbox module needs beside it, readable by the throwaway uid: the child's
+    programs (package files found next to the module) and psutil (that uid's interpreter may be a
+    system python3 without the project's packages)."""
+    import psutil
+
+    for path in (sandbox._BOOT_PATH, sandbox._LOADER_PATH, sandbox._PROBE_PATH):
+        shutil.copy(path, os.path.join(here, os.path.basename(path)))
+        os.chmod(os.path.join(here, os.path.basename(path)), 0o644)
+    shipped = os.path.join(here, "psutil")
+    shutil.copytree(os.path.dirname(psutil.__file__), shipped, ignore=shutil.ignore_patterns("__pycache__"))
+    for top, _, files in os.walk(shipped):
+        os.chmod(top, 0o755)
+        for name in files:
+            os.chmod(os.path.join(top, name), 0o644)
+
+
 def test_fallback_as_a_normal_user():
     """Without bubblewrap, run by a normal user: the child cannot read the parent's environment or
     memory, cannot kill it (signals, SIGIO, kill -1), cannot leave a daemon behind, cannot create user
@@ -615,6 +633,7 @@ def test_fallback_as_a_normal_user():
             os.chmod(here, 0o755)
             for name in os.listdir(here):
                 os.chmod(os.path.join(here, name), 0o644)
+        _ship_beside_the_copy(here)
         secret = "nice-secret-" + os.urandom(8).hex()
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "NICE_SECRET": secret, "TMPDIR": "/tmp", "HOME": here}
         proc = subprocess.run([python, "-I", os.path.join(here, "as_user.py"), "1" if IS_ROOT else "0"],
@@ -708,3 +727,117 @@ def test_nothing_outlives_a_killed_scoring_process(mode):
     finally:
         scorer.kill()
         scorer.wait()
+
+
+# ----------------------------------------------------------------------------------------------
+# The child's programs as package files, the two isolation strategies, the psutil lookups (#17)
+
+CHILD_PROGRAMS = ("_sandbox_child.py", "_sandbox_loader.py", "_sandbox_probe.py")
+
+
+def test_child_programs_are_package_files_and_pyflakes_clean():
+    """The bootstrap and the probe are files beside sandbox.py (so they ship with the package), are
+    what the child runs, use the standard library only and pass pyflakes."""
+    import ast
+
+    import pyflakes.api as pyflakes_api
+    from pyflakes.reporter import Reporter
+
+    here = os.path.dirname(os.path.abspath(sandbox.__file__))
+    paths = (sandbox._BOOT_PATH, sandbox._LOADER_PATH, sandbox._PROBE_PATH)
+    assert paths == tuple(os.path.join(here, n) for n in CHILD_PROGRAMS)
+    for path, source in zip(paths, (sandbox._BOOT, sandbox._BOOT_LOADER, sandbox._PROBE_CODE)):
+        with open(path, encoding="utf-8") as f:
+            assert f.read() == source
+        out = io.StringIO()
+        assert pyflakes_api.check(source, path, Reporter(out, out)) == 0, out.getvalue()
+        imported = {a.name.split(".")[0] for node in ast.walk(ast.parse(source))
+                    if isinstance(node, (ast.Import, ast.ImportFrom)) for a in getattr(node, "names", [])}
+        imported |= {node.module.split(".")[0] for node in ast.walk(ast.parse(source))
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert imported <= set(sys.stdlib_module_names), (path, imported - set(sys.stdlib_module_names))
+
+
+def test_child_bootstrap_imports_without_side_effects():
+    """Importing the bootstrap, the loader or the probe (for coverage, an IDE) runs nothing: no
+    limits, no fork, argv untouched; the bootstrap's helpers work as a module."""
+    import importlib
+    import resource
+
+    before = [resource.getrlimit(getattr(resource, n)) for n in ("RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_NOFILE")]
+    argv = list(sys.argv)
+    child = importlib.import_module("nice_kit.metrics._sandbox_child")
+    for name in ("_sandbox_loader", "_sandbox_probe"):
+        importlib.import_module(f"nice_kit.metrics.{name}")
+    assert sys.argv == argv
+    after = [resource.getrlimit(getattr(resource, n)) for n in ("RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_NOFILE")]
+    assert before == after
+    assert callable(child._boot) and set(child._SYSCALLS) == {"x86_64", "aarch64"}
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert proc.pid in child._children(os.getpid())
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.pid not in child._children(os.getpid())
+
+
+def test_unreadable_child_program_is_a_clear_error(tmp_path):
+    with pytest.raises(RuntimeError, match="cannot read .*missing.py.*reinstall"):
+        sandbox._program_source(str(tmp_path / "missing.py"))
+
+
+def test_each_isolation_strategy_is_chosen_when_it_should_be(monkeypatch):
+    """auto: bubblewrap when its probe works, else the supervised fallback; an explicit
+    'bubblewrap' fails when it does not work; each strategy's plan says what the run sets up."""
+    assert HAVE_BWRAP, INSTALL_BWRAP
+    assert sandbox._resolve("auto") == "bubblewrap" and sandbox._resolve("bwrap") == "bubblewrap"
+    assert sandbox._resolve("rlimits") == "rlimits-only" == sandbox._resolve("rlimits-only")
+    assert type(sandbox._ISOLATIONS["bubblewrap"]).__name__ == "_Bubblewrap"
+    assert type(sandbox._ISOLATIONS["rlimits-only"]).__name__ == "_SupervisedFallback"
+    assert run_untrusted("print(1)").sandbox == "bubblewrap"
+    monkeypatch.setitem(sandbox._probes, "bubblewrap", (False, "forced off for this test"))
+    assert sandbox._resolve("auto") == "rlimits-only" and run_untrusted("print(1)").sandbox == "rlimits-only"
+    with pytest.raises(RuntimeError, match="forced off"):
+        sandbox._resolve("bubblewrap")
+
+    workdir = tempfile.mkdtemp(prefix="nice-sandbox-", dir=sandbox._tmp_base())
+    try:
+        ids = sandbox._pick_ids()
+        bwrap = sandbox._ISOLATIONS["bubblewrap"].plan(sys.executable, workdir, ids)
+        assert bwrap.inner == "/tmp/" + os.path.basename(workdir) and bwrap.python == sys.executable
+        assert not (bwrap.fallback or bwrap.supervised or bwrap.landlock or bwrap.undumpable_parent or bwrap.site_dirs)
+        assert bwrap.signal_status
+        launch = sandbox._ISOLATIONS["bubblewrap"].launch(["python", "boot"], bwrap, workdir, 1 << 20, 10, ids)
+        assert os.path.basename(launch.argv[0]) == "bwrap" and launch.argv[-2:] == ["python", "boot"]
+        assert launch.popen_kwargs == {}  # bwrap starts as us; the bootstrap drops the uid inside
+        for landlock in (True, False):
+            monkeypatch.setattr(sandbox, "_LANDLOCK", landlock)
+            plan = sandbox._ISOLATIONS["rlimits-only"].plan(sys.executable, workdir, ids)
+            assert plan.inner == workdir and plan.fallback and plan.landlock == landlock
+            assert plan.supervised == sys.platform.startswith("linux") and not plan.signal_status
+            assert plan.undumpable_parent == (sys.platform.startswith("linux") and ids is None)
+            assert (plan.python, plan.site_dirs) == sandbox._fallback_python(sys.executable, ids is not None)
+        launch = sandbox._ISOLATIONS["rlimits-only"].launch(["python", "boot"], plan, workdir, 1 << 20, 10, ids)
+        assert launch.argv == ["python", "boot"]
+        assert launch.popen_kwargs == ({} if ids is None else {"user": ids[0], "group": ids[1], "extra_groups": []})
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_process_lookups():
+    """The uid and session lookups (psutil) find live processes and skip zombies."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    try:
+        assert os.getpid() in sandbox._processes_of(os.getuid())
+        assert os.getpid() in sandbox._session_members(os.getsid(0))
+        assert proc.pid in sandbox._processes_of(os.getuid()) and proc.pid in sandbox._session_members(proc.pid)
+        assert proc.pid not in sandbox._session_members(os.getsid(0))
+        assert sandbox._processes_of(2**31 - 3) == []
+        proc.kill()
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # a zombie until reaped
+        assert proc.pid not in sandbox._processes_of(os.getuid())
+        assert proc.pid not in sandbox._session_members(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()

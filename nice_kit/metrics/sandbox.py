@@ -77,7 +77,9 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
+
+import psutil
 
 __all__ = ["SandboxResult", "run_untrusted", "sandbox_kind", "BUBBLEWRAP", "RLIMITS_ONLY"]
 
@@ -124,277 +126,32 @@ class SandboxResult:
 
 
 # ----------------------------------------------------------------------------------------------
-# The bootstrap: the first Python code the child runs. It is ours (trusted): it sets the limits,
-# drops to the unprivileged uid, starts the supervisor (fallback), applies Landlock and seccomp,
-# and only then runs the untrusted file. It must run on any Python 3 (a system python3 in the
-# fallback), so it uses the standard library only.
+# The child's programs: standard-library files beside this one (shipped with the package), whose
+# source the child's interpreter runs. _sandbox_child.py is the bootstrap, the first code the child
+# runs: it sets the limits, drops to the unprivileged uid, starts the supervisor (fallback), applies
+# Landlock and seccomp, and only then runs the untrusted file. _sandbox_loader.py is the -c program
+# that runs the bootstrap precompiled by this interpreter; _sandbox_probe.py is what the probe of a
+# mode runs.
 
-_BOOT = r"""
-import json, os, resource, sys
-_c = json.loads(sys.argv[1])
-_info = {"landlock": 0, "seccomp": False, "supervisor": False}
-_rfd = _c["report_fd"]
-if _rfd is not None:
-    if _rfd != 3:
-        os.dup2(_rfd, 3, inheritable=False)
-        os.close(_rfd)
-    else:
-        os.set_inheritable(3, False)
-for _name, _value in _c["rlimits"]:
-    _which = getattr(resource, _name, None)
-    if _which is None:
-        continue
-    _soft, _hard = resource.getrlimit(_which)
-    if _hard != resource.RLIM_INFINITY and _value > _hard:
-        _value = _hard
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_BOOT_PATH = os.path.join(_HERE, "_sandbox_child.py")
+_LOADER_PATH = os.path.join(_HERE, "_sandbox_loader.py")
+_PROBE_PATH = os.path.join(_HERE, "_sandbox_probe.py")
+
+
+def _program_source(path: str) -> str:
+    """The source of one of the child's programs (a file shipped beside this module)."""
     try:
-        resource.setrlimit(_which, (_value, _value))
-    except (ValueError, OSError):
-        if sys.platform.startswith("linux"):
-            raise
-        # macOS refuses some limits (RLIMIT_AS): the run goes on without that one
-if _c["uid"] is not None and os.geteuid() == 0:
-    os.setgroups([])
-    os.setresgid(_c["gid"], _c["gid"], _c["gid"])
-    os.setresuid(_c["uid"], _c["uid"], _c["uid"])
-    if 0 in os.getresuid() or 0 in os.getresgid():
-        os._exit(125)
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as err:
+        raise RuntimeError(f"nice_kit.metrics.sandbox: cannot read {path} ({err}); it ships with nice_kit, "
+                           "reinstall the package") from err
 
 
-def _linux_tools():
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-
-    def prctl(option, *args):
-        args = [ctypes.c_ulong(a) for a in args] + [ctypes.c_ulong(0)] * (4 - len(args))
-        if libc.prctl(ctypes.c_int(option), *args) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, "prctl(%d): %s" % (option, os.strerror(err)))
-
-    return ctypes, libc, prctl
-
-
-def _children(pid):
-    out = []
-    try:
-        for tid in os.listdir("/proc/%d/task" % pid):
-            with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
-                out += [int(x) for x in f.read().split()]
-        return out
-    except (OSError, ValueError):
-        pass
-    for name in os.listdir("/proc"):  # kernels without /proc/<pid>/task/<tid>/children
-        if name.isdigit():
-            try:
-                with open("/proc/%s/stat" % name) as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(name))
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
-
-
-def _supervise(child):
-    # A child subreaper: every orphan the code leaves (a daemon that left the session) becomes
-    # our child. When the code exits, or the parent asks (SIGTERM), kill them all, then leave
-    # with the code's status.
-    import signal, time
-    me = os.getpid()
-
-    def sweep():
-        while True:
-            for pid in _children(me):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                time.sleep(0.001)
-
-    def stop(signum, frame):
-        sweep()
-        os._exit(128 + signum)
-
-    for s in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, stop)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    status = None
-    while status is None:
-        try:
-            pid, st = os.waitpid(-1, 0)
-        except ChildProcessError:
-            break
-        if pid == child:
-            status = st
-    sweep()
-    if status is None:
-        os._exit(125)
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            signal.signal(sig, signal.SIG_DFL)
-        except (OSError, ValueError, RuntimeError):
-            pass
-        os.kill(me, sig)
-        os._exit(128 + sig)
-    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 125)
-
-
-def _landlock(ctypes, libc, workdir):
-    import struct
-    sysc = libc.syscall
-    abi = sysc(ctypes.c_long(444), None, ctypes.c_size_t(0), ctypes.c_uint(1))
-    if abi < 1:
-        return 0
-    fs = (1 << 13) - 1
-    if abi >= 2:
-        fs |= 1 << 13  # REFER
-    if abi >= 3:
-        fs |= 1 << 14  # TRUNCATE
-    net = 3 if abi >= 4 else 0  # BIND_TCP | CONNECT_TCP, with no rule allowing any port
-    scoped = 3 if abi >= 6 else 0  # ABSTRACT_UNIX_SOCKET | SIGNAL
-    size = 8 if abi < 4 else (16 if abi < 6 else 24)
-    attr = ctypes.create_string_buffer(struct.pack("=QQQ", fs, net, scoped)[:size], size)
-    ruleset = sysc(ctypes.c_long(444), attr, ctypes.c_size_t(size), ctypes.c_uint(0))
-    if ruleset < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, "landlock_create_ruleset: " + os.strerror(err))
-
-    def allow(path, access):
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-        try:
-            rule = ctypes.create_string_buffer(struct.pack("=Qi", access & fs, fd), 12)
-            if sysc(ctypes.c_long(445), ctypes.c_int(ruleset), ctypes.c_int(1), rule, ctypes.c_uint(0)) < 0:
-                err = ctypes.get_errno()
-                raise OSError(err, "landlock_add_rule(%s): %s" % (path, os.strerror(err)))
-        finally:
-            os.close(fd)
-
-    allow("/", 1 | 4 | 8)  # EXECUTE, READ_FILE, READ_DIR
-    allow(workdir, fs)
-    for dev in ("/dev/null", "/dev/zero", "/dev/full"):
-        if os.path.exists(dev):
-            allow(dev, 2 | 4 | (1 << 14))  # WRITE_FILE, READ_FILE, TRUNCATE
-    if sysc(ctypes.c_long(446), ctypes.c_int(ruleset), ctypes.c_uint(0)) < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, "landlock_restrict_self: " + os.strerror(err))
-    os.close(ruleset)
-    return abi
-
-
-_SYSCALLS = {
-    "x86_64": (0xC000003E, {
-        "unshare": 272, "clone": 56, "clone3": 435, "kill": 62, "tkill": 200, "tgkill": 234,
-        "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297, "pidfd_send_signal": 424, "pidfd_getfd": 438,
-        "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "socket": 41,
-        "io_uring_setup": 425, "fcntl": 72, "ioctl": 16, "shmget": 29, "msgget": 68}),
-    "aarch64": (0xC00000B7, {
-        "unshare": 97, "clone": 220, "clone3": 435, "kill": 129, "tkill": 130, "tgkill": 131,
-        "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240, "pidfd_send_signal": 424, "pidfd_getfd": 438,
-        "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "socket": 198,
-        "io_uring_setup": 425, "fcntl": 25, "ioctl": 29, "shmget": 194, "msgget": 186}),
-}
-
-
-def _seccomp(ctypes, prctl, fallback, signals):
-    machine = os.uname().machine
-    if machine not in _SYSCALLS or sys.byteorder != "little":
-        return False
-    arch, nr = _SYSCALLS[machine]
-    LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06
-    ALLOW, EPERM, ENOSYS = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38
-    prog = [(LD, 0, 0, 4), (JEQ, 1, 0, arch), (RET, 0, 0, ENOSYS), (LD, 0, 0, 0)]
-    if machine == "x86_64":
-        prog += [(JGE, 0, 1, 0x40000000), (RET, 0, 0, ENOSYS)]  # x32 calls
-
-    def block(name, body):
-        return [(LD, 0, 0, 0), (JEQ, 0, len(body), nr[name])] + body
-
-    def arg(i, values, allowed):
-        # allowed: only these values pass; else: these values are refused. Low 32 bits.
-        n = len(values)
-        tail = [(RET, 0, 0, EPERM), (RET, 0, 0, ALLOW)] if allowed else [(RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)]
-        return [(LD, 0, 0, 16 + 8 * i)] + [(JEQ, n - j, 0, v & 0xFFFFFFFF) for j, v in enumerate(values)] + tail
-
-    no_newuser = [(LD, 0, 0, 16), (JSET, 0, 1, 0x10000000), (RET, 0, 0, EPERM), (RET, 0, 0, ALLOW)]
-    prog += block("unshare", no_newuser) + block("clone", no_newuser) + block("clone3", [(RET, 0, 0, ENOSYS)])
-    # System V shared memory and message queues: memory outside every limit above (and, without an
-    # IPC namespace, left behind after the run)
-    prog += block("shmget", [(RET, 0, 0, EPERM)]) + block("msgget", [(RET, 0, 0, EPERM)])
-    if fallback and signals:  # without Landlock's signal scope (ABI 6): only to itself and its group
-        me = os.getpid()
-        prog += block("kill", arg(0, [0, me, -me], True))
-        for name in ("tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"):
-            prog += block(name, arg(0, [me], True))
-        prog += block("pidfd_send_signal", [(RET, 0, 0, EPERM)])
-        prog += block("fcntl", arg(1, [8, 10, 15], False))  # F_SETOWN, F_SETSIG, F_SETOWN_EX
-        prog += block("ioctl", arg(1, [0x8901, 0x8902], False))  # FIOSETOWN, SIOCSPGRP
-    if fallback:
-        for name in ("pidfd_getfd", "ptrace", "process_vm_readv", "process_vm_writev", "socket", "io_uring_setup"):
-            prog += block(name, [(RET, 0, 0, EPERM)])
-    prog.append((RET, 0, 0, ALLOW))
-
-    class Insn(ctypes.Structure):
-        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
-
-    class Prog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Insn))]
-
-    insns = (Insn * len(prog))(*[Insn(*i) for i in prog])
-    fprog = Prog(len(prog), insns)
-    prctl(38, 1)  # PR_SET_NO_NEW_PRIVS
-    prctl(22, 2, ctypes.addressof(fprog))  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
-    return True
-
-
-if sys.platform.startswith("linux"):
-    _ct, _libc, _prctl = _linux_tools()
-    if _c["supervise"]:
-        _prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
-        _prctl(1, 15)  # PR_SET_PDEATHSIG SIGTERM: if the scoring process dies, sweep and leave
-        if os.getppid() != _c["parent"]:
-            os._exit(125)
-        _prctl(4, 0)  # PR_SET_DUMPABLE 0: the code (same uid) cannot ptrace us or open /proc/<us>/*
-        import signal as _signal
-        _signal.signal(_signal.SIGTERM, _signal.SIG_IGN)  # until the supervisor's handler is in place
-        _pid = os.fork()
-        if _pid:
-            if _rfd is not None:
-                os.close(3)  # only the code's process holds the report channel
-            _supervise(_pid)
-        _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
-        os.setpgid(0, 0)  # its own group: killpg(0) cannot reach the supervisor
-        _info["supervisor"] = True
-    _prctl(38, 1)  # PR_SET_NO_NEW_PRIVS
-    if _c["landlock"]:
-        _info["landlock"] = _landlock(_ct, _libc, _c["workdir"])
-    _info["seccomp"] = _seccomp(_ct, _prctl, _c["fallback"], _info["landlock"] < 6)
-    del _ct, _libc, _prctl
-if _c["site"]:
-    import site
-    for _p in _c["site"]:
-        site.addsitedir(_p)
-os.umask(0o077)
-_script = _c["script"]
-sys.argv = [_script]
-with open(_script, "rb") as _f:
-    _code = _f.read()
-import marshal, types
-# a .pyc written by the parent (same interpreter: it checked) or source
-_code = marshal.loads(_code[16:]) if _script.endswith(".pyc") else compile(_code, _script, "exec")
-_main = types.ModuleType("__main__")
-_main.__dict__.update(__file__=_script, __builtins__=__builtins__, __nice_sandbox__=_info)
-sys.modules["__main__"] = _main
-del _c, _name, _value, _which, _soft, _hard, _rfd, _f
-exec(_code, _main.__dict__)
-"""
-
-_BOOT_LOADER = "import marshal, sys\nexec(marshal.loads(bytes.fromhex(sys.argv.pop(1))))\n"
+_BOOT = _program_source(_BOOT_PATH)
+_BOOT_LOADER = _program_source(_LOADER_PATH)
+_PROBE_CODE = _program_source(_PROBE_PATH)
 
 
 @functools.lru_cache(maxsize=16)
@@ -522,52 +279,32 @@ def _uid_known(uid: int) -> bool:
         return False
 
 
-def _live_pids(matches: Callable[[str], bool]) -> list[int]:
-    """Pids of the processes in /proc for which ``matches(pid)`` holds (Linux; [] elsewhere); a
-    process that vanishes or cannot be read is skipped."""
+_GONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+
+
+def _processes_of(uid: int) -> list[int]:
+    """Pids of live (non-zombie) processes whose real uid is ``uid``; a process that vanishes or
+    cannot be read is skipped."""
     out = []
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return out
-    for name in names:
-        if not name.isdigit():
-            continue
+    for p in psutil.process_iter():
         try:
-            if matches(name):
-                out.append(int(name))
-        except (OSError, ValueError, IndexError):
+            if p.uids().real == uid and p.status() not in _GONE:
+                out.append(p.pid)
+        except (psutil.Error, OSError):
             continue
     return out
 
 
-def _processes_of(uid: int) -> list[int]:
-    """Pids of live (non-zombie) processes whose real uid is ``uid`` (Linux; [] elsewhere)."""
-
-    def matches(pid: str) -> bool:
-        with open(f"/proc/{pid}/status") as f:
-            text = f.read()
-        state = uid_line = None
-        for line in text.splitlines():
-            if line.startswith("State:"):
-                state = line.split()[1]
-            elif line.startswith("Uid:"):
-                uid_line = line.split()
-                break
-        return bool(uid_line) and int(uid_line[1]) == uid and state not in ("Z", "X")
-
-    return _live_pids(matches)
-
-
 def _session_members(sid: int) -> list[int]:
-    """Pids of live processes in session ``sid`` (Linux; [] elsewhere)."""
-
-    def matches(pid: str) -> bool:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[3]) == sid and fields[0] not in ("Z", "X")
-
-    return _live_pids(matches)
+    """Pids of live processes in session ``sid``."""
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid and p.status() not in _GONE:
+                out.append(p.pid)
+        except (psutil.Error, OSError):
+            continue
+    return out
 
 
 def _kill_all(pids: list[int]) -> None:
@@ -592,7 +329,7 @@ def _sweep(list_processes: Callable[[], list[int]], rounds: int) -> None:
 
 
 def _count_own_processes() -> int:
-    return len(_processes_of(os.getuid())) if os.path.isdir("/proc") else 0
+    return len(_processes_of(os.getuid())) if os.path.isdir("/proc") else 0  # RLIMIT_NPROC counts them (Linux)
 
 
 def _tmp_base() -> str:
@@ -792,28 +529,32 @@ def _tree_usage(root: str, max_files: int) -> tuple[int, int]:
     return total, entries
 
 
-def _usage_check(mode: str, proc: subprocess.Popen, workdir: str, inner: str, baseline: int,
-                 max_bytes: int, max_files: int):
-    """A function that says "disk limit" once the run's writable area is over its limits."""
-    if mode == RLIMITS_ONLY:
-        def check() -> str | None:
-            used, files = _tree_usage(workdir, max_files)
-            return "disk limit" if used > max_bytes or files > max_files else None
+def _tree_usage_check(workdir: str, max_bytes: int, max_files: int) -> Callable[[], str | None]:
+    """A function that says "disk limit" once the work dir on the host is over its limits."""
 
-        return check
+    def check() -> str | None:
+        used, files = _tree_usage(workdir, max_files)
+        return "disk limit" if used > max_bytes or files > max_files else None
+
+    return check
+
+
+def _tmpfs_usage_check(proc: subprocess.Popen, workdir: str, inner: str, baseline: int, max_bytes: int,
+                       max_files: int) -> Callable[[], str | None]:
+    """A function that says "disk limit" once bubblewrap's private /tmp (seen through the root of
+    the sandbox's first process) holds more than the limits; ``baseline``: inodes it starts with."""
     sandbox_pid: list[int] = []
     host_dev = os.stat(workdir).st_dev
 
-    def check_bwrap() -> str | None:
+    def check() -> str | None:
         if not sandbox_pid:
             try:
-                with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-                    kids = f.read().split()
-            except OSError:
+                kids = psutil.Process(proc.pid).children()
+            except psutil.Error:
                 return None
             if not kids:
                 return None
-            sandbox_pid.append(int(kids[0]))
+            sandbox_pid.append(kids[0].pid)
         path = f"/proc/{sandbox_pid[0]}/root{inner}"
         try:
             if os.stat(path).st_dev == host_dev:
@@ -825,7 +566,94 @@ def _usage_check(mode: str, proc: subprocess.Popen, workdir: str, inner: str, ba
         files = st.f_files - st.f_ffree - baseline
         return "disk limit" if used > max_bytes or files > max_files else None
 
-    return check_bwrap
+    return check
+
+
+# ----------------------------------------------------------------------------------------------
+# Isolation strategies: what bubblewrap and the supervised fallback do differently. ``_run`` asks
+# the strategy for a plan (interpreter, work dir as the code sees it, what the bootstrap sets up),
+# then for the command line that starts the bootstrap and the check of the run's disk usage.
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one run is set up under an isolation strategy."""
+
+    python: str  # the interpreter the child runs
+    site_dirs: list[str]  # site directories the bootstrap adds (a system interpreter's)
+    inner: str  # the work dir as the code sees it
+    fallback: bool  # the bootstrap's fallback seccomp rules (no sockets, no ptrace, signals ...)
+    landlock: bool  # the bootstrap applies Landlock where the kernel has it
+    supervised: bool  # a supervisor process stands between us and the code (one more process)
+    undumpable_parent: bool  # this process is non-dumpable while the run is active
+    signal_status: bool  # an exit status of 128 + n reports a death by signal n (bwrap does)
+    poll_s: float  # how often the run's disk usage is checked
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """The command line that starts a run, extra ``subprocess.Popen`` arguments, and a function
+    that, given the started process, returns the check of the run's disk usage."""
+
+    argv: list[str]
+    popen_kwargs: dict
+    usage_check: Callable[[subprocess.Popen], Callable[[], str | None]]
+
+
+class _Isolation(Protocol):
+    """An isolation strategy (:data:`BUBBLEWRAP` or :data:`RLIMITS_ONLY`)."""
+
+    name: str
+
+    def plan(self, python: str, workdir: str, ids: tuple[int, int] | None) -> _Plan:
+        """The plan of a run of ``python`` in ``workdir`` (a fresh host directory), as uid/gid ``ids``."""
+        ...
+
+    def launch(self, boot_argv: list[str], plan: _Plan, workdir: str, disk_bytes: int, max_files: int,
+               ids: tuple[int, int] | None) -> _Launch:
+        """How to start ``boot_argv`` (the interpreter running the bootstrap) under this strategy."""
+        ...
+
+
+@dataclass(frozen=True)
+class _Bubblewrap:
+    """bwrap's namespaces: read-only ``/``, a private tmpfs ``/tmp`` holding the work dir, a fresh
+    ``/proc``, no network; the bootstrap drops to the uid inside."""
+
+    name: str = BUBBLEWRAP
+
+    def plan(self, python: str, workdir: str, ids: tuple[int, int] | None) -> _Plan:
+        return _Plan(python=python, site_dirs=[], inner=f"/tmp/{os.path.basename(workdir)}", fallback=False,
+                     landlock=False, supervised=False, undumpable_parent=False, signal_status=True,
+                     poll_s=_BWRAP_POLL_S)
+
+    def launch(self, boot_argv: list[str], plan: _Plan, workdir: str, disk_bytes: int, max_files: int,
+               ids: tuple[int, int] | None) -> _Launch:
+        prefix, baseline = _bwrap_command(shutil.which("bwrap") or "bwrap", plan.python, workdir, plan.inner, disk_bytes)
+        return _Launch(prefix + boot_argv, {},
+                       lambda proc: _tmpfs_usage_check(proc, workdir, plan.inner, baseline, disk_bytes, max_files))
+
+
+@dataclass(frozen=True)
+class _SupervisedFallback:
+    """A plain process of this kernel: the supervisor, Landlock and the stricter seccomp filter on
+    Linux, the random uid as root (set by ``Popen``), the work dir on the host, polled."""
+
+    name: str = RLIMITS_ONLY
+
+    def plan(self, python: str, workdir: str, ids: tuple[int, int] | None) -> _Plan:
+        python, site_dirs = _fallback_python(python, ids is not None)
+        return _Plan(python=python, site_dirs=site_dirs, inner=workdir, fallback=True, landlock=_LANDLOCK,
+                     supervised=_LINUX, undumpable_parent=_LINUX and ids is None, signal_status=False,
+                     poll_s=_FALLBACK_POLL_S)
+
+    def launch(self, boot_argv: list[str], plan: _Plan, workdir: str, disk_bytes: int, max_files: int,
+               ids: tuple[int, int] | None) -> _Launch:
+        kwargs = {"user": ids[0], "group": ids[1], "extra_groups": []} if ids is not None else {}
+        return _Launch(boot_argv, kwargs, lambda proc: _tree_usage_check(workdir, disk_bytes, max_files))
+
+
+_ISOLATIONS: dict[str, _Isolation] = {BUBBLEWRAP: _Bubblewrap(), RLIMITS_ONLY: _SupervisedFallback()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -851,32 +679,28 @@ def _run(
 ) -> SandboxResult:
     if os.name != "posix":
         raise RuntimeError("run_untrusted needs a POSIX system")
+    isolation = _ISOLATIONS[mode]
     python = python or sys.executable
     ids = _pick_ids()
-    site_dirs: list[str] = []
-    fallback = mode == RLIMITS_ONLY
-    if fallback:
-        python, site_dirs = _fallback_python(python, ids is not None)
-
-    nproc = max_processes + (1 if fallback and _LINUX else 0)  # + the supervisor
-    if ids is None:  # not root: the limit counts all of this user's processes
-        nproc += _count_own_processes()
     disk_bytes = max(int(max_disk_mb * 1024 * 1024), 65536)
-    rlimits = [
-        ("RLIMIT_CPU", max(1, math.ceil(timeout_s)) + 1),
-        ("RLIMIT_AS", int(memory_mb) * 1024 * 1024),
-        ("RLIMIT_NPROC", int(nproc)),
-        ("RLIMIT_FSIZE", min(int(max_file_mb * 1024 * 1024), disk_bytes)),
-        ("RLIMIT_NOFILE", int(max_open_files)),
-        ("RLIMIT_CORE", 0),
-    ]
     workdir = tempfile.mkdtemp(prefix="nice-sandbox-", dir=_tmp_base())
-    inner = f"/tmp/{os.path.basename(workdir)}" if mode == BUBBLEWRAP else workdir
     proc = None
+    plan = None
     report_r = report_w = None
-    supervised = fallback and _LINUX
     try:
-        same_python = os.path.realpath(python) == os.path.realpath(sys.executable)
+        plan = isolation.plan(python, workdir, ids)
+        nproc = max_processes + (1 if plan.supervised else 0)  # + the supervisor
+        if ids is None:  # not root: the limit counts all of this user's processes
+            nproc += _count_own_processes()
+        rlimits = [
+            ("RLIMIT_CPU", max(1, math.ceil(timeout_s)) + 1),
+            ("RLIMIT_AS", int(memory_mb) * 1024 * 1024),
+            ("RLIMIT_NPROC", int(nproc)),
+            ("RLIMIT_FSIZE", min(int(max_file_mb * 1024 * 1024), disk_bytes)),
+            ("RLIMIT_NOFILE", int(max_open_files)),
+            ("RLIMIT_CORE", 0),
+        ]
+        same_python = os.path.realpath(plan.python) == os.path.realpath(sys.executable)
         script = "main.py"
         with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8") as f:
             f.write(code)
@@ -895,52 +719,45 @@ def _run(
             "rlimits": rlimits,
             "uid": ids[0] if ids else None,
             "gid": ids[1] if ids else None,
-            "site": site_dirs,
-            "script": f"{inner}/{script}",
-            "workdir": inner,
+            "site": plan.site_dirs,
+            "script": f"{plan.inner}/{script}",
+            "workdir": plan.inner,
             "report_fd": report_w,
-            "fallback": fallback,
-            "supervise": supervised,
-            "landlock": fallback and _LANDLOCK,
+            "fallback": plan.fallback,
+            "supervise": plan.supervised,
+            "landlock": plan.landlock,
             "parent": os.getpid(),
         }
         if same_python:  # the bootstrap precompiled (cached) too
-            argv = [python, "-I", "-B", "-c", _BOOT_LOADER, _compiled(_BOOT, "<nice-sandbox-boot>").hex(), json.dumps(cfg)]
+            argv = [plan.python, "-I", "-B", "-c", _BOOT_LOADER, _compiled(_BOOT, "<nice-sandbox-boot>").hex(),
+                    json.dumps(cfg)]
         else:
-            argv = [python, "-I", "-B", "-c", _BOOT, json.dumps(cfg)]
-        kwargs: dict = {}
-        baseline = 0
-        if mode == BUBBLEWRAP:
-            prefix, baseline = _bwrap_command(shutil.which("bwrap") or "bwrap", python, workdir, inner, disk_bytes)
-            argv = prefix + argv
-        elif ids is not None:
-            kwargs = {"user": ids[0], "group": ids[1], "extra_groups": []}
+            argv = [plan.python, "-I", "-B", "-c", _BOOT, json.dumps(cfg)]
+        launch = isolation.launch(argv, plan, workdir, disk_bytes, int(max_files), ids)
         data = stdin.encode("utf-8") if isinstance(stdin, str) else stdin
 
-        with _parent_undumpable(fallback and _LINUX and ids is None):
+        with _parent_undumpable(plan.undumpable_parent):
             start = time.monotonic()
             proc = subprocess.Popen(
-                argv,
+                launch.argv,
                 stdin=subprocess.PIPE if data else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=workdir,
-                env=_env(inner, env),
+                env=_env(plan.inner, env),
                 start_new_session=True,
                 close_fds=True,
                 pass_fds=(report_w,) if report_w is not None else (),
-                **kwargs,
+                **launch.popen_kwargs,
             )
             if report_w is not None:
                 os.close(report_w)
                 report_w = None
-            check_usage = _usage_check(mode, proc, workdir, inner, baseline, disk_bytes, int(max_files))
-            poll_s = _FALLBACK_POLL_S if fallback else _BWRAP_POLL_S
             out, err, rep, trunc_out, trunc_err, reason = _communicate(
-                proc, data, start + timeout_s, max_output_bytes, report_r, check_usage, poll_s
+                proc, data, start + timeout_s, max_output_bytes, report_r, launch.usage_check(proc), plan.poll_s
             )
             if reason is not None:
-                _stop(proc, supervised)
+                _stop(proc, plan.supervised)
             _kill_group(proc)  # stragglers in the group; the group id is still reserved (not reaped)
             try:
                 proc.wait(timeout=10)
@@ -948,6 +765,7 @@ def _run(
                 pass
             duration = time.monotonic() - start
     finally:
+        supervised = plan is not None and plan.supervised
         if proc is not None and proc.returncode is None:
             _stop(proc, supervised)
             try:
@@ -979,7 +797,7 @@ def _run(
         sig = None
         if rc < 0:
             sig = -rc
-        elif mode == BUBBLEWRAP and rc > 128:  # bwrap reports a signal death as 128 + signal
+        elif plan.signal_status and rc > 128:  # bwrap reports a signal death as 128 + signal
             sig = rc - 128
         if sig is not None:
             try:
@@ -997,7 +815,7 @@ def _run(
         duration_s=duration,
         stdout_truncated=trunc_out,
         stderr_truncated=trunc_err,
-        sandbox=mode,
+        sandbox=isolation.name,
         uid=ids[0] if ids else None,
         report=rep.decode("utf-8", errors="replace"),
     )
@@ -1071,9 +889,6 @@ def _communicate(proc, data, deadline, cap, report_fd=None, check_usage=None, po
     out_fd, err_fd = fds[0], fds[1]
     report = bytes(bufs[report_fd]) if report_fd is not None else b""
     return bytes(bufs[out_fd]), bytes(bufs[err_fd]), report, truncated[out_fd], truncated[err_fd], reason
-
-
-_PROBE_CODE = "import os, json\nprint('nice-sandbox-ok', os.getuid(), json.dumps(__nice_sandbox__))\n"
 
 
 def _probe(mode: str) -> tuple[bool, str]:
