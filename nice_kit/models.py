@@ -200,11 +200,29 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _tokenizer_folder(name_or_path: str) -> Path | None:
+    """``name_or_path`` when it is a local folder holding a saved tokenizer but no model (no config.json):
+    what ``tokenizer.save_pretrained`` writes, e.g. ``bench/tokenizer/``."""
+    if not isinstance(name_or_path, str) or name_or_path in DEFAULT_ALIASES:
+        return None
+    local = Path(name_or_path).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file() and any((local / f).is_file() for f in _TOKENIZER_FILES):
+        return local
+    return None
+
+
 def load_tokenizer(name_or_path: str):
+    """The tokenizer of a model (as :func:`load_model` resolves it), or of a folder holding only a saved
+    tokenizer (``tokenizer.save_pretrained``: no config.json needed). Never downloads."""
     set_offline()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), local_files_only=True)
+    folder = _tokenizer_folder(name_or_path)
+    path = str(folder) if folder is not None else resolve_model_path(name_or_path)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
