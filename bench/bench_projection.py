@@ -16,7 +16,8 @@ Device mode: the current projector on the device (sjlt with both kernels, and ra
 and, where D <= --compare-max (default 1,048,576: the CPU's share stays within seconds while the GPU is
 held), the largest relative difference from the CPU's projection of the same gradients (same spec:
 same integer sketch, only fp32 summation order differs). ``--shape`` (tiny, 1b, 7b, 8b) measures
-only D = that shape's LoRA gradient size (bench/shapes.py; 7b: 134,217,728).
+D = 2^20 (compared with the CPU) and that shape's LoRA gradient size (bench/shapes.py; 7b:
+134,217,728).
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ def main() -> None:
                     default=[921_600, 16_777_216, 134_217_728])
     ap.add_argument("--compare-max", type=int, default=1 << 20, help="largest D compared with the CPU")
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
-                    help="measure only D = this shape's LoRA gradient size (both modes)")
+                    help="measure D = 2^20 and this shape's LoRA gradient size (both modes)")
     ap.add_argument("--kinds", type=lambda s: s.split(","), default=None,
                     help="sjlt,rademacher (default: sjlt on the CPU, both on a device)")
     ap.add_argument("--batch", type=int, default=8)
@@ -228,8 +229,9 @@ def main() -> None:
     if args.quick:
         args.dims, args.device_dims, args.repeats, args.dim = [70_000], [70_000], 1, 1024
         args.kinds = ["sjlt", "rademacher"]
-    if args.shape:
-        args.dims = args.device_dims = [lora_dim(args.shape)]
+    if args.shape:  # the shape's D, and 2^20 (compared with the CPU) when the shape's D is larger
+        D = lora_dim(args.shape)
+        args.dims = args.device_dims = sorted({min(D, 1 << 20), D})
     torch.set_num_threads(args.threads)
     if args.kinds is None:
         args.kinds = ["sjlt", "rademacher"] if args.device else ["sjlt"]

@@ -19,6 +19,11 @@ How a batch is computed (``group_gradients``, ``projected_gradients``):
   to the continuations, and gradients flow back through it into the prefix's LoRA parameters, so the
   group's gradient is exactly the sum of its sequences' gradients. Identical sequences of one group
   are run once with their weights added (the gradient is linear in the weights).
+* **No unused work.** Backward runs to the input embeddings' output (a leaf made for it), not to the
+  LoRA weights: their batch-summed gradients (``.grad``) are never formed. On CUDA the per-example
+  products take bf16 inputs with float32 accumulation and float32 products may use TF32
+  (:func:`add_per_example_products`); a CPU computes in float32 as before. ``adam_precondition``
+  works in blocks of 2^20 coordinates, in place in the training stage.
 * **Batches by token positions.** A forward pass holds no more token positions than ``batch_size``
   whole sequences (so several prompts with their short completions share a pass); out of memory on a
   batch halves the batch size (down to 1) and retries that batch (:class:`BatchSize`).

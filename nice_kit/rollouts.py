@@ -13,7 +13,15 @@ How it works:
 * **Left padding done right.** Prompts of different lengths are left-padded; the attention mask
   hides the padding and position ids count real tokens only (as ``generate`` does).
 * **Finished rows stop costing compute.** A row that ends (end of sequence, stop string or
-  ``max_new_tokens``) is dropped from the batch and its cache at the next step.
+  ``max_new_tokens``) is dropped from the batch and its cache: at once on a CPU; on a GPU it stays in
+  the batch, masked, until half the rows are done, then all finished rows go in one copy.
+* **Few host synchronisations.** Every step's uniforms go to the device in one copy; the sampled
+  tokens collect in a device buffer that the host reads every step on a CPU and every 16 steps on a
+  GPU (``_LoopPlan``). Stop strings are checked on each completion's new tail only.
+* **LoRA merged while sampling** (:func:`nice_kit.models.merged_lora`) where the merged update
+  survives rounding to the weights' dtype; the base weights are restored bit for bit afterwards.
+* **The cache argument** is ``cache`` or ``past_key_values`` as the model's forward names it
+  (transformers 5.24 and 5.17); :func:`rollout_caps` sizes the batch limits to the device's memory.
 * **Counter-based randomness.** Every draw is a uniform number hashed from (run seed, epoch, prompt
   id, sample index, step), turned into a token by inverse-CDF sampling from the filtered
   distribution (temperature, then top-k, then top-p, with Hugging Face's semantics; candidates in
