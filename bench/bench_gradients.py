@@ -2,6 +2,7 @@
 
     python bench/bench_gradients.py [--examples 64] [--reference-examples 4] [--run-dir runs/default]
     python bench/bench_gradients.py --stages [--prompts 32] [--train-examples 64] [--threads 2]
+    python bench/bench_gradients.py --large-d [--lora-r 64] [--examples 8] [--threads 2]
 
 Prints, for 128-token examples and d=8192:
 * examples/s of nice_kit (batched per-example gradients + Adam preconditioning + sparse JL) and of a
@@ -19,6 +20,14 @@ this replaced, ``legacy_*`` below: hooks keep every layer's input and output gra
 logits, every completion runs its prompt) and AFTER (``nice_kit.gradients.projected_gradients``), with
 the bare forward+backward of the same batches beside them and the largest relative difference of the
 gradients. It needs no warmup: the LoRA weights are random (B non-zero), the Adam moments synthetic.
+
+``--large-d`` times the training-gradient path at a larger D through the public API only
+(``projected_gradients`` with Adam preconditioning as the pipeline calls it, and the sjlt
+projection): the bundled model (``--model``) with LoRA r=``--lora-r`` on q,k,v,o (r=64: D = 7,372,800),
+``--examples`` examples of ``--length`` tokens in one batch, best of ``--repeats``; then the Adam
+preconditioning of a (batch, D) block alone in a fresh process (its time and the peak memory it adds).
+Only public functions are used, so the same script measures an older nice_kit:
+``PYTHONPATH=/path/to/old/tree python bench/bench_gradients.py --large-d`` (before/after).
 """
 
 from __future__ import annotations
@@ -331,6 +340,99 @@ def stages(args) -> None:
               f"|difference| / largest |entry| {rel_max:.2e}; projected vectors {vec_row:.2e}")
 
 
+def _adam(g, exp_avg, exp_avg_sq):
+    """Adam preconditioning as the pipeline calls it (in place where this nice_kit can)."""
+    import inspect
+
+    if "inplace" in inspect.signature(adam_precondition).parameters:
+        return adam_precondition(g, exp_avg, exp_avg_sq, inplace=True)
+    return adam_precondition(g, exp_avg, exp_avg_sq)
+
+
+def _adam_only(batch: int, D: int, repeats: int) -> dict:
+    """Adam preconditioning of a (batch, D) block in this (fresh) process: seconds and added peak RSS."""
+    gen = torch.Generator().manual_seed(0)
+    m, v = torch.randn(D, generator=gen) * 1e-4, torch.rand(D, generator=gen) * 1e-8
+    best = float("inf")
+    base = None
+    for _ in range(repeats):
+        g = torch.randn(batch, D, generator=gen).mul_(1e-4)
+        base = peak_rss_mb() if base is None else base  # the block and the moments are in memory
+        t0 = time.perf_counter()
+        _adam(g, m, v)
+        best = min(best, time.perf_counter() - t0)
+        del g
+    return {"seconds": best, "added_peak_mb": peak_rss_mb() - base, "block_mb": batch * D * 4 / 2**20}
+
+
+def large_d(args) -> None:
+    import subprocess
+
+    from nice_kit.data import load_records
+    from nice_kit.models import LoraSettings, add_lora, load_model
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model, device="cpu")
+    model = add_lora(model, LoraSettings(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0), seed=0)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, prm in lora_parameters(model):
+            if "lora_B" in name:
+                prm.copy_(torch.randn(prm.shape, generator=gen) * 0.02)
+    D = gradient_dim(model)
+    exp_avg, exp_avg_sq = torch.randn(D, generator=gen) * 1e-4, torch.rand(D, generator=gen) * 1e-8
+    examples = examples_of_length(tok, load_records(ROOT / "data" / "arith" / "pool.jsonl")[:64], args.length,
+                                  args.examples)
+    seqs = [mean_nll_sequence(t, i) for i, t in enumerate(examples)]
+    projector = Projector(ProjectionSpec(kind="sjlt", dim=args.dim, seed=0, nnz=8, input_dim=D))
+    projector.project(torch.zeros(1, D))  # the sketch, built once as in a run
+    spent = {"adam": 0.0, "project": 0.0}
+
+    def transform(g):
+        t0 = time.perf_counter()
+        out = _adam(g, exp_avg, exp_avg_sq)
+        spent["adam"] += time.perf_counter() - t0
+        return out
+
+    def project(g):
+        t0 = time.perf_counter()
+        out = projector.project(g)
+        spent["project"] += time.perf_counter() - t0
+        return out
+
+    import nice_kit
+
+    print(f"nice_kit from {Path(nice_kit.__file__).parent}; model {args.model} + LoRA r={args.lora_r} on q,k,v,o: "
+          f"D = {D:,}; {len(seqs)} examples x {args.length} tokens in batches of {args.batch_size}; "
+          f"{torch.get_num_threads()} threads")
+    best = None
+    for _ in range(args.repeats):
+        spent.update(adam=0.0, project=0.0)
+        t0 = time.perf_counter()
+        projected_gradients(model, seqs, len(seqs), tok.pad_token_id, project, transform, args.batch_size)
+        total = time.perf_counter() - t0
+        if best is None or total < best[0]:
+            best = (total, spent["adam"], spent["project"])
+    total, t_adam, t_proj = best
+    t0 = time.perf_counter()
+    for s in range(0, len(seqs), args.batch_size):  # the bare forward+backward of the same batches
+        batch = [type(q)(q.input_ids, q.weights, i) for i, q in enumerate(seqs[s:s + args.batch_size])]
+        ids, mask, w = _batch(batch, tok.pad_token_id, "cpu")
+        weighted_nll(model, ids, mask, w).sum().backward()
+        model.zero_grad(set_to_none=True)
+    bare = time.perf_counter() - t0
+    print(f"training-gradient path: {total:.2f} s ({len(seqs) / total:.3f} examples/s; Adam {t_adam:.2f} s, "
+          f"projection {t_proj:.2f} s, the rest {total - t_adam - t_proj:.2f} s); bare forward+backward "
+          f"{bare:.2f} s; peak RSS {peak_rss_mb():.0f} MB")
+    out = subprocess.run([sys.executable, __file__, "--adam-only", str(args.batch_size), str(D)],
+                         capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        raise RuntimeError(out.stderr)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"Adam preconditioning of a {args.batch_size} x {D:,} block alone (fresh process): {r['seconds']:.3f} s, "
+          f"adds {r['added_peak_mb']:.0f} MB of peak RSS (the block itself: {r['block_mb']:.0f} MB)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "default.toml"))
@@ -348,9 +450,19 @@ def main() -> None:
     ap.add_argument("--train-examples", type=int, default=64, help="--stages: pool examples")
     ap.add_argument("--threads", type=int, default=2, help="--stages: CPU threads")
     ap.add_argument("--repeats", type=int, default=1, help="--stages: runs per measurement (the fastest is shown)")
+    ap.add_argument("--large-d", action="store_true", help="the training-gradient path at a larger D (see above)")
+    ap.add_argument("--lora-r", type=int, default=64, help="--large-d: LoRA rank")
+    ap.add_argument("--model", default="default", help="--large-d: model")
+    ap.add_argument("--adam-only", nargs=2, type=int, metavar=("BATCH", "D"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.adam_only:
+        print(json.dumps(_adam_only(*args.adam_only, repeats=2)))
+        return
     if args.stages:
         stages(args)
+        return
+    if args.large_d:
+        large_d(args)
         return
 
     cfg = RunConfig.from_file(args.config)

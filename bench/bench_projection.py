@@ -3,6 +3,7 @@
     python bench/bench_projection.py                  # CPU: D = 921,600 (default model) and 16,777,216 (7B, r=16)
     python bench/bench_projection.py --quick          # CI-size smoke run (small D, one repeat)
     python bench/bench_projection.py --device cuda    # on a GPU: timings there + CPU-vs-GPU agreement
+    python bench/bench_projection.py --device cuda --shape 7b   # only D of that shape's LoRA gradients
 
 CPU mode: for each D and kind, the legacy projector (nice_kit's before this change, copied below since
 it left the package: sketch generated on the host with ``torch.Generator``, cached only below 2^26
@@ -12,8 +13,11 @@ and ``|| ||Sx||^2 / ||x||^2 - 1 ||`` as a JL sanity check.
 
 Device mode: the current projector on the device (sjlt with both kernels, and rademacher) at each D
 (up to 134,217,728, a 7B model at LoRA r=128), its first call, ms per batch and peak device memory,
-and, where D <= --compare-max, the largest relative difference from the CPU's projection of the
-same gradients (same spec: same integer sketch, only fp32 summation order differs).
+and, where D <= --compare-max (default 1,048,576: the CPU's share stays within seconds while the GPU is
+held), the largest relative difference from the CPU's projection of the same gradients (same spec:
+same integer sketch, only fp32 summation order differs). ``--shape`` (tiny, 1b, 7b, 8b) measures
+D = 2^20 (compared with the CPU) and that shape's LoRA gradient size (bench/shapes.py; 7b:
+134,217,728).
 """
 
 from __future__ import annotations
@@ -33,6 +37,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nice_kit.projection import Projector, ProjectionSpec  # noqa: E402
+from shapes import SHAPES  # noqa: E402
+
+
+def lora_dim(shape: str) -> int:
+    """D, the LoRA gradient size of a shape (LoRA on q, k, v, o: r x (in + out) per module)."""
+    s = SHAPES[shape]
+    h, r = s["hidden_size"], s["lora_r"]
+    kv = h // s["num_attention_heads"] * s["num_key_value_heads"]
+    return s["num_hidden_layers"] * r * ((h + h) + 2 * (h + kv) + (h + h))
 
 # ---- the projector as it was before the hash sketch (nice_kit/projection.py at ac846b2), unchanged
 _CHUNK = {"sjlt": 1 << 16, "rademacher": 1 << 13}  # input coordinates per generated block
@@ -197,7 +210,9 @@ def main() -> None:
     ap.add_argument("--dims", type=lambda s: [int(v) for v in s.split(",")], default=[921_600, 16_777_216])
     ap.add_argument("--device-dims", type=lambda s: [int(v) for v in s.split(",")],
                     default=[921_600, 16_777_216, 134_217_728])
-    ap.add_argument("--compare-max", type=int, default=16_777_216, help="largest D compared with the CPU")
+    ap.add_argument("--compare-max", type=int, default=1 << 20, help="largest D compared with the CPU")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                    help="measure D = 2^20 and this shape's LoRA gradient size (both modes)")
     ap.add_argument("--kinds", type=lambda s: s.split(","), default=None,
                     help="sjlt,rademacher (default: sjlt on the CPU, both on a device)")
     ap.add_argument("--batch", type=int, default=8)
@@ -214,6 +229,9 @@ def main() -> None:
     if args.quick:
         args.dims, args.device_dims, args.repeats, args.dim = [70_000], [70_000], 1, 1024
         args.kinds = ["sjlt", "rademacher"]
+    if args.shape:  # the shape's D, and 2^20 (compared with the CPU) when the shape's D is larger
+        D = lora_dim(args.shape)
+        args.dims = args.device_dims = sorted({min(D, 1 << 20), D})
     torch.set_num_threads(args.threads)
     if args.kinds is None:
         args.kinds = ["sjlt", "rademacher"] if args.device else ["sjlt"]

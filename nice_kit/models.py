@@ -16,8 +16,10 @@ import importlib.util
 import os
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -200,11 +202,29 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _tokenizer_folder(name_or_path: str) -> Path | None:
+    """``name_or_path`` when it is a local folder holding a saved tokenizer but no model (no config.json):
+    what ``tokenizer.save_pretrained`` writes, e.g. ``bench/tokenizer/``."""
+    if not isinstance(name_or_path, str) or name_or_path in DEFAULT_ALIASES:
+        return None
+    local = Path(name_or_path).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file() and any((local / f).is_file() for f in _TOKENIZER_FILES):
+        return local
+    return None
+
+
 def load_tokenizer(name_or_path: str):
+    """The tokenizer of a model (as :func:`load_model` resolves it), or of a folder holding only a saved
+    tokenizer (``tokenizer.save_pretrained``: no config.json needed). Never downloads."""
     set_offline()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), local_files_only=True)
+    folder = _tokenizer_folder(name_or_path)
+    path = str(folder) if folder is not None else resolve_model_path(name_or_path)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -264,6 +284,65 @@ def add_lora(model, lora: LoraSettings, seed: int = 0):
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                      target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
+
+
+_MERGE_TOLERANCE = 0.02  # largest relative error of a merged LoRA update (rounding to the weights' dtype)
+
+
+def _lora_layers(model) -> list[tuple[torch.nn.Module, list[str]]]:
+    """(layer, active adapter names) of each active, unmerged peft LoRA linear layer of ``model``."""
+    out = []
+    for module in model.modules():
+        if not (hasattr(module, "lora_A") and hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")):
+            continue
+        if getattr(module, "merged", False) or not isinstance(module.base_layer, torch.nn.Linear):
+            continue
+        active = [a for a in getattr(module, "active_adapters", []) if a in module.lora_A]
+        if active:
+            out.append((module, active))
+    return out
+
+
+def _merged_weight(module, active: list[str]) -> tuple[torch.Tensor, float]:
+    """The base weight plus the layer's LoRA update, in the weight's dtype, and the relative error of
+    the update after that rounding."""
+    w = module.base_layer.weight
+    delta = sum(module.get_delta_weight(a).float() for a in active)
+    new = (w.float() + delta).to(w.dtype)
+    scale = float(delta.norm())
+    err = float((new.float() - w.float() - delta).norm()) / scale if scale > 0 else 0.0
+    return new, err
+
+
+@contextmanager
+def merged_lora(model) -> Iterator[bool]:
+    """While sampling: each LoRA update added into its base weight (one matrix product per layer and
+    token instead of three), the LoRA branch switched off; the base weights are restored bit for bit
+    on exit (a copy of each merged weight is kept meanwhile). Yields whether it merged.
+
+    It merges only when every merged update survives rounding to the base weights' dtype within 2%
+    (fp32 weights do; bf16 weights lose a small update, e.g. a brief warmup's, almost entirely, and
+    are then left unmerged so that the samples come from the adapted model). A model without LoRA
+    layers, or one that cannot switch its adapter off, is left as it is."""
+    layers = _lora_layers(model) if hasattr(model, "disable_adapter") else []
+    merged: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            ok = bool(layers) and all(_merged_weight(m, a)[1] <= _MERGE_TOLERANCE for m, a in layers)
+            for module, active in layers if ok else []:
+                w = module.base_layer.weight
+                new, _ = _merged_weight(module, active)
+                merged.append((w, w.detach().clone()))
+                w.copy_(new)
+        if not merged:
+            yield False
+            return
+        with model.disable_adapter():
+            yield True
+    finally:
+        with torch.no_grad():
+            for w, saved in merged:
+                w.copy_(saved)
 
 
 def lora_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:

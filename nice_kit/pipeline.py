@@ -366,7 +366,8 @@ class Pipeline:
 
             def compute(start, stop):
                 seqs = [mean_nll_sequence(pool_tok[i], i - start) for i in range(start, stop)]
-                got = self._projected(seqs, stop - start, lambda g: adam_precondition(g, exp_avg, exp_avg_sq))
+                got = self._projected(seqs, stop - start,
+                                      lambda g: adam_precondition(g, exp_avg, exp_avg_sq, inplace=True))
                 return chunk_tensors(got["vectors"], got["norms"])
 
             self._run_chunks(stage, len(pool_tok), shard, compute, f"train grads epoch {ckpt.epoch}")

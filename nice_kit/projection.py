@@ -42,7 +42,11 @@ nnz=8 on one CPU thread, far less on a GPU).
 expanded to +-1 on the device by a 256-entry lookup table, block by block, and multiplied in fp32
 (TF32 is switched off for that product). The packed bits (``dim / 8`` bytes per coordinate) are
 cached up to ``cache_bytes``; beyond that they are regenerated per call, which costs seconds per
-batch at D ~ 1e8 (prefer ``sjlt`` there, or project larger batches at once).
+batch at D ~ 1e8 (prefer ``sjlt`` there, or project larger batches at once). At a 7B model's
+D = 134,217,728 and d = 8192 the bits are 128 GiB: the default 16 GiB cache keeps 12.5%, and each
+call regenerates the rest, expands 4.4 TB of float32 signs and multiplies 2 x b x D x d flops in full
+float32 (35 TFLOP at b = 16), by these counts at least 2-4 s per batch on an H200 (README,
+"Performance").
 
 Vectors made with the earlier generator (host ``torch.Generator`` streams; specs without a
 ``generator`` field) are recognised as different: ``check_compatible`` asks to recompute them.

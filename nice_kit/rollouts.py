@@ -13,7 +13,15 @@ How it works:
 * **Left padding done right.** Prompts of different lengths are left-padded; the attention mask
   hides the padding and position ids count real tokens only (as ``generate`` does).
 * **Finished rows stop costing compute.** A row that ends (end of sequence, stop string or
-  ``max_new_tokens``) is dropped from the batch and its cache at the next step.
+  ``max_new_tokens``) is dropped from the batch and its cache: at once on a CPU; on a GPU it stays in
+  the batch, masked, until half the rows are done, then all finished rows go in one copy.
+* **Few host synchronisations.** Every step's uniforms go to the device in one copy; the sampled
+  tokens collect in a device buffer that the host reads every step on a CPU and every 16 steps on a
+  GPU (``_LoopPlan``). Stop strings are checked on each completion's new tail only.
+* **LoRA merged while sampling** (:func:`nice_kit.models.merged_lora`) where the merged update
+  survives rounding to the weights' dtype; the base weights are restored bit for bit afterwards.
+* **The cache argument** is ``cache`` or ``past_key_values`` as the model's forward names it
+  (transformers 5.24 and 5.17); :func:`rollout_caps` sizes the batch limits to the device's memory.
 * **Counter-based randomness.** Every draw is a uniform number hashed from (run seed, epoch, prompt
   id, sample index, step), turned into a token by inverse-CDF sampling from the filtered
   distribution (temperature, then top-k, then top-p, with Hugging Face's semantics; candidates in
@@ -42,6 +50,7 @@ from tqdm.auto import tqdm
 
 from .config import RolloutSettings
 from .data import Record, prompt_ids
+from .models import merged_lora
 
 STOP_REASONS = ("eos", "stop", "length")
 # Names the sampling scheme (random streams, inverse-CDF draw, row fields): a rollout cache key should
@@ -287,12 +296,85 @@ def _new_cache(model, capacity: int):
     return cache
 
 
+def all_step_uniforms(keys: np.ndarray, steps: int) -> np.ndarray:
+    """``step_uniforms(keys, s)`` for ``s = 0 .. steps - 1`` at once: (steps, len(keys)) float64."""
+    keys = np.asarray(keys, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        offsets = _mix64((np.arange(steps, dtype=np.uint64) + np.uint64(1)) * _GOLDEN)
+        z = _mix64(keys[None, :] + offsets[:, None])
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+
+
+def _cache_argument(model) -> str:
+    """The name under which the model's forward takes a key/value cache: ``cache`` (recent transformers)
+    or ``past_key_values`` (earlier 5.x and 4.x), probed from its signature as nice_kit.gradients does."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return next((a for a in ("cache", "past_key_values") if a in params), "past_key_values")
+
+
+@dataclass
+class _LoopPlan:
+    """How often the decode loop looks at its rows on the host, and when it drops finished ones.
+
+    ``sync_every``: steps between host reads of the sampled tokens (end-of-sequence, stop strings,
+    whether every row is done); between them nothing waits for the device. ``compact_share``: finished
+    rows are kept in the batch (masked: they decode a pad token whose output is ignored) until at
+    least this share of the live rows is finished, then dropped from the batch and its cache at once.
+    A CPU computes every row it keeps, so it reads every step and drops at once (1, 0.0); a GPU decodes
+    a few more rows almost for free but pays for every host synchronisation and cache copy."""
+
+    sync_every: int = 1
+    compact_share: float = 0.0
+
+
+def _loop_plan(device: torch.device) -> _LoopPlan:
+    return _LoopPlan(16, 0.5) if device.type == "cuda" else _LoopPlan(1, 0.0)
+
+
+_PLAN_OVERRIDE: _LoopPlan | None = None  # tests run the GPU plan on a CPU
+
+
+def stop_window(stop: tuple[str, ...]) -> int:
+    """Tokens of a completion's tail that hold every character a new stop-string occurrence can span:
+    every token decodes to at least one byte and a character is at most 4 bytes, plus a margin for
+    the window's first tokens (a cut multi-byte character, a stripped leading space)."""
+    return 4 * max((len(x) for x in stop), default=0) + 8
+
+
+def first_stop_step(tokenizer, tokens: list[int], start: int, stop: tuple[str, ...], window: int) -> int | None:
+    """The first ``t >= start`` at which ``decode(tokens[:t + 1])`` contains a stop string (None: none up to
+    the end), given that ``decode(tokens[:start])`` contains none.
+
+    One decode of the tail (the last ``window`` tokens before ``start`` and the new ones) rules out the
+    common case; only when a stop string shows up there is each step decoded in full, which is the
+    criterion itself."""
+    tail = tokenizer.decode(tokens[max(0, start - window):], skip_special_tokens=True)
+    if not any(x and x in tail for x in stop):
+        return None
+    for t in range(start, len(tokens)):
+        text = tokenizer.decode(tokens[:t + 1], skip_special_tokens=True)
+        if any(x and x in text for x in stop):
+            return t
+    return None
+
+
 @torch.no_grad()
 def _decode_batch(model, tokenizer, prompts: list[list[int]], counts: list[int], keys: np.ndarray, *,
                   temperature: float, top_k: int, top_p: float, max_new_tokens: int, stop: tuple[str, ...],
-                  eos_ids: set[int], pad_id: int, keep_one_logit: bool) -> list[Decoded]:
-    """Decode ``counts[i]`` rows of prompt ``i`` (rows in that order, with ``keys``): one prefill per prompt."""
+                  eos_ids: set[int], pad_id: int, keep_one_logit: bool, cache_arg: str = "cache") -> list[Decoded]:
+    """Decode ``counts[i]`` rows of prompt ``i`` (rows in that order, with ``keys``): one prefill per prompt.
+
+    The uniforms of every step are computed once (the same numbers as :func:`step_uniforms`) and sent
+    to the device in one copy; sampled tokens go to a device buffer, read on the host every
+    ``_LoopPlan.sync_every`` steps."""
     device = next(model.parameters()).device
+    plan = _PLAN_OVERRIDE or _loop_plan(device)
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -304,10 +386,10 @@ def _decode_batch(model, tokenizer, prompts: list[list[int]], counts: list[int],
 
     cache = _new_cache(model, width + max_new_tokens)
     extra = {"logits_to_keep": 1} if keep_one_logit else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True, **extra)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                **{cache_arg: cache}, **extra)
     if cache.get_seq_length() != width:
-        raise RuntimeError(f"{type(model).__name__} did not fill the KV cache passed as `cache=` "
-                           "(a model written for transformers < 5 needs `past_key_values`)")
+        raise RuntimeError(f"{type(model).__name__} did not fill the KV cache passed as `{cache_arg}=`")
     logits = out.logits[:, -1, :].float()
     del out
     if any(c != 1 for c in counts):  # share the prefill: expand each prompt's cache to its rows
@@ -317,38 +399,58 @@ def _decode_batch(model, tokenizer, prompts: list[list[int]], counts: list[int],
     next_pos = mask.sum(-1)
 
     n_rows = int(sum(counts))
-    live = list(range(n_rows))  # row index of each live position in the batch
+    uniforms = torch.from_numpy(all_step_uniforms(keys, max_new_tokens)).to(device=device, dtype=_cdf_dtype(device))
+    sampled = torch.full((n_rows, max_new_tokens), -1, dtype=torch.long, device=device)  # -1: after the end
+    eos_t = torch.tensor(sorted(eos_ids) or [-2], dtype=torch.long, device=device)
+    live = list(range(n_rows))  # row index of each position in the batch (finished rows included until dropped)
+    live_t = torch.arange(n_rows, device=device)
+    done = torch.zeros(n_rows, dtype=torch.bool, device=device)  # per batch position
     tokens: list[list[int]] = [[] for _ in range(n_rows)]
     results: list[Decoded | None] = [None] * n_rows
+    window = stop_window(stop)
+    read_from = 0  # first step not yet read on the host
     for step in range(max_new_tokens):
-        u = torch.from_numpy(step_uniforms(keys[live], step)).to(device=device, dtype=_cdf_dtype(device))
-        chosen = sample_tokens(logits, u, temperature, top_k, top_p)
-        chosen_list = chosen.tolist()
-        check_stop = []
-        for row, tok in zip(live, chosen_list):
-            if tok in eos_ids:
-                results[row] = Decoded(tokens[row], "eos", tok)
-            else:
-                tokens[row].append(tok)
-                check_stop.append(row)
-        if stop and check_stop:
-            texts = tokenizer.batch_decode([tokens[r] for r in check_stop], skip_special_tokens=True)
-            for row, text in zip(check_stop, texts):
-                if any(s and s in text for s in stop):
-                    results[row] = Decoded(tokens[row], "stop")
-        if step == max_new_tokens - 1:
-            break
-        keep = [j for j, row in enumerate(live) if results[row] is None]
-        if not keep:
-            break
-        if len(keep) < len(live):
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            mask, next_pos, chosen = mask[index], next_pos[index], chosen[index]
-            live = [live[j] for j in keep]
+        chosen = sample_tokens(logits, uniforms[step].index_select(0, live_t), temperature, top_k, top_p)
+        sampled[live_t, step] = torch.where(done, -1, chosen)
+        done = done | torch.isin(chosen, eos_t)
+        last = step == max_new_tokens - 1
+        if last or (step + 1 - read_from) >= plan.sync_every:
+            block = sampled[live_t, read_from:step + 1].tolist()  # the one host synchronisation
+            for row, new in zip(live, block):
+                if results[row] is not None:
+                    continue
+                start = len(tokens[row])
+                for tok in new:
+                    if tok == -1:
+                        break
+                    if tok in eos_ids:
+                        results[row] = Decoded(tokens[row], "eos", tok)
+                        break
+                    tokens[row].append(tok)
+                if stop and len(tokens[row]) > start:
+                    t = first_stop_step(tokenizer, tokens[row], start, stop, window)
+                    if t is not None:
+                        del tokens[row][t + 1:]
+                        results[row] = Decoded(tokens[row], "stop")
+            read_from = step + 1
+            if last:
+                break
+            finished = [j for j, row in enumerate(live) if results[row] is not None]
+            if len(finished) == len(live):
+                break
+            if finished:
+                done[torch.tensor(finished, device=device)] = True  # stop strings end rows on the device too
+                if len(finished) >= max(1.0, plan.compact_share * len(live)):
+                    keep = [j for j, row in enumerate(live) if results[row] is None]
+                    index = torch.tensor(keep, device=device)
+                    cache.batch_select_indices(index)
+                    mask, next_pos, chosen, done = mask[index], next_pos[index], chosen[index], done[index]
+                    live = [live[j] for j in keep]
+                    live_t = live_t[index]
         mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)
-        out = model(input_ids=chosen.unsqueeze(-1), attention_mask=mask, position_ids=next_pos.unsqueeze(-1),
-                    cache=cache, use_cache=True)
+        feed = torch.where(done, pad_id, chosen)  # finished rows decode a pad token (output ignored)
+        out = model(input_ids=feed.unsqueeze(-1), attention_mask=mask, position_ids=next_pos.unsqueeze(-1),
+                    use_cache=True, **{cache_arg: cache})
         logits = out.logits[:, -1, :].float()
         del out
         next_pos = next_pos + 1
@@ -372,12 +474,15 @@ def decode(model, tokenizer, prompts: list[list[int]], keys: list[list[int]], *,
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
     keep_one_logit = _accepts_logits_to_keep(model)
+    cache_arg = _cache_argument(model)
     results: dict[tuple[int, int], Decoded] = {}
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))  # longest first: memory peaks early
     pending = deque((i, list(range(len(keys[i])))) for i in order if keys[i])
     budget, row_cap = max(1, int(max_batch_tokens)), max(1, int(batch_size))
     bar = tqdm(total=sum(len(k) for k in keys), desc=desc, leave=False, disable=len(pending) < 2)
+    merged = merged_lora(model)
     try:
+        merged.__enter__()
         while pending:
             batch: list[tuple[int, list[int]]] = []
             rows, width = 0, 0
@@ -403,7 +508,7 @@ def decode(model, tokenizer, prompts: list[list[int]], keys: list[list[int]], *,
                     model, tokenizer, [prompts[i] for i, _ in batch], [len(s) for _, s in batch],
                     np.array([keys[i][j] for i, s in batch for j in s], dtype=np.uint64),
                     temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
-                    stop=stop, eos_ids=eos_ids, pad_id=pad_id, keep_one_logit=keep_one_logit)
+                    stop=stop, eos_ids=eos_ids, pad_id=pad_id, keep_one_logit=keep_one_logit, cache_arg=cache_arg)
             except Exception as err:  # noqa: BLE001 - only out-of-memory errors are handled
                 if not _is_oom(err) or rows <= 1:
                     raise
@@ -420,9 +525,44 @@ def decode(model, tokenizer, prompts: list[list[int]], keys: list[list[int]], *,
                     results[(i, j)] = next(it)
             bar.update(rows)
     finally:
+        merged.__exit__(None, None, None)
         bar.close()
         model.train(was_training)
     return [[results[(i, j)] for j in range(len(keys[i]))] for i in range(len(prompts))]
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of key/value cache one token position holds across all layers (from the model's config)."""
+    c = model.config
+    c = c.get_text_config() if hasattr(c, "get_text_config") else c
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    size = next(model.parameters()).element_size()
+    return 2 * c.num_hidden_layers * kv_heads * head_dim * size
+
+
+def rollout_caps(model, max_new_tokens: int, prompt_tokens: int, memory_bytes: int | None = None,
+                 share: float = 0.5) -> tuple[int, int]:
+    """``(batch_size, max_batch_tokens)`` for ``[rollouts]`` that use ``share`` of ``memory_bytes`` (default:
+    the device's free memory now; on a CPU, a quarter of RAM) for the key/value cache, with room per row
+    for the float32 logits and the sampler's copies of them (about 6 x vocab x 4 bytes).
+
+    For example Llama-2-7B in bf16 (512 KiB of cache per token) on a GPU with 100 GiB free: 102,400
+    tokens, i.e. 133 rows of 512-token prompts with 256 new tokens."""
+    device = next(model.parameters()).device
+    if memory_bytes is None:
+        if device.type == "cuda":
+            memory_bytes = torch.cuda.mem_get_info(device)[0]
+        else:
+            import os
+
+            memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    per_token = kv_bytes_per_token(model)
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 0
+    per_row = (prompt_tokens + max_new_tokens) * per_token + 6 * 4 * vocab
+    rows = max(1, int(share * memory_bytes // per_row))
+    return rows, rows * (prompt_tokens + max_new_tokens)
 
 
 def _merge_back(pending: deque, batch: list[tuple[int, list[int]]]) -> None:

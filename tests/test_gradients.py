@@ -342,3 +342,82 @@ def test_adam_preconditioning_formula():
     m2 = 0.9 * m + 0.1 * g
     v2 = 0.999 * v + 0.001 * g ** 2
     torch.testing.assert_close(out, m2 / torch.sqrt(v2 + 1e-8))
+
+
+# ------------------------------------------------------------------------------------------------
+# Fewer passes and tensor cores (GPU paths checked on the CPU)
+
+
+def test_no_batch_summed_lora_gradient_is_computed(tokenizer):
+    """Backward runs only as far as the per-example gradients need: the LoRA weights' own (batch-summed)
+    gradients are never formed, and the results still equal one-at-a-time backward passes."""
+    model = _lora_model(tokenizer, seed=4)
+    seqs, n = _nice_groups(tokenizer)
+    want = loop_gradients(model, seqs, n)
+    calls = []
+    handles = [p.register_hook(lambda g, name=name: calls.append(name)) for name, p in lora_parameters(model)]
+    try:
+        got = group_gradients(model, seqs, n, tokenizer.pad_token_id, batch_size=3)
+        proj = projected_gradients(model, seqs, n, tokenizer.pad_token_id, lambda g: g, batch_size=2)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == []  # a hook on a parameter fires whenever its gradient is computed
+    assert all(p.grad is None for _, p in lora_parameters(model))
+    for mine in (got, proj):
+        err = (mine - want).norm(dim=1) / want.norm(dim=1).clamp_min(1e-30)
+        assert err.max() < 1e-4
+
+
+def test_adam_precondition_in_blocks_and_in_place_equals_the_formula(monkeypatch):
+    monkeypatch.setattr(gradients_mod, "_ADAM_BLOCK", 7)  # several blocks and a partial last one
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(3, 40, generator=gen) * 1e-3
+    m = torch.randn(40, generator=gen) * 1e-3
+    v = torch.rand(40, generator=gen) * 1e-6
+    formula = (0.9 * m + 0.1 * g) / torch.sqrt(0.999 * v + 0.001 * g.pow(2) + 1e-8)
+    copy_in = g.clone()
+    out = adam_precondition(copy_in, m, v)
+    assert torch.equal(copy_in, g)  # not in place: the input is left alone
+    torch.testing.assert_close(out, formula, rtol=1e-6, atol=0)
+    inplace = g.clone()
+    res = adam_precondition(inplace, m, v, inplace=True)
+    assert res.data_ptr() == inplace.data_ptr()
+    torch.testing.assert_close(inplace, formula, rtol=1e-6, atol=0)
+
+
+def test_bf16_products_with_fp32_accumulation_agree_with_fp32(tokenizer, monkeypatch):
+    """The CUDA path (bf16 inputs, fp32 accumulation) run on the CPU: within bf16 rounding of fp32."""
+    model = _lora_model(tokenizer, seed=5)
+    seqs, n = _nice_groups(tokenizer)
+    exact = group_gradients(model, seqs, n, tokenizer.pad_token_id, batch_size=3)
+    monkeypatch.setattr(gradients_mod, "_FAST_PRODUCTS", True)
+    fast = group_gradients(model, seqs, n, tokenizer.pad_token_id, batch_size=3)
+    rows = exact.norm(dim=1) > 0
+    err = (fast - exact)[rows].norm(dim=1) / exact[rows].norm(dim=1)
+    assert 0 < err.max() < 2e-2  # rounded (so the path ran), and by no more than bf16 allows
+    cos = torch.nn.functional.cosine_similarity(fast[rows], exact[rows], dim=1)
+    assert cos.min() > 0.9995
+    # the products alone, per example and for a single group
+    gen = torch.Generator().manual_seed(1)
+    x, g = torch.randn(4, 5, 6, generator=gen), torch.randn(4, 5, 3, generator=gen)
+    groups = torch.tensor([0, 1, 1, 2])
+    for single in (None, 1):
+        a, b = torch.zeros(3, 18), torch.zeros(3, 18)
+        gradients_mod.add_per_example_products(a, g, x, groups, single, fast=False)
+        gradients_mod.add_per_example_products(b, g, x, groups, single, fast=True)
+        torch.testing.assert_close(b, a, rtol=3e-2, atol=3e-2)
+        want = torch.zeros(3, 18)
+        for i in range(4):
+            want[single if single is not None else groups[i]] += (g[i].T @ x[i]).reshape(-1)
+        torch.testing.assert_close(a, want, rtol=1e-5, atol=1e-5)
+
+
+def test_tensor_core_matmuls_only_on_cuda_and_restored():
+    before = torch.get_float32_matmul_precision()
+    with gradients_mod._tensor_core_matmuls(torch.device("cpu")):
+        assert torch.get_float32_matmul_precision() == before
+    with gradients_mod._tensor_core_matmuls(torch.device("cuda")):
+        assert torch.get_float32_matmul_precision() == "high"  # TF32 allowed for fp32 products
+    assert torch.get_float32_matmul_precision() == before
+    assert not gradients_mod._use_fast_products(torch.device("cpu"))

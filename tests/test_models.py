@@ -112,3 +112,19 @@ def test_a_model_in_the_hugging_face_cache_loads_offline(no_network, tiny_model_
     assert os.environ["HF_HUB_OFFLINE"] == "1" and constants.HF_HUB_OFFLINE is True  # offline from here on
     with pytest.raises(models.ModelNotAvailable, match="models in the Hugging Face cache .*: some-org/tiny"):
         models.check_model("some-org/other")
+
+
+def test_a_folder_holding_only_a_tokenizer_loads_as_a_tokenizer(tokenizer, tmp_path):
+    """What ``tokenizer.save_pretrained`` writes (no config.json): a tokenizer, not a model."""
+    from nice_kit.models import ModelNotAvailable, load_tokenizer
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    assert not (tmp_path / "tok" / "config.json").exists()
+    loaded = load_tokenizer(str(tmp_path / "tok"))
+    assert loaded("2 + 2 = 4")["input_ids"] == tokenizer("2 + 2 = 4")["input_ids"]
+    assert loaded.pad_token_id == tokenizer.pad_token_id
+    with pytest.raises(ModelNotAvailable, match="config.json"):  # still not a model
+        load_model(str(tmp_path / "tok"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotAvailable, match="config.json"):  # neither a model nor a tokenizer
+        load_tokenizer(str(tmp_path / "empty"))

@@ -467,3 +467,190 @@ def test_buffered_cache_layers_hold_what_dynamic_layers_hold(model):
     for layer in (buffered, plain):
         layer.update(k, v)
     same()
+
+
+# ------------------------------------------------------------------------------------------------
+# The GPU decode loop on the CPU: fewer host syncs, finished rows masked, merged LoRA, cache argument
+
+
+def test_all_step_uniforms_are_step_uniforms():
+    from nice_kit.rollouts import all_step_uniforms
+
+    keys = np.array([row_key(0, 1, f"p{i}", k) for i in range(3) for k in range(4)], dtype=np.uint64)
+    table = all_step_uniforms(keys, 7)
+    assert table.shape == (7, 12)
+    for s in range(7):
+        assert np.array_equal(table[s], step_uniforms(keys, s))  # the same numbers, bit for bit (integer hash)
+
+
+def _eos_and_stop_settings(model, tokenizer, records):
+    """EOS ids and settings under which rows end in all three ways (EOS, stop string, length) at
+    different steps: a token sampled in about a third of the rows becomes an EOS id, and a letter in
+    about a third of the remaining completions the stop string."""
+    s = _settings(k=5, max_new_tokens=12, temperature=1.3, top_k=20)
+    base = sample_rollouts(model, tokenizer, records, s, seed=2)
+    counts = {}
+    for r in base:
+        for t in set(r["token_ids"][1:]):
+            counts[t] = counts.get(t, 0) + 1
+    extra = min(counts, key=lambda t: (abs(counts[t] - len(base) / 3), t))
+    eos = [tokenizer.eos_token_id, extra]
+    texts = [tokenizer.decode(r["token_ids"], skip_special_tokens=True) for r in base if extra not in r["token_ids"]]
+    chars = {c for t in texts for c in t if c.isalpha()}
+    stop = min(chars, key=lambda c: (abs(sum(c in t for t in texts) - len(texts) / 3), c))
+    return eos, _settings(k=5, max_new_tokens=12, temperature=1.3, top_k=20, stop=["@@never", stop])
+
+
+@pytest.mark.parametrize("plan", [(3, 0.5), (5, 1.0), (64, 0.5)])
+def test_gpu_loop_plan_draws_the_same_samples_as_the_cpu_plan(model, tokenizer, records, monkeypatch, plan):
+    import nice_kit.rollouts as rollouts_mod
+
+    eos, s = _eos_and_stop_settings(model, tokenizer, records)
+    old = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = eos
+    try:
+        cpu = sample_rollouts(model, tokenizer, records, s, seed=2)
+        monkeypatch.setattr(rollouts_mod, "_PLAN_OVERRIDE", rollouts_mod._LoopPlan(*plan))
+        with _Calls(model) as calls:
+            gpu = sample_rollouts(model, tokenizer, records, s, seed=2)
+    finally:
+        model.generation_config.eos_token_id = old
+    assert {r["stop_reason"] for r in cpu} == {"eos", "stop", "length"}
+    assert gpu == cpu
+    rows = [n for n, length in calls.shapes if length == 1]
+    changes = sum(a != b for a, b in zip(rows, rows[1:]))
+    ended_early = sum(r["stop_reason"] != "length" for r in cpu)
+    assert changes < ended_early  # finished rows stayed in the batch (masked) instead of one copy each
+
+
+def test_finished_rows_are_masked_until_half_are_done(model, tokenizer, records, monkeypatch):
+    import nice_kit.rollouts as rollouts_mod
+
+    eos, s = _eos_and_stop_settings(model, tokenizer, records)
+    s.stop = []
+    old = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = eos
+    monkeypatch.setattr(rollouts_mod, "_PLAN_OVERRIDE", rollouts_mod._LoopPlan(1, 0.5))
+    try:
+        with _Calls(model) as calls:
+            rows = sample_rollouts(model, tokenizer, records, s, seed=2)
+    finally:
+        model.generation_config.eos_token_id = old
+    last_step = [r["n_tokens"] + (1 if r["ended_with_eos"] else 0) for r in rows]  # steps each row sampled at
+    passes = [n for n, length in calls.shapes if length == 1]  # the forward before step 2, 3, ...
+    unfinished = [sum(e > step for e in last_step) for step in range(1, len(passes) + 1)]
+    assert all(n >= u for n, u in zip(passes, unfinished))  # every unfinished row is decoded
+    assert any(n > u for n, u in zip(passes, unfinished))  # and finished ones stayed, masked
+    for before, after in zip([len(rows)] + passes, passes):
+        assert after == before or before - after >= before / 2  # dropped only once half were finished
+
+
+def test_first_stop_step_is_the_full_decoding_criterion(tokenizer):
+    from nice_kit.rollouts import first_stop_step, stop_window
+
+    gen = np.random.default_rng(0)
+    vocab = len(tokenizer)
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    words = tokenizer("\ndef f():\n    return 1\nclass A:\n# é ü 你好\nprint(1)", add_special_tokens=False)["input_ids"]
+    stops = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "好")
+    window = stop_window(stops)
+    checked = found = 0
+    for trial in range(150):
+        pool = words + newline * 3 if trial % 2 else list(gen.integers(0, vocab, 30))
+        toks = [int(t) for t in gen.choice(pool, size=int(gen.integers(1, 40)))]
+        want = next((t for t in range(len(toks)) if any(x in tokenizer.decode(toks[:t + 1], skip_special_tokens=True)
+                                                        for x in stops)), None)
+        for start in {0, len(toks) // 2, max(0, len(toks) - 1)}:
+            if want is not None and want < start:
+                continue  # the function's precondition: no stop string before start
+            assert first_stop_step(tokenizer, toks, start, stops, window) == want
+            checked += 1
+        found += want is not None
+    assert checked > 200 and found > 20
+
+
+def test_lora_is_merged_while_sampling_and_the_weights_restored(tokenizer, records, monkeypatch):
+    import contextlib
+
+    import nice_kit.rollouts as rollouts_mod
+    from nice_kit.models import LoraSettings, add_lora, merged_lora
+
+    peft_model = add_lora(_untied_tiny_model(tokenizer, seed=3), LoraSettings(r=2, alpha=4, dropout=0.0))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, prm in peft_model.named_parameters():
+            if "lora_B" in name:
+                prm.normal_(0, 0.3)
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    ids = torch.tensor([prompt_ids(tokenizer, records[0].messages)])
+    with torch.no_grad():
+        adapted = peft_model(input_ids=ids).logits
+        with merged_lora(peft_model) as merged:
+            assert merged
+            lora_calls = []
+            hooks = [m.register_forward_hook(lambda *a: lora_calls.append(1)) for n, m in peft_model.named_modules()
+                     if n.endswith("lora_A.default")]
+            in_merge = peft_model(input_ids=ids).logits
+            for h in hooks:
+                h.remove()
+            assert lora_calls == []  # the LoRA branch is off: its update is in the base weights
+    torch.testing.assert_close(in_merge, adapted, rtol=1e-4, atol=1e-4)
+    for n, p in peft_model.named_parameters():
+        assert torch.equal(p, before[n]), n  # restored bit for bit
+    s = _settings(k=3, temperature=1.0, top_k=20, max_new_tokens=8)
+    merged_rows = sample_rollouts(peft_model, tokenizer, records, s, seed=5)
+    monkeypatch.setattr(rollouts_mod, "merged_lora", lambda model: contextlib.nullcontext(False))
+    plain_rows = sample_rollouts(peft_model, tokenizer, records, s, seed=5)
+    assert merged_rows == plain_rows
+    for n, p in peft_model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_a_lora_update_lost_in_bf16_rounding_is_not_merged(tokenizer):
+    from nice_kit.models import LoraSettings, add_lora, merged_lora
+
+    base = _untied_tiny_model(tokenizer, seed=3).to(torch.bfloat16)
+    peft_model = add_lora(base, LoraSettings(r=2, alpha=4, dropout=0.0))
+    with torch.no_grad():
+        for name, prm in peft_model.named_parameters():
+            if "lora_B" in name:
+                prm.fill_(1e-5)  # an update far below bf16's resolution of the base weights
+    w = next(p for n, p in peft_model.named_parameters() if "q_proj.base_layer.weight" in n).detach().clone()
+    with merged_lora(peft_model) as merged:
+        assert not merged
+    assert torch.equal(next(p for n, p in peft_model.named_parameters() if "q_proj.base_layer.weight" in n), w)
+    with merged_lora(_untied_tiny_model(tokenizer)) as merged:  # no LoRA at all
+        assert not merged
+
+
+def test_the_cache_argument_is_probed_from_the_forward_signature(model):
+    from nice_kit.rollouts import _cache_argument
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
+            raise NotImplementedError
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None):
+            raise NotImplementedError
+
+    import inspect
+
+    assert _cache_argument(Old()) == "past_key_values" and _cache_argument(New()) == "cache"
+    assert _cache_argument(model) in inspect.signature(model.forward).parameters
+
+
+def test_rollout_caps_fill_the_given_memory_share(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nice_kit.rollouts import kv_bytes_per_token, rollout_caps
+
+    with torch.device("meta"):  # Llama-2-7B's shape, no memory used
+        big = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                                           num_hidden_layers=32, num_attention_heads=32,
+                                           num_key_value_heads=32)).to(torch.bfloat16)
+    assert kv_bytes_per_token(big) == 2 * 32 * 32 * 128 * 2  # 512 KiB per token
+    rows, tokens = rollout_caps(big, max_new_tokens=256, prompt_tokens=512, memory_bytes=100 << 30, share=0.5)
+    per_row = 768 * kv_bytes_per_token(big) + 24 * 32000
+    assert rows * per_row <= 50 << 30 < (rows + 1) * per_row and tokens == rows * 768
+    assert rows > 80  # what paper.toml's batch_size allows today
