@@ -72,7 +72,8 @@ else:
 # implementation's settings"): LoRA r=128, alpha=512, dropout 0.1 on the q, k, v, o projections;
 # warmup on a random 5% of the pool with AdamW at lr 2e-5, linear decay, warmup ratio 0.03,
 # effective batch 128 (nice_kit splits it 8 x 16; the reference 1 x 128), 4 epochs, `max_length`
-# 2048; a dense Rademacher projection to d=8192 (the reference's distribution, not TRAK's matrix);
+# 2048; the sparse sketch to d=8192 (the reference's dense Rademacher, kind = "rademacher", costs
+# seconds per batch at 7B);
 # K=20 completions per target prompt at temperature 1.2, top-k 50, top-p 0.95; the reference's own
 # estimator (`policy.estimator = "reference"`, checked against an oracle of its arithmetic in
 # `tests/test_reference_estimator.py`); the top 5%. The lines marked `<-` in the file are yours to
@@ -217,13 +218,13 @@ with pd.option_context("display.max_colwidth", 160):
 # %% [markdown]
 # Two things to read off this table.
 #
-# * **The projection's kind.** `configs/paper.toml` keeps a dense Rademacher matrix, like the reference.
-#   At D in the hundreds of millions its packed bits far exceed the cache and its product costs
+# * **The projection's kind.** `configs/paper.toml` uses the sparse sketch; the reference's dense
+#   Rademacher matrix (`kind = "rademacher"`, its distribution, not TRAK's matrix) costs more: at D in the hundreds of millions its packed bits far exceed the cache and its product costs
 #   2 x d x D floating-point operations per example; the sparse `sjlt` (nice_kit's default, the
 #   same distortion guarantee, see `nice_kit/projection.py`) needs nnz/d of that arithmetic and its
-#   whole sketch stays on the GPU. For speed, set `kind = "sjlt"` in `[projection]` (or
-#   `overrides={"projection": {"kind": "sjlt"}}`); vectors made with one kind never mix with the
-#   other's.
+#   whole sketch stays on the GPU. To compare, set `kind = "rademacher"` in `[projection]` (or
+#   `overrides={"projection": {"kind": "rademacher"}}`); vectors made with one kind never mix with
+#   the other's.
 # * **The pool.** The paper's settings assume a pool of hundreds of thousands of examples: on the
 #   bundled 310-example pool, 5% is 16 warmup examples, less than one effective batch of 128, so
 #   the warmup takes one optimizer step per epoch. Point `NICE_KIT_BIG_POOL` at a real pool, or
@@ -243,8 +244,8 @@ with pd.option_context("display.max_colwidth", 160):
 # python bench/bench_gpu.py --shape tiny --device cpu           # the smoke test CI runs (not timed)
 # ```
 #
-# It needs the bundled tokenizer: on a machine that has the bundled model, `python bench/bench_gpu.py
-# --save-tokenizer` writes `bench/tokenizer/` (3.5 MB) to carry to the GPU machine.
+# It needs only the tokenizer saved in the tree (`bench/tokenizer/`, 3.4 MB), which travels with it:
+# no bundled model, no cache.
 #
 # ## Several GPUs, several machines: `torchrun`
 #

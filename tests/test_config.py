@@ -340,8 +340,8 @@ def test_paper_config_has_the_reference_settings():
     assert (w.lr, w.epochs, w.fraction, w.batch_size * w.grad_accum, w.warmup_ratio) == (2e-5, 4, 0.05, 128, 0.03)
     r = cfg.rollouts
     assert (r.k, r.temperature, r.top_k, r.top_p) == (20, 1.2, 50, 0.95)
-    assert (cfg.policy.variant, cfg.policy.baseline) == ("vanilla", "none")
-    assert (cfg.projection.kind, cfg.projection.dim) == ("rademacher", 8192)
+    assert (cfg.policy.estimator, cfg.policy.variant, cfg.policy.baseline) == ("reference", "vanilla", "none")
+    assert (cfg.projection.kind, cfg.projection.dim, cfg.projection.seed) == ("sjlt", 8192, 0)
     assert (cfg.selection.fraction, cfg.data.max_length) == (0.05, 2048)
     assert Path(cfg.data.pool).exists()
 
@@ -358,7 +358,7 @@ def test_paper_config_runs_end_to_end_on_a_tiny_model(tiny_model_dir, tokenizer,
             "gradients": {"batch_size": 8, "chunk_size": 16},
             "metric": {"name": "length", "params": {"max_words": 3}}}
     cfg = RunConfig.from_file(ROOT / "configs" / "paper.toml", overrides=size)
-    assert (cfg.lora.r, cfg.projection.kind, cfg.policy.baseline, cfg.data.max_length) == (128, "rademacher", "none", 2048)
+    assert (cfg.lora.r, cfg.policy.estimator, cfg.policy.baseline, cfg.data.max_length) == (128, "reference", "none", 2048)
     for path in (cfg.data.target_val, cfg.data.target_test):
         check_targets(load_records(path, require_response=False), cfg, path)
     p = Pipeline(cfg, tmp_path / "run", model=tiny_model(tokenizer), tokenizer=tokenizer, verbose=False)
