@@ -170,3 +170,17 @@ def test_the_rollout_viewer_describes_the_reference_estimator():
     vanilla = widgets.weight_explanation(PolicySettings(estimator="reference", baseline="none"), 20)
     assert "no division" in vanilla and "baseline=" not in widgets.policy_summary(
         PolicySettings(estimator="reference", baseline="none"))
+
+
+def test_explain_adds_up_under_the_reference_estimator(tokenizer, small_data, tmp_path):
+    """explain's parts (re-encoded completions, zero prompts counted) add up to the stored scores."""
+    from nice_kit.explain import check_decomposition
+
+    torch.set_num_threads(1)
+    cfg = tiny_config(small_data, policy={**REFERENCE_POLICY, "variant": "rejection", "worst_case_protect": True},
+                      selection={"methods": ["nice"]})
+    p = Pipeline(cfg, tmp_path / "run", model=tiny_model(tokenizer), tokenizer=tokenizer, verbose=False)
+    p.run(["nice"])
+    df = check_decomposition(p, "nice")
+    assert df["difference"].abs().max() <= 1e-5
+    assert (df["completion_ratio"] <= 1).all()
