@@ -1,7 +1,7 @@
 """nice_kit's reference estimator against the independent float64 oracle, on the bundled model.
 
     python bench/bench_reference.py            # 12 pool examples, every reference variant and option
-    python bench/bench_reference.py --quick    # 6 pool examples, the five variants (CI runs this)
+    python bench/bench_reference.py --quick --oracle-dtype float32   # 6 pool examples, the five variants (CI)
 
 A shared warmup of SmolLM2-135M-Instruct on a slice of the bundled benchmark, 4 target prompts in
 two subtasks, 12 completions per prompt sampled by the model, and designed rewards (ties at the
@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="6 pool examples and the five variants only")
     ap.add_argument("--model", default="default", help="model name or folder (default: the bundled model)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--oracle-dtype", choices=["float64", "float32"], default="float64",
+                    help="the oracle model's dtype (float32: minutes instead of an hour on 2 cores; its sums stay "
+                         "float64); CI runs --quick --oracle-dtype float32")
     ap.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -65,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     tables, refs = rc.designed_rollouts({c.epoch: run.rollouts(c) for c in run.checkpoints}, run.tokenizer)
     rc.feed(run, tables, refs)
     print(f"[bench_reference] cases exercised: {rc.exercised(run, tables)}", flush=True)
-    print("[bench_reference] step: training gradients (nice_kit float32, oracle float64)", flush=True)
+    print(f"[bench_reference] step: training gradients (nice_kit float32, oracle {args.oracle_dtype})", flush=True)
     train = rc.nice_kit_train(run)
-    orc = rc.Oracle(run, tables, refs)
+    orc = rc.Oracle(run, tables, refs, dtype=getattr(torch, args.oracle_dtype))
     cases = [c for c in rc.CASES if not (args.quick and (c[1] or c[2]))]
     print(f"{'variant':<32} {'min cos':>14} {'zeros':>6} {'rel err':>9} {'spearman':>9} top1 top2 top3", flush=True)
     failed = []

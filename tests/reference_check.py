@@ -159,15 +159,17 @@ def oracle_prompts(run, table: pd.DataFrame, ref_rewards: dict[str, float]) -> l
 
 
 class Oracle:
-    """The oracle's side for one run: float64 copies of the model per checkpoint, gradients cached
-    across variants (``cache=False``: every variant recomputes every completion, as the reference does)."""
+    """The oracle's side for one run: float64 copies of the model per checkpoint (``dtype``; its sums
+    are float64 either way), gradients cached across variants (``cache=False``: every variant
+    recomputes every completion, as the reference does)."""
 
-    def __init__(self, run, tables: dict[int, pd.DataFrame], ref_rewards: dict[str, float], cache: bool = True):
+    def __init__(self, run, tables: dict[int, pd.DataFrame], ref_rewards: dict[str, float], cache: bool = True,
+                 dtype: torch.dtype = torch.float64):
         self.run, self.tables, self.refs = run, tables, ref_rewards
         self.models, self.caches = [], []
         for ckpt in run.checkpoints:
             load_adapter_weights(run.model, ckpt)
-            self.models.append(copy.deepcopy(run.model).double().eval())
+            self.models.append(copy.deepcopy(run.model).to(dtype).eval())
             self.caches.append({} if cache else None)
         self.train = []
         for model, ckpt in zip(self.models, run.checkpoints):

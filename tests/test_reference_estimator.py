@@ -184,3 +184,17 @@ def test_explain_adds_up_under_the_reference_estimator(tokenizer, small_data, tm
     df = check_decomposition(p, "nice")
     assert df["difference"].abs().max() <= 1e-5
     assert (df["completion_ratio"] <= 1).all()
+
+
+def test_bundled_model_agrees_with_the_oracle_for_every_reference_variant():
+    """bench/bench_reference.py --quick on SmolLM2-135M: Spearman >= 0.99, identical top 1-3 and prompt
+    cosines >= 0.999999 for the five reference variants (exit 0), the oracle's model in float32."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "bench" / "bench_reference.py"), "--quick", "--oracle-dtype",
+                          "float32", "--threads", "1"], capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "5 of 5 reference cases agree" in out.stdout
