@@ -32,7 +32,7 @@ Outside a live kernel, what a person sees:
 
 from ._display import ClickTable, Pager, figure_html, use_offline_renderer
 from ._run import as_pipeline, load_scores, open_run, pool_frame, selected_ids, spearman
-from ._theme import lab_theme, resolve_theme
+from ._theme import lab_theme, resolve_theme, use_theme_template
 from .explorer import DetailPanel, InfluenceExplorer
 from .metric_picker import MetricPicker, param_choices, unavailable_reason
 from .plots import (disagreements, influence_scatter, loss_vs_metric, loss_vs_metric_checkpoints,
@@ -41,12 +41,13 @@ from .rollout_viewer import RolloutViewer, policy_summary, weight_explanation
 from .why import WhyPanel, why_figure, why_panel
 
 use_offline_renderer()
+use_theme_template()
 
 __all__ = [
     "InfluenceExplorer", "MetricPicker", "RolloutViewer", "DetailPanel", "ClickTable", "Pager", "open_run",
     "as_pipeline", "load_scores", "pool_frame", "selected_ids", "spearman", "disagreements", "influence_scatter",
     "loss_vs_metric", "loss_vs_metric_checkpoints", "loss_vs_metric_subsets", "nice_ticks", "rewards_figure",
-    "rollout_figure", "score_histogram", "figure_html", "use_offline_renderer", "lab_theme", "resolve_theme",
+    "rollout_figure", "score_histogram", "figure_html", "use_offline_renderer", "lab_theme", "resolve_theme", "use_theme_template",
     "param_choices", "unavailable_reason", "policy_summary", "weight_explanation", "WhyPanel", "why_panel",
     "why_figure",
 ]

@@ -235,3 +235,98 @@ def available_columns(p: Pipeline) -> set[str]:
         return set()
     cols = target_columns(p, recs)
     return {name for name, values in cols.items() if all(v is not None for v in values)}
+
+
+# ------------------------------------------------------------------ what tells examples apart
+def _common_prefix(texts: list[str]) -> str:
+    first, last = min(texts), max(texts)
+    n = 0
+    while n < min(len(first), len(last)) and first[n] == last[n]:
+        n += 1
+    return first[:n]
+
+
+def _wordy(token: str) -> bool:
+    """A token of boilerplate: it has a letter and no digit ("multiplication:", not "8" or "*")."""
+    return any(c.isalpha() for c in token) and not any(c.isdigit() for c in token)
+
+
+def _boilerplate(texts: list[str]) -> tuple[int, int]:
+    """How many characters every text of ``texts`` shares at its start and at its end, cut back to
+    whole words of text (shared operands, as "8 *" of "8 * 7" and "8 * 3", are not boilerplate)."""
+    if len(texts) < 2:
+        return 0, 0
+    pre = _common_prefix(texts)
+    while pre and not (pre[-1].isspace() and _wordy((pre.split() or [""])[-1])):
+        pre = pre[:-1]
+    rest = [t[len(pre):] for t in texts]
+    suf = _common_prefix([t[::-1] for t in rest])[::-1]
+    while suf and (any(len(t) > len(suf) and t[-len(suf) - 1].isalnum() and suf[0].isalnum() for t in rest)
+                   or (not suf[0].isspace() and not _wordy(suf.split()[0])
+                       and any(c.isalnum() for c in suf.split()[0]))):
+        suf = suf[1:]  # inside a word, or an operand: keep it
+    return len(pre), len(suf)
+
+
+def distinguishing_text(texts: list[str], groups: list[Any] | None = None) -> list[str]:
+    """Each text without the boilerplate it shares with the other texts of its group (``groups``, e.g.
+    the task column; default: one group): "Solve the following multiplication: 8 * 7. Give only the
+    result as your final answer." becomes "8 * 7". A text with nothing left, or alone in its group,
+    stays whole."""
+    texts = [str(t) for t in texts]
+    groups = groups if groups is not None else [0] * len(texts)
+    by_group: dict[Any, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g if g is None or not isinstance(g, float) or g == g else None, []).append(i)
+    out = list(texts)
+    for rows in by_group.values():
+        members = [texts[i] for i in rows]
+        lo, hi = _boilerplate(members)
+        for i in rows:
+            core = texts[i][lo:len(texts[i]) - hi].strip().strip(".:").strip()
+            out[i] = core or texts[i]
+    return out
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def response_correct(response: Any, answer: Any) -> bool | None:
+    """Whether ``response`` gives ``answer`` (the pool's ``answer`` column): equal after trimming
+    whitespace and case, or equal as numbers; None when there is no answer to compare with."""
+    if answer is None or (isinstance(answer, float) and answer != answer) or response is None:
+        return None
+    got, want = str(response).strip(), str(answer).strip()
+    if got.lower() == want.lower():
+        return True
+    a, b = _number(got), _number(want)
+    return a is not None and b is not None and a == b
+
+
+def add_text_columns(frame: pd.DataFrame, answers: dict[str, Any] | None = None) -> pd.DataFrame:
+    """``frame`` (a :func:`pool_frame`) with ``prompt_core`` (the part of the prompt that tells it
+    from the other prompts of its task, :func:`distinguishing_text`) and, when ``answers`` (id ->
+    the pool's ``answer``) holds any, ``correct`` (:func:`response_correct`)."""
+    df = frame.copy()
+    groups = df["task"].tolist() if "task" in df.columns else None
+    df["prompt_core"] = distinguishing_text(df["prompt"].astype(str).tolist(), groups)
+    if answers and any(v is not None for v in answers.values()):
+        df["correct"] = [response_correct(r, answers.get(i)) for i, r in zip(df["id"], df["response"])]
+    return df
+
+
+def pool_answers(p: Pipeline) -> dict[str, Any]:
+    """id -> the pool record's ``answer`` column (None where it has none)."""
+    return {r.id: r.columns.get("answer") for r in p.pool}
+
+
+def target_labels(p: Pipeline) -> dict[str, str]:
+    """Target prompt id -> the part of its text that tells it from the other prompts of its subtask."""
+    recs = list(p.target_val)
+    col = p.cfg.data.subtask_column
+    groups = [r.columns.get(col) if col else None for r in recs]
+    return dict(zip([r.id for r in recs], distinguishing_text([r.prompt for r in recs], groups)))

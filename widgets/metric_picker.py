@@ -52,9 +52,21 @@ def param_choices(info) -> dict[str, tuple[Any, ...]]:
     return out
 
 
+# Metrics that score with a model of their own: the parameters of which one must be set, and what it is.
+MODEL_PARAMS: dict[str, tuple[tuple[str, ...], str]] = {
+    "reward_model": (("model",), "a reward model: set model (a local folder or a name in the Hugging Face cache)"),
+    "llm_judge": (("base_url", "local_model"), "a judge: set base_url (an OpenAI-compatible endpoint) or local_model"),
+}
+
+
 def unavailable_reason(info, params: dict[str, Any], columns: set[str], label_free: bool) -> str | None:
-    """Why this run cannot use the metric (None when it can): target columns it reads that the run's
-    records lack, or reference answers in a label-free run."""
+    """Why this run cannot use the metric (None when it can): a reward model or judge with no model
+    configured, target columns it reads that the run's records lack, or reference answers in a
+    label-free run."""
+    if info.name in MODEL_PARAMS:
+        keys, what = MODEL_PARAMS[info.name]
+        if not any(params.get(k) for k in keys):
+            return f"no model configured; it needs {what}"
     needed = info.needed_columns(params) if hasattr(info, "needed_columns") else ()
     missing = [c for c in needed if c not in columns]
     if missing:
@@ -63,6 +75,23 @@ def unavailable_reason(info, params: dict[str, Any], columns: set[str], label_fr
     if label_free and info.needs_reference:
         return "reads reference answers, and this run is label-free"
     return None
+
+
+def _short_reason(reason: str) -> str:
+    """The gist of :func:`unavailable_reason` for a dropdown's option (the description says it all)."""
+    if reason.startswith("no model configured"):
+        return "no model configured"
+    if reason.startswith("needs the target column"):
+        return reason.split(", which")[0].replace("needs the target column", "no target column")
+    if "label-free" in reason:
+        return "the run is label-free"
+    return reason
+
+
+def _fit_width(chars: int, description: str = "", limit: int = 1000) -> str:
+    """A dropdown width that holds a label of ``chars`` characters (JupyterLab's 13 px UI font, at
+    most 7.4 px a character) after its ``description``, plus the arrow: no option is cut off."""
+    return f"{min(limit, int(7.4 * chars + 7.4 * len(description) + 56))}px"
 
 
 def _param_widget(name: str, default: Any, value: Any, choices: tuple[Any, ...] | None = None) -> w.Widget:
@@ -138,8 +167,9 @@ class MetricPicker(LiveFallback, w.VBox):
         ckpts = checkpoints(p)
         self.rollouts = {c.epoch: rollouts(p, c) for c in ckpts}
         style = {"description_width": "initial"}
-        self.dropdown = w.Dropdown(options=[(self._option_label(n), n) for n in names], value=name, description="metric",
-                                   style=style, layout=w.Layout(width="480px"))
+        labels = [(self._option_label(n), n) for n in names]
+        self.dropdown = w.Dropdown(options=labels, value=name, description="metric", style=style,
+                                   layout=w.Layout(width=_fit_width(max(len(t) for t, _ in labels), "metric")))
         self.dropdown.add_class("nice-metric-dropdown")
         self.description = w.HTML()
         self.description.add_class("nice-metric-description")
@@ -246,7 +276,7 @@ class MetricPicker(LiveFallback, w.VBox):
         info = rewards.metric_info(name)
         start = {**info.params, **self._initial.get(name, {})}
         reason = unavailable_reason(info, start, self.columns_available, self.label_free)
-        return f"{name} — unavailable: {reason}" if reason else name
+        return f"{name} — unavailable: {_short_reason(reason)}" if reason else name
 
     # ----------------------------------------------------------------------------- updates
     def _on_metric(self, change=None) -> None:
