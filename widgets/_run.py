@@ -330,3 +330,74 @@ def target_labels(p: Pipeline) -> dict[str, str]:
     col = p.cfg.data.subtask_column
     groups = [r.columns.get(col) if col else None for r in recs]
     return dict(zip([r.id for r in recs], distinguishing_text([r.prompt for r in recs], groups)))
+
+
+# ------------------------------------------------------------------------------- what-ifs
+def what_if(p: Pipeline, changes: dict[str, Any], compute: bool = False):
+    """:func:`nice_kit.whatif.what_if` of ``p`` (``compute=False``: only stored vectors are read, and
+    a missing per-completion stage raises the RuntimeError that names it)."""
+    from nice_kit.whatif import what_if as run_what_if
+
+    return run_what_if(p, changes, compute=compute)
+
+
+def harmful_share(p: Pipeline, ids: list[str]) -> float | None:
+    """The share of ``ids`` the pool flags ``harmful`` (None when the pool has no such flag)."""
+    flags = {r.id: r.columns.get("harmful") for r in p.pool}
+    if not any(v is not None for v in flags.values()) or not ids:
+        return None
+    return float(sum(bool(flags.get(i)) for i in ids) / len(ids))
+
+
+def model_problem(p: Pipeline) -> str | None:
+    """Why this pipeline cannot compute new gradients (None when it can): it holds no model and the
+    config's model does not load offline."""
+    if p._base_model is not None:
+        return None
+    from nice_kit.models import check_model
+
+    try:
+        check_model(p.cfg.model)
+    except Exception as err:  # noqa: BLE001 - the reason is shown to the user
+        return f"the model {p.cfg.model!r} is not available here: {err}"
+    return None
+
+
+def adopt_what_if(p: Pipeline, what_if_result) -> Pipeline:
+    """Make a what-if the run's own, through the checked stages: recompute NICE's validation gradients
+    under the what-if's config (rollouts re-scored by a new metric, never re-sampled), then the scores
+    and selections, and only then write the new ``config.json``. Needs the model: refused with a
+    RuntimeError naming it when the pipeline holds none and the config's does not load offline (the
+    run is then left as it was). Returns the run's pipeline under the new config."""
+    cfg = what_if_result.config
+    if cfg is None:
+        raise ValueError("this what-if carries no config to adopt")
+    problem = model_problem(p)
+    if problem:
+        raise RuntimeError(f"{p.run_dir}: adopting the what-if recomputes NICE's validation gradients, which needs "
+                           f"the model, and {problem}. Open the run with its model (a live Pipeline), or compute "
+                           "with the changed config: nice-kit run --config ...")
+    new = Pipeline(cfg, p.run_dir, model=p._base_model, tokenizer=p._tokenizer, verbose=p.verbose, write_config=False)
+    new._peft = p._peft
+    from nice_kit.warmup import load_adapter_weights
+
+    try:  # before any stage is touched: a model that does not fit the run's adapters leaves the run as it was
+        load_adapter_weights(new.model, new.checkpoints[0])
+    except Exception as err:
+        raise RuntimeError(
+            f"{p.run_dir}: the model {cfg.model!r} does not fit the run's warmup adapters ({type(err).__name__}), so "
+            "the run was made with another model (a fast-mode run's tiny model is not stored with it). Adopt from "
+            "the pipeline that made the run (a live Pipeline). Nothing was changed.") from err
+    new.validation_gradients("nice")
+    scores = new.scores()
+    new.select(scores)
+    adopted = Pipeline(cfg, p.run_dir, model=p._base_model, tokenizer=p._tokenizer, verbose=p.verbose)  # config.json
+    adopted._peft = new._peft
+    return adopted
+
+
+def pool_labels(p: Pipeline) -> dict[str, str]:
+    """Pool id -> the part of its prompt that tells it from the other prompts of its task."""
+    recs = list(p.pool)
+    groups = [r.columns.get("task") for r in recs]
+    return dict(zip([r.id for r in recs], distinguishing_text([r.prompt for r in recs], groups)))
