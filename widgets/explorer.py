@@ -264,7 +264,7 @@ class InfluenceExplorer(LiveFallback, w.VBox):
             cols.append(H.Column("harmful", width="74px", cell=self._harm_cell))
         cols += [H.Column("prompt_core", "prompt", cell=self._prompt_cell), H.Column("response", long=True)]
         if "correct" in self.frame.columns:
-            cols.append(H.Column("correct", width="58px", cell=self._correct_cell))
+            cols.append(H.Column("correct", width="70px", cell=self._correct_cell))
         if "on_task" in self.frame.columns:
             cols.append(H.Column("on_task", "on task", width="48px"))
         if "source" in self.frame.columns:

@@ -17,7 +17,7 @@ from . import _html as H
 from . import _theme
 from ._display import LiveFallback, Pager, figure_html
 from ._run import (RunLike, adopt_what_if, as_pipeline, available_columns, checkpoints, harmful_share, is_label_free,
-                   model_problem, pool_labels, rescore, rollouts, run_metric, what_if)
+                   model_problem, pool_labels, rescore, rollouts, run_metric, target_labels, what_if)
 from .plots import rewards_figure
 
 ALL = "(all prompts)"
@@ -231,6 +231,7 @@ class MetricPicker(LiveFallback, w.VBox):
         self.whatif_html = w.HTML(layout=w.Layout(width="100%", overflow="auto"))
         self.whatif_html.add_class("nice-whatif-result")
         self._labels = pool_labels(p)
+        self._target_labels = target_labels(p)
 
         self.dropdown.observe(self._on_metric, names="value")
         self.checkpoint.observe(self._maybe_score, names="value")
@@ -463,7 +464,8 @@ class MetricPicker(LiveFallback, w.VBox):
                                     "run's reward everywhere)</i>" if self.differs.value else "<i>no completions</i>"
         else:
             page = df.iloc[self.pager.slice()].rename(columns={"reward": "run reward", "score": self.name})
-            cols = [H.Column("prompt_id", "prompt", width="170px"), H.Column("sample", width="64px", numeric=True),
+            cols = [H.Column("prompt_id", "prompt", width="170px", cell=self._prompt_cell),
+                    H.Column("sample", width="64px", numeric=True),
                     H.Column("completion", long=True), H.Column("run reward", f"run reward ({self.run_metric})",
                                                                width="110px", numeric=True),
                     H.Column(self.name, width="100px", numeric=True)]
@@ -558,6 +560,13 @@ class MetricPicker(LiveFallback, w.VBox):
                                         f"{H.esc(err)}</span>")
             self.refresh_fallback()
 
+    def _prompt_cell(self, r: pd.Series) -> str:
+        """A target prompt by the part of its text that tells it apart, its id below."""
+        pid = str(r["prompt_id"])
+        text = self._target_labels.get(pid, "")
+        return (f"{H.esc(H.short(text, 40))}<br><span class='nice-kit-muted'>{H.esc(pid)}</span>" if text
+                else H.esc(pid))
+
     # ----------------------------------------------------------------------------- theme
     def set_theme(self, theme: str) -> None:
         self.theme = _theme.check_theme(theme) or "light"
@@ -632,6 +641,6 @@ def what_if_html(p, wi, labels: dict[str, str]) -> str:
     diag = ""
     if wi.diagnostics is not None:
         d = wi.diagnostics
-        diag = "<div><b>the benchmark's flags of both selections</b></div>" + H.table(d, list(d.columns), key="",
-                                                                                    css_class="nice-whatif-diagnostics")
+        diag = "<div><b>the benchmark's flags of both selections</b></div>" + H.table(
+            d, [H.Column(c, c.replace("_", " ")) for c in d.columns], key="", css_class="nice-whatif-diagnostics")
     return head + side + diag + "<div><b>largest rank moves</b></div>" + move_html

@@ -303,7 +303,7 @@ class WhyPanel(LiveFallback, w.VBox):
         self.status.add_class("nice-why-status")
         self.completions = w.HTML(layout=w.Layout(width="100%", margin="2px 0"))  # no sideways overflow
         self.completions.add_class("nice-why-completions")
-        self.progress = w.Output(layout=w.Layout(width="100%"))  # tqdm's bar while gradients are computed
+        self.progress = w.Output()  # tqdm's bar while gradients are computed
         self.progress.add_class("nice-why-progress")
         self.compare_toggle = w.ToggleButton(value=compare, description="NICE vs LESS side by side", icon="columns",
                                              tooltip="both methods' contributions per target prompt for this example",
@@ -311,9 +311,9 @@ class WhyPanel(LiveFallback, w.VBox):
         self.compare_toggle.add_class("nice-why-compare-toggle")
         self.compare_toggle.observe(self._on_compare_toggle, names="value")
         self.compare_bars: go.FigureWidget | None = None
-        self.compare_box = w.VBox(layout=w.Layout(width="100%", min_width="0"))
+        self.compare_box = w.VBox(layout=w.Layout(min_width="0"))
         self.compare_box.add_class("nice-why-compare")
-        self.compare_text = w.HTML(layout=w.Layout(width="100%"))
+        self.compare_text = w.HTML()
         self.compare_text.add_class("nice-why-compare-text")
         self.probe = _theme.follow_page_theme(self) if self._theme_arg is None else None
         super().__init__([self.style, *([self.probe] if self.probe else []), self.header, self.compare_toggle,
