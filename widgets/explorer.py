@@ -63,6 +63,13 @@ class InfluenceExplorer(LiveFallback, w.VBox):
     read, and when they are not stored yet the panel offers a button that computes them. What
     cannot be explained (no scores, a stale stage, another method) is said inside the panel.
 
+    The prompt column shows the part of each prompt that tells it from its task's other prompts (the
+    operands, not the shared instructions; the whole prompt in the tooltip), and, where the pool has
+    an ``answer`` column, a "correct" column says whether the response gives it. ``add_what_if(wi)``
+    shows a what-if's NICE scores as a ``what_if`` column beside ``nice`` and ``less`` (the metric
+    picker does it when given the explorer). The export button (``export(path)``, ``to_dataset()``)
+    takes the filtered view out as chat records (:mod:`nice_kit.export`).
+
     ``.table`` is the filtered, sorted DataFrame (the HTML table shows one page of it, ``.shown``);
     ``.selected_id`` the example whose text is shown. ``theme`` is "light", "dark" or "auto" (the
     page's JupyterLab theme). Displayed in a notebook, the explorer also writes a static copy of

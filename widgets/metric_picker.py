@@ -143,6 +143,16 @@ class MetricPicker(LiveFallback, w.VBox):
     sampled completions with it: a paged table (completion, the run's reward, the new score;
     optionally only the rows where they differ), a histogram and a box per prompt.
 
+    "What would NICE select with this?" (``what_if()``) re-selects under the chosen metric and a
+    policy preset (``.policy``: the run's, no baseline, leave-one-out, the reference's estimator)
+    from stored vectors (:func:`nice_kit.whatif.what_if`, no model): the run's NICE selection and the
+    what-if's side by side, their overlap, harmful shares where the pool is flagged, and the largest
+    rank moves; with ``explorer=`` the explorer gets a ``what_if`` column. Missing per-completion
+    parts are offered to be computed (a button; loads the model). "Adopt" (``adopt()``) makes the
+    what-if the run's own through the checked stages (:func:`widgets._run.adopt_what_if`), or says
+    why it cannot (no model, or one that does not fit the run) and leaves the run as it was. Reward
+    model and judge metrics are marked unavailable until a model is configured in their parameters.
+
     A metric that fails to build or to score clears the preview and says why. ``.value`` is the
     built metric callable, ``.name`` / ``.params`` the choice and ``.config()`` the ``{"name",
     "params"}`` dict a run config's ``metric`` section takes. ``.preview`` is the scored rollouts

@@ -10,6 +10,13 @@ from :func:`nice_kit.explain.explain` and add up to the stored score.
     from widgets import why_panel
     why_panel(run, "pool-0042", "nice")
 
+Bars and the prompt dropdown name each target prompt by the part of its text that tells it from
+the other prompts of its subtask ("8 * 4 · products"; :func:`widgets._run.target_labels`). The
+"NICE vs LESS side by side" toggle (or ``panel.compare()``) draws both methods' contributions per
+target prompt for the same example, in two panels over the same prompts (:func:`compare_table`,
+:func:`compare_figure`), each method's adding up to its score. Computing the per-completion
+gradients shows the stage's progress bar, then what was computed.
+
 The influence explorer shows the same panel for its selected example (``InfluenceExplorer.why``).
 A contribution > 0 means a training step on the example moves the model the way the metric wants on
 that prompt or completion: a rewarded completion becomes more likely, a punished one less likely.
