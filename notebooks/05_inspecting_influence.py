@@ -243,3 +243,79 @@ display(why_panel(p, good_id, "nice"))
 less_why = p.explain(good_id, "less")
 print(in_words(less_why))
 less_why.by_prompt()[["prompt_id", "subtask", "similarity", "contribution", "prompt"]]
+
+# %% [markdown]
+# ## What if? The same run under another metric, estimator or baseline
+#
+# NICE's prompt vector is a sum over the prompt's sampled completions, and the random projection is
+# linear, so once every completion's projected gradient is stored (computed once, beside the prompt
+# vectors) any other policy weights give new prompt vectors by a small matrix product: `p.what_if(...)`
+# re-selects without sampling again and without loading the model (a new metric only scores the stored
+# completions). What it cannot answer is refused, never approximated: anything that changes the samples
+# (`rollouts.*`), the warmup, the training gradients or the projection.
+#
+# Three questions: another metric, the reference implementation's estimator (raw rewards, re-encoded
+# completions, no end-of-sequence token), and nice_kit's estimator without a baseline.
+
+# %%
+from nice_kit.export import selection_records, to_jsonl
+
+other_metric = ({"metric.name": "length", "metric.params": {"max_words": 1}} if fast_mode()
+                else {"metric.name": "task_score", "metric.params": {"extract": "last_number"}})
+asks = {
+    "another metric": other_metric,
+    "the reference's estimator": {"policy.estimator": "reference", "policy.variant": "vanilla",
+                                  "policy.baseline": "none", "policy.token_normalize": False},
+    "no baseline": {"policy.baseline": "none"},
+}
+answers = {name: p.what_if(changes) for name, changes in asks.items()}  # the first call stores the parts
+
+
+def harmful(ids) -> float:
+    flags = frame.set_index("id")["harmful"].fillna(False).astype(bool)
+    return float(flags.reindex(ids).mean())
+
+
+reading = pd.DataFrame([{
+    "what if": name, "changes": str(a.changes), "seconds": round(a.seconds, 3),
+    "kept of the run's picks": f"{a.overlap} of {len(a.selected)}",
+    "harmful share: run": harmful(a.current), "harmful share: what if": harmful(a.selected),
+    "Spearman with the run's NICE": spearman(a.scores["current"], a.scores["what_if"]),
+} for name, a in answers.items()])
+reading
+
+# %% [markdown]
+# Reading the answers: "kept" is how many of the run's picks the what-if's top fraction keeps; the
+# harmful shares say whether the change would pick more or fewer of the flagged examples (a cheap
+# check, not the verdict: only fine-tuning on the subset says which is better, `nice-kit evaluate`);
+# the rank correlation says whether the whole ranking moved or only its top. In fast mode the model is
+# random and the numbers are noise; the sentences below are written from whatever the tables hold.
+
+# %%
+for name, a in answers.items():
+    move = a.moves.iloc[0]
+    print(f"{name}: NICE would keep {a.overlap} of its {len(a.selected)} picks "
+          f"(harmful share {harmful(a.current):.0%} -> {harmful(a.selected):.0%}); the example that moves most "
+          f"is {move['id']}, rank {move['rank_current']} -> {move['rank_what_if']}; "
+          f"target prompts with signal per checkpoint: {a.signal}")
+
+# %% [markdown]
+# The metric picker asks the same question for the metric you choose ("what would NICE select with
+# this?", with a policy preset), shows both selections side by side, and adds a `what_if` column to the
+# explorer given to it. Its "adopt" button makes a what-if the run's own, through the checked stages
+# (NICE's validation gradients, scores and selections recomputed; it needs the model). A selection, a
+# what-if's or the explorer's filtered view, leaves as JSONL (and as a `datasets.Dataset` with a
+# `messages` column for TRL's `SFTTrainer`: `nice_kit.export.to_dataset`, with `pip install
+# 'nice_kit[export]'`).
+
+# %%
+from widgets import MetricPicker
+
+picker = MetricPicker(p, explorer=explorer)
+picker.policy.value = "no baseline"
+picker.what_if()
+display(picker)
+
+# %%
+out = to_jsonl(selection_records(p, answers["no baseline"]), f"{run_dir}/exports/what_if_no_baseline.jsonl")
+print(f"wrote {sum(1 for _ in open(out))} examples to {out}")

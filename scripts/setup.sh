@@ -41,4 +41,12 @@ if [ $dev = 1 ]; then
   [ -f .venv/share/jupyter/lab/settings/overrides.json ] || \
     echo '{"@jupyter-widgets/jupyterlab-manager:plugin": {"saveState": true}}' > .venv/share/jupyter/lab/settings/overrides.json
 fi
+if [ $dev = 1 ] && git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  # >>> nbstrip: notebooks run in JupyterLab keep their outputs on disk; git stores them stripped
+  # (.gitattributes: notebooks/*.ipynb filter=nbstrip), as tests/test_notebooks.py asks of a commit
+  git config filter.nbstrip.clean "python3 scripts/strip_notebook_outputs.py"
+  git config filter.nbstrip.smudge cat
+  git config filter.nbstrip.required true
+  # <<< nbstrip
+fi
 echo "nice_kit installed in .venv ($($py -c 'import torch; print("torch", torch.__version__)'))"

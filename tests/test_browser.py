@@ -50,7 +50,7 @@ p = open_run("{RUN}")  # the finished run, from disk alone""",
 explorer""",
     """viewer = RolloutViewer(p)
 viewer""",
-    """picker = MetricPicker(p, n_preview=6)
+    """picker = MetricPicker(p, n_preview=6, explorer=explorer)  # its what-ifs become a column of the explorer
 picker""",
     """curve = pd.DataFrame({"epoch": [0, 1, 2], "lr": [0.0, 1e-2, 5e-3], "metric": [0.0472, 0.0652, 0.1171875],
                       "loss": [10.84, 10.79, 10.74], "n_test": [8, 8, 8]})
@@ -103,6 +103,27 @@ CONTRAST_JS = """
 """
 
 MIN_CONTRAST = 3.0  # WCAG AA for large text; body text here is well above it
+
+# Every option of every visible dropdown inside a widget, measured in the dropdown's own font: the
+# labels wider than the room the dropdown gives them (its width less its padding and arrow).
+CUT_LABELS_JS = """
+(root) => {
+  const ctx = document.createElement('canvas').getContext('2d');
+  const out = [];
+  for (const sel of root.querySelectorAll('select')) {
+    if (sel.getBoundingClientRect().width === 0) continue;
+    const st = getComputedStyle(sel);
+    ctx.font = `${st.fontStyle} ${st.fontWeight} ${st.fontSize} ${st.fontFamily}`;
+    const room = sel.clientWidth - parseFloat(st.paddingLeft) - parseFloat(st.paddingRight);
+    for (const o of sel.options) {
+      const width = ctx.measureText(o.text).width;
+      if (width > room) out.push({ text: o.text.slice(0, 70), width: Math.round(width), room: Math.round(room),
+                                   widget: sel.closest('.widget-dropdown')?.className.slice(0, 80) });
+    }
+  }
+  return out;
+}
+"""
 
 
 def _free_port() -> int:
@@ -180,6 +201,11 @@ def base_dir(fast_run, tmp_path_factory) -> Path:
     (root / "notebooks").mkdir(parents=True)
     _settings(base / "settings", base / "config")
     shutil.copytree(fast_run.run_dir, root / RUN)
+    from nice_kit.whatif import completion_parts
+
+    # the per-completion parts a what-if reads, computed here with the run's own (tiny) model: the
+    # picker's what-if then reads stored vectors only, as on a finished run
+    completion_parts(fast_run.sibling(root / RUN, fast_run.cfg))
     return base
 
 
@@ -316,6 +342,84 @@ def _check_why(page, explorer, theme: str, run_dir: Path) -> None:
     _shoot(page, why, f"why_panel-{theme}.png")
 
 
+def _assert_labels_fit(widget, what: str) -> None:
+    cut = widget.evaluate(CUT_LABELS_JS)
+    assert not cut, f"{what}: dropdown labels cut off: {cut[:5]}"
+
+
+def _check_what_if(page, picker, explorer, theme: str) -> None:
+    """The picker's "what would NICE select with this?" under "no baseline": both top fractions side by
+    side (as nice_kit.whatif computes them), overlap and harmful shares, and a what_if column in the
+    explorer; readable; a screenshot."""
+    from playwright.sync_api import expect
+
+    from nice_kit.whatif import what_if
+    from widgets import open_run
+
+    picker.locator(".nice-whatif-policy select").select_option("no baseline")
+    picker.locator("button.nice-whatif-run").click()
+    result = picker.locator(".nice-whatif-result")
+    expect(result.locator(".nice-whatif-summary")).to_contain_text("with the run's selection", timeout=30_000)
+    expected = what_if(open_run(RUN_DIR[0]), {"policy.baseline": "none"}, compute=False)
+    k = len(expected.selected)
+    rows = result.locator(".nice-whatif-side tbody tr")
+    expect(rows).to_have_count(k)
+    right = [rows.nth(i).locator("td").nth(2).locator("b").first.inner_text() for i in range(k)]
+    assert right == expected.selected
+    expect(result.locator(".nice-whatif-summary")).to_contain_text(f"shares {expected.overlap} of {k}")
+    expect(result.locator(".nice-whatif-summary")).to_contain_text("flagged harmful")
+    expect(picker.locator(".nice-whatif-status")).to_contain_text("answered in")
+    expect(picker.locator("button.nice-whatif-adopt")).to_be_enabled()
+    expect(explorer.locator(".nice-explorer-table th[data-sort='what_if']")).to_have_count(1, timeout=20_000)
+    block = picker.locator(".nice-whatif-result")
+    _assert_readable(block, "what-if answer", theme)
+    _assert_labels_fit(picker, f"metric picker ({theme})")
+    widths = block.evaluate("(e) => [e.scrollWidth, e.clientWidth]")
+    assert widths[0] <= widths[1] + 1, f"the what-if answer scrolls sideways: {widths}"
+    _shoot(page, block, f"metric_picker-what_if-{theme}.png")
+
+
+def _check_compare(page, explorer, theme: str) -> None:
+    """The side-by-side NICE-vs-LESS why of the selected example: two panels of bars over the same
+    target prompts, labelled by their text (as widgets.why computes them); fits 1280 px; readable."""
+    from playwright.sync_api import expect
+
+    from nice_kit.explain import explain
+    from widgets import open_run
+    from widgets._run import target_labels
+    from widgets.why import compare_table
+
+    why = explorer.locator(".nice-why").first
+    toggle = why.locator(".nice-why-compare-toggle")
+    if "mod-active" not in (toggle.get_attribute("class") or ""):
+        toggle.click()
+    rid = explorer.locator(".nice-explorer-detail b").first.inner_text().strip()
+    run = open_run(RUN_DIR[0])
+    table = compare_table({m: explain(run, rid, m, compute=False) for m in ("nice", "less")},
+                          target_labels(run), top=12)
+    chart = _plot(why, "nice-why-compare-bars")
+    expect(chart.locator(".trace.bars")).to_have_count(2, timeout=30_000)
+    nonzero = int((table["nice"] != 0).sum() + (table["less"] != 0).sum())
+    expect(chart.locator(".trace.bars .point").nth(nonzero - 1)).to_be_attached(timeout=30_000)
+    assert chart.locator(".trace.bars .point").count() <= 2 * len(table)  # (a zero bar may draw no point)
+    ticks = [t.replace("\xa0", " ") for t in chart.locator(".ytick text").all_text_contents()]  # (svg text)
+    assert set(ticks) == set(table["label"]), (ticks, table["label"].tolist())  # bars labelled by their text
+    expect(chart.locator(".gtitle")).to_contain_text(f"why {rid}")
+    expect(chart.locator(".main-svg").first).to_have_css(
+        "background-color", "rgb(17, 17, 17)" if theme == "dark" else "rgb(255, 255, 255)", timeout=30_000)
+    texts = chart.locator(".main-svg").first.evaluate(CHART_CONTRAST_JS)
+    bad = [t for t in texts if t["ratio"] < MIN_CONTRAST]
+    assert texts and not bad, f"side-by-side why ({theme}): text too close to its background: {bad[:5]}"
+    box = why.locator(".nice-why-compare").bounding_box()
+    assert box["x"] + box["width"] <= VIEWPORT["width"], f"the comparison overflows 1280 px: {box}"
+    _assert_readable(why.locator(".nice-why-compare"), "side-by-side why", theme)
+    _assert_labels_fit(explorer, f"explorer ({theme})")
+    _shoot(page, why.locator(".nice-why-compare"), f"why_compare-{theme}.png")
+
+
+RUN_DIR: list = []  # the lab's run directory (set by the test)
+
+
 def _drive_and_check(page, theme: str) -> None:
     """Screenshots and checks of every widget in the current theme."""
     explorer = page.locator(".nice-explorer").first
@@ -344,6 +448,7 @@ def test_widgets_in_jupyterlab_light_and_dark(chromium, lab):
     from playwright.sync_api import expect, sync_playwright
 
     base, token, root, log = lab
+    RUN_DIR[:] = [root / RUN]
     OUT.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
@@ -459,6 +564,14 @@ def test_widgets_in_jupyterlab_light_and_dark(chromium, lab):
             _shoot(page, picker, "metric_picker-failed-light.png")
             _choose(metric, "length")
             expect(picker.locator(".gtitle")).to_contain_text("length scores of", timeout=30_000)
+            labels = [t.replace("\xa0", " ") for t in metric.locator("option").all_inner_texts()]  # (nbsp in options)
+            assert {"reward_model — unavailable: no model configured", "llm_judge — unavailable: no model configured"} \
+                <= set(labels), labels
+
+            phase[0] = "what if (light)"
+            _check_what_if(page, picker, explorer, "light")
+            phase[0] = "side-by-side why (light)"
+            _check_compare(page, explorer, "light")
 
             # filter the explorer, then save: the notebook's static copy holds the filter's rows
             explorer.locator(".nice-explorer-picked select").select_option("NICE")
@@ -481,6 +594,10 @@ def test_widgets_in_jupyterlab_light_and_dark(chromium, lab):
             _drive_and_check(page, "dark")
             phase[0] = "why panel (dark)"
             _check_why(page, explorer, "dark", root / RUN)
+            phase[0] = "what if (dark)"
+            _check_what_if(page, picker, explorer, "dark")
+            phase[0] = "side-by-side why (dark)"
+            _check_compare(page, explorer, "dark")
             why_header = explorer.locator(".nice-why-header").first.inner_text()
 
             phase[0] = "saving"

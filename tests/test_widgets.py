@@ -110,7 +110,8 @@ def test_explorer_table_is_the_pool_sorted_by_the_chosen_method(explorer, run):
     assert shown == explorer.table["id"].head(explorer.k.value).tolist()
     # every essential column is in the table (no sideways scroll needed to reach them)
     headers = re.findall(r"<th[^>]*>([^<]*)</th>", explorer.table_view.html)
-    assert headers == ["id", "selected by", "nice", "less", "task", "harmful", "prompt", "response", "on task", "source"]
+    assert headers == ["id", "selected by", "nice", "less", "task", "harmful", "prompt", "response", "correct", "on task",
+                       "source"]
     assert 'table-layout: fixed' in _html.STYLE and "nice-kit-clamp" in explorer.table_view.html
 
 
@@ -635,8 +636,8 @@ def test_a_failed_build_clears_the_figure_and_table(run):
     assert _is_cleared(picker) and picker.preview["score"].isna().all()
     picker._param_widgets["max_words"].value = 2
     assert not _is_cleared(picker)
-    picker.dropdown.value = "reward_model"  # needs a model name
-    assert picker.value is None and "needs model" in picker.status.value and _is_cleared(picker)
+    picker.dropdown.value = "reward_model"  # needs a model name: unavailable until one is set
+    assert picker.value is None and "no model configured" in picker.status.value and _is_cleared(picker)
 
 
 def test_a_failed_scoring_clears_the_figure_and_table(run, monkeypatch):

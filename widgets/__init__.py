@@ -6,12 +6,16 @@ Every widget takes a live :class:`nice_kit.pipeline.Pipeline` or the path of a r
     InfluenceExplorer("runs/quickstart")     # its "why" panel is a WhyPanel of the selected example
     WhyPanel("runs/quickstart", "pool-0042", "nice")
 
+A selection leaves as JSONL or a ``datasets.Dataset`` through :mod:`nice_kit.export` (the explorer's
+export button, or ``selection_records`` / ``to_jsonl`` / ``to_dataset``).
+
 Colours follow JupyterLab's light or dark theme (``theme="light" | "dark" | "auto"``). Displayed in
 a notebook, each widget also writes a static copy of itself (tables, text, figures) that follows
 every interaction, so a saved, exported or GitHub-rendered notebook shows what the user last saw;
 its figures use a plotly.js inlined once in the notebook (no CDN). Importing this package in a
 kernel also makes ``fig.show()`` write such offline HTML beside plotly's JupyterLab output (see
-:func:`widgets._display.use_offline_renderer`). The functions in :mod:`widgets.plots` return plain
+:func:`widgets._display.use_offline_renderer`), and makes plotly's default template the theme's, so
+that a plain ``fig.show()`` follows the theme too (:func:`widgets._theme.use_theme_template`). The functions in :mod:`widgets.plots` return plain
 plotly Figures. nice_kit never imports this package.
 
 Outside a live kernel, what a person sees:
@@ -32,7 +36,7 @@ Outside a live kernel, what a person sees:
 
 from ._display import ClickTable, Pager, figure_html, use_offline_renderer
 from ._run import as_pipeline, load_scores, open_run, pool_frame, selected_ids, spearman
-from ._theme import lab_theme, resolve_theme
+from ._theme import lab_theme, resolve_theme, use_theme_template
 from .explorer import DetailPanel, InfluenceExplorer
 from .metric_picker import MetricPicker, param_choices, unavailable_reason
 from .plots import (disagreements, influence_scatter, loss_vs_metric, loss_vs_metric_checkpoints,
@@ -41,12 +45,13 @@ from .rollout_viewer import RolloutViewer, policy_summary, weight_explanation
 from .why import WhyPanel, why_figure, why_panel
 
 use_offline_renderer()
+use_theme_template()
 
 __all__ = [
     "InfluenceExplorer", "MetricPicker", "RolloutViewer", "DetailPanel", "ClickTable", "Pager", "open_run",
     "as_pipeline", "load_scores", "pool_frame", "selected_ids", "spearman", "disagreements", "influence_scatter",
     "loss_vs_metric", "loss_vs_metric_checkpoints", "loss_vs_metric_subsets", "nice_ticks", "rewards_figure",
-    "rollout_figure", "score_histogram", "figure_html", "use_offline_renderer", "lab_theme", "resolve_theme",
+    "rollout_figure", "score_histogram", "figure_html", "use_offline_renderer", "lab_theme", "resolve_theme", "use_theme_template",
     "param_choices", "unavailable_reason", "policy_summary", "weight_explanation", "WhyPanel", "why_panel",
     "why_figure",
 ]

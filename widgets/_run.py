@@ -235,3 +235,169 @@ def available_columns(p: Pipeline) -> set[str]:
         return set()
     cols = target_columns(p, recs)
     return {name for name, values in cols.items() if all(v is not None for v in values)}
+
+
+# ------------------------------------------------------------------ what tells examples apart
+def _common_prefix(texts: list[str]) -> str:
+    first, last = min(texts), max(texts)
+    n = 0
+    while n < min(len(first), len(last)) and first[n] == last[n]:
+        n += 1
+    return first[:n]
+
+
+def _wordy(token: str) -> bool:
+    """A token of boilerplate: it has a letter and no digit ("multiplication:", not "8" or "*")."""
+    return any(c.isalpha() for c in token) and not any(c.isdigit() for c in token)
+
+
+def _boilerplate(texts: list[str]) -> tuple[int, int]:
+    """How many characters every text of ``texts`` shares at its start and at its end, cut back to
+    whole words of text (shared operands, as "8 *" of "8 * 7" and "8 * 3", are not boilerplate)."""
+    if len(texts) < 2:
+        return 0, 0
+    pre = _common_prefix(texts)
+    while pre and not (pre[-1].isspace() and _wordy((pre.split() or [""])[-1])):
+        pre = pre[:-1]
+    rest = [t[len(pre):] for t in texts]
+    suf = _common_prefix([t[::-1] for t in rest])[::-1]
+    while suf and (any(len(t) > len(suf) and t[-len(suf) - 1].isalnum() and suf[0].isalnum() for t in rest)
+                   or (not suf[0].isspace() and not _wordy(suf.split()[0])
+                       and any(c.isalnum() for c in suf.split()[0]))):
+        suf = suf[1:]  # inside a word, or an operand: keep it
+    return len(pre), len(suf)
+
+
+def distinguishing_text(texts: list[str], groups: list[Any] | None = None) -> list[str]:
+    """Each text without the boilerplate it shares with the other texts of its group (``groups``, e.g.
+    the task column; default: one group): "Solve the following multiplication: 8 * 7. Give only the
+    result as your final answer." becomes "8 * 7". A text with nothing left, or alone in its group,
+    stays whole."""
+    texts = [str(t) for t in texts]
+    groups = groups if groups is not None else [0] * len(texts)
+    by_group: dict[Any, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g if g is None or not isinstance(g, float) or g == g else None, []).append(i)
+    out = list(texts)
+    for rows in by_group.values():
+        members = [texts[i] for i in rows]
+        lo, hi = _boilerplate(members)
+        for i in rows:
+            core = texts[i][lo:len(texts[i]) - hi].strip().strip(".:").strip()
+            out[i] = core or texts[i]
+    return out
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def response_correct(response: Any, answer: Any) -> bool | None:
+    """Whether ``response`` gives ``answer`` (the pool's ``answer`` column): equal after trimming
+    whitespace and case, or equal as numbers; None when there is no answer to compare with."""
+    if answer is None or (isinstance(answer, float) and answer != answer) or response is None:
+        return None
+    got, want = str(response).strip(), str(answer).strip()
+    if got.lower() == want.lower():
+        return True
+    a, b = _number(got), _number(want)
+    return a is not None and b is not None and a == b
+
+
+def add_text_columns(frame: pd.DataFrame, answers: dict[str, Any] | None = None) -> pd.DataFrame:
+    """``frame`` (a :func:`pool_frame`) with ``prompt_core`` (the part of the prompt that tells it
+    from the other prompts of its task, :func:`distinguishing_text`) and, when ``answers`` (id ->
+    the pool's ``answer``) holds any, ``correct`` (:func:`response_correct`)."""
+    df = frame.copy()
+    groups = df["task"].tolist() if "task" in df.columns else None
+    df["prompt_core"] = distinguishing_text(df["prompt"].astype(str).tolist(), groups)
+    if answers and any(v is not None for v in answers.values()):
+        df["correct"] = [response_correct(r, answers.get(i)) for i, r in zip(df["id"], df["response"])]
+    return df
+
+
+def pool_answers(p: Pipeline) -> dict[str, Any]:
+    """id -> the pool record's ``answer`` column (None where it has none)."""
+    return {r.id: r.columns.get("answer") for r in p.pool}
+
+
+def target_labels(p: Pipeline) -> dict[str, str]:
+    """Target prompt id -> the part of its text that tells it from the other prompts of its subtask."""
+    recs = list(p.target_val)
+    col = p.cfg.data.subtask_column
+    groups = [r.columns.get(col) if col else None for r in recs]
+    return dict(zip([r.id for r in recs], distinguishing_text([r.prompt for r in recs], groups)))
+
+
+# ------------------------------------------------------------------------------- what-ifs
+def what_if(p: Pipeline, changes: dict[str, Any], compute: bool = False):
+    """:func:`nice_kit.whatif.what_if` of ``p`` (``compute=False``: only stored vectors are read, and
+    a missing per-completion stage raises the RuntimeError that names it)."""
+    from nice_kit.whatif import what_if as run_what_if
+
+    return run_what_if(p, changes, compute=compute)
+
+
+def harmful_share(p: Pipeline, ids: list[str]) -> float | None:
+    """The share of ``ids`` the pool flags ``harmful`` (None when the pool has no such flag)."""
+    flags = {r.id: r.columns.get("harmful") for r in p.pool}
+    if not any(v is not None for v in flags.values()) or not ids:
+        return None
+    return float(sum(bool(flags.get(i)) for i in ids) / len(ids))
+
+
+def model_problem(p: Pipeline) -> str | None:
+    """Why this pipeline cannot compute new gradients (None when it can): it holds no model and the
+    config's model does not load offline."""
+    if p._base_model is not None:
+        return None
+    from nice_kit.models import check_model
+
+    try:
+        check_model(p.cfg.model)
+    except Exception as err:  # noqa: BLE001 - the reason is shown to the user
+        return f"the model {p.cfg.model!r} is not available here: {err}"
+    return None
+
+
+def adopt_what_if(p: Pipeline, what_if_result) -> Pipeline:
+    """Make a what-if the run's own, through the checked stages: recompute NICE's validation gradients
+    under the what-if's config (rollouts re-scored by a new metric, never re-sampled), then the scores
+    and selections, and only then write the new ``config.json``. Needs the model: refused with a
+    RuntimeError naming it when the pipeline holds none and the config's does not load offline (the
+    run is then left as it was). Returns the run's pipeline under the new config."""
+    cfg = what_if_result.config
+    if cfg is None:
+        raise ValueError("this what-if carries no config to adopt")
+    problem = model_problem(p)
+    if problem:
+        raise RuntimeError(f"{p.run_dir}: adopting the what-if recomputes NICE's validation gradients, which needs "
+                           f"the model, and {problem}. Open the run with its model (a live Pipeline), or compute "
+                           "with the changed config: nice-kit run --config ...")
+    new = Pipeline(cfg, p.run_dir, model=p._base_model, tokenizer=p._tokenizer, verbose=p.verbose, write_config=False)
+    new._peft = p._peft
+    from nice_kit.warmup import load_adapter_weights
+
+    try:  # before any stage is touched: a model that does not fit the run's adapters leaves the run as it was
+        load_adapter_weights(new.model, new.checkpoints[0])
+    except Exception as err:
+        raise RuntimeError(
+            f"{p.run_dir}: the model {cfg.model!r} does not fit the run's warmup adapters ({type(err).__name__}), so "
+            "the run was made with another model (a fast-mode run's tiny model is not stored with it). Adopt from "
+            "the pipeline that made the run (a live Pipeline). Nothing was changed.") from err
+    new.validation_gradients("nice")
+    scores = new.scores()
+    new.select(scores)
+    adopted = Pipeline(cfg, p.run_dir, model=p._base_model, tokenizer=p._tokenizer, verbose=p.verbose)  # config.json
+    adopted._peft = new._peft
+    return adopted
+
+
+def pool_labels(p: Pipeline) -> dict[str, str]:
+    """Pool id -> the part of its prompt that tells it from the other prompts of its task."""
+    recs = list(p.pool)
+    groups = [r.columns.get("task") for r in recs]
+    return dict(zip([r.id for r in recs], distinguishing_text([r.prompt for r in recs], groups)))

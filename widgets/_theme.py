@@ -121,8 +121,32 @@ _PROBE: ThemeProbe | None = None
 _FOLLOWERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
+# the plotly templates ``fig.show()`` of a plain figure uses once widgets is imported (see use_theme_template)
+TEMPLATE_NAMES = {"light": "nice_kit_light", "dark": "nice_kit_dark"}
+_FOLLOW_TEMPLATE = False
+
+
+def use_theme_template(theme: str | None = None) -> str:
+    """Make plotly's default template JupyterLab's theme (``theme``, else :func:`resolve_theme`), so
+    that a static ``fig.show()`` of a figure built without a template follows the theme as the
+    widgets' figures do; from then on it follows the page's theme when a widget's probe reports a
+    switch (re-run the cell to redraw a figure already shown). A default template the user chose
+    (other than plotly's own) is left alone. Returns the template's name."""
+    global _FOLLOW_TEMPLATE
+    for name, key in TEMPLATE_NAMES.items():
+        pio.templates[key] = template(name)
+    current = pio.templates.default
+    if current not in ("plotly", *TEMPLATE_NAMES.values()):
+        return current
+    _FOLLOW_TEMPLATE = True
+    pio.templates.default = TEMPLATE_NAMES[resolve_theme(theme)]
+    return pio.templates.default
+
+
 def _tell_followers(change: dict) -> None:
     theme = change.get("new")
+    if theme in THEMES and _FOLLOW_TEMPLATE and pio.templates.default in TEMPLATE_NAMES.values():
+        pio.templates.default = TEMPLATE_NAMES[theme]
     if theme in THEMES:
         for widget in list(_FOLLOWERS):
             widget.set_theme(theme)

@@ -6,6 +6,7 @@ target prompts and sampled completions behind it, :mod:`widgets.why`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import ipywidgets as w
@@ -15,8 +16,8 @@ import plotly.graph_objects as go
 from . import _html as H
 from . import _theme
 from ._display import ClickTable, LiveFallback, Pager, figure_html
-from ._run import (FLAG_COLUMNS, RunLike, add_selection, as_pipeline, cutoff, pool_frame, pool_record,
-                   score_columns, selection_fraction)
+from ._run import (FLAG_COLUMNS, RunLike, add_selection, add_text_columns, as_pipeline, cutoff, pool_answers,
+                   pool_frame, pool_record, score_columns, selection_fraction)
 from .plots import (FILTERED_OUT, _color, hover_text, histogram_marks, influence_scatter, scatter_groups_like,
                     scatter_title, score_histogram, selected_color)
 from .why import WhyPanel
@@ -62,6 +63,13 @@ class InfluenceExplorer(LiveFallback, w.VBox):
     read, and when they are not stored yet the panel offers a button that computes them. What
     cannot be explained (no scores, a stale stage, another method) is said inside the panel.
 
+    The prompt column shows the part of each prompt that tells it from its task's other prompts (the
+    operands, not the shared instructions; the whole prompt in the tooltip), and, where the pool has
+    an ``answer`` column, a "correct" column says whether the response gives it. ``add_what_if(wi)``
+    shows a what-if's NICE scores as a ``what_if`` column beside ``nice`` and ``less`` (the metric
+    picker does it when given the explorer). The export button (``export(path)``, ``to_dataset()``)
+    takes the filtered view out as chat records (:mod:`nice_kit.export`).
+
     ``.table`` is the filtered, sorted DataFrame (the HTML table shows one page of it, ``.shown``);
     ``.selected_id`` the example whose text is shown. ``theme`` is "light", "dark" or "auto" (the
     page's JupyterLab theme). Displayed in a notebook, the explorer also writes a static copy of
@@ -80,8 +88,10 @@ class InfluenceExplorer(LiveFallback, w.VBox):
             raise ValueError(f"{p.run_dir}: the scores table has no method columns")
         if method is not None and method not in self.methods:
             raise ValueError(f"method must be one of {self.methods}, not {method!r}")
+        self.run_methods = list(self.methods)  # the run's own scores (what-if columns come after them)
+        self.what_ifs: dict[str, Any] = {}
         self.fraction = selection_fraction(p)
-        self.frame = add_selection(frame, self.methods, self.fraction)
+        self.frame = add_text_columns(add_selection(frame, self.methods, self.fraction), pool_answers(p))
         self.cutoffs = {m: cutoff(self.frame, m, self.fraction) for m in self.methods}
         self._theme_arg = _theme.check_theme(theme)
         self.theme = _theme.resolve_theme(theme)
@@ -133,6 +143,17 @@ class InfluenceExplorer(LiveFallback, w.VBox):
         self.why_toggle.observe(self._on_why_toggle, names="value")
         self._drawing_why = False
         self.status = w.HTML()
+        self.export_path = w.Text(value=str(p.run_dir / "exports" / "explorer_view.jsonl"), description="to",
+                                  style=style, layout=w.Layout(width="420px"))
+        self.export_path.add_class("nice-explorer-export-path")
+        self.export_button = w.Button(description="export the filtered view (JSONL)", icon="download",
+                                      tooltip="the rows that pass the filters, in the table's order, as chat records "
+                                              "(nice_kit.export: what TRL's SFTTrainer and datasets read)",
+                                      layout=w.Layout(width="auto"))
+        self.export_button.add_class("nice-explorer-export")
+        self.export_button.on_click(lambda _: self._on_export())
+        self.export_status = w.HTML()
+        self.export_status.add_class("nice-explorer-export-status")
 
         size = dict(width=self.PLOT_WIDTH, autosize=False)
         m = self.method.value
@@ -167,7 +188,9 @@ class InfluenceExplorer(LiveFallback, w.VBox):
                                              min_width="0"))
         header = w.HTML(H.STYLE + self.hide_fallback_style() + "<span class='nice-kit-title'>Influence explorer</span> "
                         + H.muted(H.esc(p.run_dir)))
-        super().__init__([header, *([self.probe] if self.probe else []), controls, self.status,
+        export = w.HBox([self.export_button, self.export_path, self.export_status],
+                        layout=w.Layout(flex_flow="row wrap", align_items="center"))
+        super().__init__([header, *([self.probe] if self.probe else []), controls, self.status, export,
                           w.Box([left, right], layout=w.Layout(flex_flow="row wrap", width="100%"))],
                          layout=w.Layout(width="100%"))
         self.add_class("nice-explorer")
@@ -220,7 +243,9 @@ class InfluenceExplorer(LiveFallback, w.VBox):
         choice = self.picked.value
         if choice == ALL:
             return pd.Series(True, index=df.index)
-        by = {m.upper(): df[f"selected_{m}"] for m in self.methods}
+        if choice not in {m.upper() for m in self.run_methods} and choice.lower() in self.methods:
+            return df[f"selected_{choice.lower()}"]  # a what-if column's top fraction
+        by = {m.upper(): df[f"selected_{m}"] for m in self.run_methods}
         anyone = pd.concat(list(by.values()), axis=1).any(axis=1)
         if choice == "neither":
             return ~anyone
@@ -244,7 +269,9 @@ class InfluenceExplorer(LiveFallback, w.VBox):
             cols.append(H.Column("task", width="92px"))
         if "harmful" in self.frame.columns:
             cols.append(H.Column("harmful", width="74px", cell=self._harm_cell))
-        cols += [H.Column("prompt", long=True), H.Column("response", long=True)]
+        cols += [H.Column("prompt_core", "prompt", cell=self._prompt_cell), H.Column("response", long=True)]
+        if "correct" in self.frame.columns:
+            cols.append(H.Column("correct", width="70px", cell=self._correct_cell))
         if "on_task" in self.frame.columns:
             cols.append(H.Column("on_task", "on task", width="48px"))
         if "source" in self.frame.columns:
@@ -254,8 +281,25 @@ class InfluenceExplorer(LiveFallback, w.VBox):
     @staticmethod
     def _score_cell(m: str, n: int) -> Callable[[pd.Series], str]:
         def cell(r: pd.Series) -> str:
-            return f"{H.esc(H.fmt(r[m]))}<br><span class='nice-kit-rank'>#{H.esc(r[f'{m}_rank'])} of {n}</span>"
+            picked = ""
+            if m.startswith("what_if") and bool(r.get(f"selected_{m}")):
+                picked = " " + H.badge("top", "#5e35b1")
+            return f"{H.esc(H.fmt(r[m]))}{picked}<br><span class='nice-kit-rank'>#{H.esc(r[f'{m}_rank'])} of {n}</span>"
         return cell
+
+    @staticmethod
+    def _prompt_cell(r: pd.Series) -> str:
+        """The part of the prompt that tells it from its task's other prompts (the whole in the tooltip)."""
+        full = H.fmt(r.get("prompt"))
+        return (f'<div class="nice-kit-clamp" title="{H.esc(H.short(full, 600))}">'
+                f'{H.esc(H.short(H.fmt(r.get("prompt_core")), 220))}</div>')
+
+    @staticmethod
+    def _correct_cell(r: pd.Series) -> str:
+        ok = r.get("correct")
+        if ok is None or (isinstance(ok, float) and pd.isna(ok)):
+            return ""
+        return H.badge("✓ right", "#2e7d32") if bool(ok) else H.badge("✗ wrong", "#c62828")
 
     @staticmethod
     def _picked_cell(r: pd.Series) -> str:
@@ -361,7 +405,7 @@ class InfluenceExplorer(LiveFallback, w.VBox):
     @staticmethod
     def _label(r, m: str) -> str:
         task = f" [{r['task']}]" if "task" in r else ""
-        return f"#{r[f'{m}_rank']} {r['id']}{task} {m}={H.fmt(r[m])} · {H.short(r['prompt'], 50)}"
+        return f"#{r[f'{m}_rank']} {r['id']}{task} {m}={H.fmt(r[m])} · {H.short(r.get('prompt_core', r['prompt']), 60)}"
 
     def _on_select(self, change) -> None:
         if not self._updating and change["new"] is not None:
@@ -432,6 +476,9 @@ class InfluenceExplorer(LiveFallback, w.VBox):
         for c in FLAG_COLUMNS:
             if c in r and H.fmt(r[c]) != "":
                 flags.append(f"{c}: <b>{H.esc(H.fmt(r[c]))}</b>")
+        if "correct" in r and r["correct"] is not None and not (isinstance(r["correct"], float) and pd.isna(r["correct"])):
+            answer = rec.columns.get("answer")
+            flags.append(f"response: <b>{'right' if r['correct'] else 'wrong'}</b> (answer {H.esc(H.fmt(answer))})")
         harm = ""
         if "harmful" in r and pd.notna(r["harmful"]) and bool(r["harmful"]):
             harm = " " + H.badge(f"harmful: {H.fmt(r.get('harm_kind')) or 'yes'}", "#c62828")
@@ -442,6 +489,64 @@ class InfluenceExplorer(LiveFallback, w.VBox):
                 f"{H.muted(picked_txt)}</div><div>{scores}</div><div class='nice-kit-muted'>{' · '.join(flags)}</div>"
                 f"{chat}<div><b>prompt</b></div>{H.pre(rec.prompt)}<div><b>response</b></div>{H.pre(rec.response or '')}</div>")
 
+    # ------------------------------------------------------------------------ what-if
+    def add_what_if(self, what_if: Any, name: str = "what_if") -> str:
+        """Show a what-if's NICE scores (:func:`nice_kit.whatif.what_if`, e.g. from the metric
+        picker) as a column ``name`` beside the run's scores: its score and rank per example, "top" on
+        the examples of its selection; it can be sorted by, plotted and filtered on ("selected" = its
+        top fraction). Adding one under the same name replaces it. Returns the column's name."""
+        if not name.startswith("what_if"):
+            raise ValueError(f"a what-if column's name starts with 'what_if', not {name!r}")
+        scores = what_if.scores.set_index("id")["what_if"]
+        f = self.frame
+        f[name] = f["id"].map(scores).astype(float)
+        f[f"{name}_rank"] = f[name].rank(ascending=False, method="first").astype("Int64")
+        f[f"selected_{name}"] = f["id"].isin(set(what_if.selected))
+        self.what_ifs[name] = what_if
+        if name not in self.methods:
+            self.methods.append(name)
+        self.cutoffs[name] = float(f.loc[f[f"selected_{name}"], name].min()) if f[f"selected_{name}"].any() else float("nan")
+        self._updating = True
+        try:
+            self.method.options = self.methods
+            self.method.value = self._sort[0] if self._sort[0] in self.methods else self.methods[0]
+            if name.upper() not in self.picked.options:
+                self.picked.options = list(self.picked.options) + [name.upper()]
+        finally:
+            self._updating = False
+        self._refresh()
+        return name
+
+    # ------------------------------------------------------------------------ export
+    def export(self, path: str | Path | None = None) -> Path:
+        """Write the filtered view (:attr:`table`: the rows that pass the filters, in its order) as
+        JSONL chat records (:mod:`nice_kit.export`) to ``path`` (default: the path box, under the
+        run's ``exports/``); what the export button does. Returns the path."""
+        from nice_kit.export import selection_records, to_jsonl
+
+        path = Path(path or self.export_path.value)
+        try:
+            out = to_jsonl(selection_records(self.pipeline, self._table), path)
+        except Exception as err:  # noqa: BLE001 - shown beside the button, then raised to a caller
+            self.export_status.value = f"<span class='nice-kit-error'>export failed: {H.esc(err)}</span>"
+            raise
+        self.export_status.value = H.muted(f"wrote {len(self._table)} examples to {H.esc(out)}")
+        return out
+
+    def _on_export(self) -> None:
+        try:
+            self.export()
+        except Exception:  # noqa: BLE001 - the reason is shown beside the button
+            pass
+        self.refresh_fallback()
+
+    def to_dataset(self):
+        """The filtered view as a ``datasets.Dataset`` with a ``messages`` column (for TRL's
+        SFTTrainer; needs the optional ``datasets`` package, see :func:`nice_kit.export.to_dataset`)."""
+        from nice_kit.export import selection_records, to_dataset
+
+        return to_dataset(selection_records(self.pipeline, self._table))
+
     # ------------------------------------------------------------------------ why panel
     def _update_why(self, force: bool = False) -> None:
         """Redraw the why panel for the selected example and method (when open, and when either
@@ -449,6 +554,7 @@ class InfluenceExplorer(LiveFallback, w.VBox):
         if not self.why_toggle.value:
             return
         rid, m = self._selected, self.method.value
+        m = m if m in self.run_methods else ("nice" if "nice" in self.run_methods else self.run_methods[0])
         if rid is not None and not force and self.why.shown == (rid, m) and self.why.explanation is not None:
             return
         self._drawing_why = True

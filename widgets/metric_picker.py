@@ -16,10 +16,19 @@ from nice_kit import metrics as rewards
 from . import _html as H
 from . import _theme
 from ._display import LiveFallback, Pager, figure_html
-from ._run import RunLike, as_pipeline, available_columns, checkpoints, is_label_free, rescore, rollouts, run_metric
+from ._run import (RunLike, adopt_what_if, as_pipeline, available_columns, checkpoints, harmful_share, is_label_free,
+                   model_problem, pool_labels, rescore, rollouts, run_metric, target_labels, what_if)
 from .plots import rewards_figure
 
 ALL = "(all prompts)"
+# what a what-if changes besides the metric: the run's policy, or one of these (dotted settings)
+POLICY_PRESETS: dict[str, dict[str, Any]] = {
+    "the run's policy": {},
+    "no baseline": {"policy.baseline": "none"},
+    "leave-one-out baseline": {"policy.baseline": "loo"},
+    "the reference's estimator": {"policy.estimator": "reference", "policy.variant": "vanilla",
+                                  "policy.baseline": "none", "policy.token_normalize": False},
+}
 
 # Parameters with a fixed set of values, for metrics whose registry entry does not declare them
 # (``MetricInfo.choices``) and whose factory does not annotate them with ``typing.Literal``. Each entry
@@ -52,9 +61,21 @@ def param_choices(info) -> dict[str, tuple[Any, ...]]:
     return out
 
 
+# Metrics that score with a model of their own: the parameters of which one must be set, and what it is.
+MODEL_PARAMS: dict[str, tuple[tuple[str, ...], str]] = {
+    "reward_model": (("model",), "a reward model: set model (a local folder or a name in the Hugging Face cache)"),
+    "llm_judge": (("base_url", "local_model"), "a judge: set base_url (an OpenAI-compatible endpoint) or local_model"),
+}
+
+
 def unavailable_reason(info, params: dict[str, Any], columns: set[str], label_free: bool) -> str | None:
-    """Why this run cannot use the metric (None when it can): target columns it reads that the run's
-    records lack, or reference answers in a label-free run."""
+    """Why this run cannot use the metric (None when it can): a reward model or judge with no model
+    configured, target columns it reads that the run's records lack, or reference answers in a
+    label-free run."""
+    if info.name in MODEL_PARAMS:
+        keys, what = MODEL_PARAMS[info.name]
+        if not any(params.get(k) for k in keys):
+            return f"no model configured; it needs {what}"
     needed = info.needed_columns(params) if hasattr(info, "needed_columns") else ()
     missing = [c for c in needed if c not in columns]
     if missing:
@@ -63,6 +84,23 @@ def unavailable_reason(info, params: dict[str, Any], columns: set[str], label_fr
     if label_free and info.needs_reference:
         return "reads reference answers, and this run is label-free"
     return None
+
+
+def _short_reason(reason: str) -> str:
+    """The gist of :func:`unavailable_reason` for a dropdown's option (the description says it all)."""
+    if reason.startswith("no model configured"):
+        return "no model configured"
+    if reason.startswith("needs the target column"):
+        return reason.split(", which")[0].replace("needs the target column", "no target column")
+    if "label-free" in reason:
+        return "the run is label-free"
+    return reason
+
+
+def _fit_width(chars: int, description: str = "", limit: int = 1000) -> str:
+    """A dropdown width that holds a label of ``chars`` characters (JupyterLab's 13 px UI font, at
+    most 7.4 px a character) after its ``description``, plus the arrow: no option is cut off."""
+    return f"{min(limit, int(7.4 * chars + 7.4 * len(description) + 56))}px"
 
 
 def _param_widget(name: str, default: Any, value: Any, choices: tuple[Any, ...] | None = None) -> w.Widget:
@@ -105,6 +143,16 @@ class MetricPicker(LiveFallback, w.VBox):
     sampled completions with it: a paged table (completion, the run's reward, the new score;
     optionally only the rows where they differ), a histogram and a box per prompt.
 
+    "What would NICE select with this?" (``what_if()``) re-selects under the chosen metric and a
+    policy preset (``.policy``: the run's, no baseline, leave-one-out, the reference's estimator)
+    from stored vectors (:func:`nice_kit.whatif.what_if`, no model): the run's NICE selection and the
+    what-if's side by side, their overlap, harmful shares where the pool is flagged, and the largest
+    rank moves; with ``explorer=`` the explorer gets a ``what_if`` column. Missing per-completion
+    parts are offered to be computed (a button; loads the model). "Adopt" (``adopt()``) makes the
+    what-if the run's own through the checked stages (:func:`widgets._run.adopt_what_if`), or says
+    why it cannot (no model, or one that does not fit the run) and leaves the run as it was. Reward
+    model and judge metrics are marked unavailable until a model is configured in their parameters.
+
     A metric that fails to build or to score clears the preview and says why. ``.value`` is the
     built metric callable, ``.name`` / ``.params`` the choice and ``.config()`` the ``{"name",
     "params"}`` dict a run config's ``metric`` section takes. ``.preview`` is the scored rollouts
@@ -113,8 +161,11 @@ class MetricPicker(LiveFallback, w.VBox):
     """
 
     def __init__(self, run: RunLike, name: str | None = None, params: dict[str, Any] | None = None,
-                 n_preview: int = 12, auto: bool = True, theme: str | None = "auto"):
+                 n_preview: int = 12, auto: bool = True, theme: str | None = "auto", explorer: Any = None):
         self.pipeline = p = as_pipeline(run)
+        self.explorer = explorer  # an InfluenceExplorer that shows each what-if as a column
+        self._what_if = None
+        self._what_if_for: dict[str, Any] | None = None
         self.catalog = rewards.list_metrics()
         names = self.catalog["name"].tolist()
         self.run_metric, run_params = run_metric(p)
@@ -138,8 +189,9 @@ class MetricPicker(LiveFallback, w.VBox):
         ckpts = checkpoints(p)
         self.rollouts = {c.epoch: rollouts(p, c) for c in ckpts}
         style = {"description_width": "initial"}
-        self.dropdown = w.Dropdown(options=[(self._option_label(n), n) for n in names], value=name, description="metric",
-                                   style=style, layout=w.Layout(width="480px"))
+        labels = [(self._option_label(n), n) for n in names]
+        self.dropdown = w.Dropdown(options=labels, value=name, description="metric", style=style,
+                                   layout=w.Layout(width=_fit_width(max(len(t) for t, _ in labels), "metric")))
         self.dropdown.add_class("nice-metric-dropdown")
         self.description = w.HTML()
         self.description.add_class("nice-metric-description")
@@ -162,6 +214,34 @@ class MetricPicker(LiveFallback, w.VBox):
         self.fig = go.FigureWidget(rewards_figure(pd.DataFrame(), "score", metric=name, theme=self.theme,
                                                   title=f"{name}: nothing scored yet").update_layout(width=760, autosize=False))
         self._subplot_titles = [dict(a.to_plotly_json()) for a in self.fig.layout.annotations]
+        self.policy = w.Dropdown(options=list(POLICY_PRESETS), value="the run's policy", description="with",
+                                 style=style, layout=w.Layout(width=_fit_width(max(map(len, POLICY_PRESETS)), "with")))
+        self.policy.add_class("nice-whatif-policy")
+        self.policy.observe(self._on_policy, names="value")
+        self.whatif_button = w.Button(description="what would NICE select with this?", icon="question",
+                                      tooltip="NICE's scores and selection under this metric (and policy), from the "
+                                              "stored per-completion gradients: no model, no new samples",
+                                      layout=w.Layout(width="auto"))
+        self.whatif_button.add_class("nice-whatif-run")
+        self.whatif_button.on_click(lambda _: self._on_what_if())
+        self.compute_button = w.Button(description="compute the per-completion gradients", icon="cogs",
+                                       tooltip="loads the model once; stored for every later what-if",
+                                       layout=w.Layout(width="auto", display="none"))
+        self.compute_button.add_class("nice-whatif-compute")
+        self.compute_button.on_click(lambda _: self._on_what_if(compute=True))
+        self.adopt_button = w.Button(description="adopt it: recompute NICE with this", icon="check", disabled=True,
+                                     tooltip="writes the config change, NICE's validation gradients, the scores and "
+                                             "the selections into the run directory (needs the model)",
+                                     layout=w.Layout(width="auto"))
+        self.adopt_button.add_class("nice-whatif-adopt")
+        self.adopt_button.on_click(lambda _: self._on_adopt())
+        self.whatif_status = w.HTML()
+        self.whatif_status.add_class("nice-whatif-status")
+        self.whatif_progress = w.Output(layout=w.Layout(width="100%"))
+        self.whatif_html = w.HTML(layout=w.Layout(width="100%", overflow="auto"))
+        self.whatif_html.add_class("nice-whatif-result")
+        self._labels = pool_labels(p)
+        self._target_labels = target_labels(p)
 
         self.dropdown.observe(self._on_metric, names="value")
         self.checkpoint.observe(self._maybe_score, names="value")
@@ -177,6 +257,10 @@ class MetricPicker(LiveFallback, w.VBox):
             w.HBox([self.checkpoint, self.prompt, self.differs, self.auto, self.button],
                    layout=w.Layout(flex_flow="row wrap", align_items="center")),
             self.status, self.table_html, self.pager, self.fig,
+            w.HTML("<div class='nice-kit-title'>What would NICE select with this?</div>"),
+            w.HBox([self.policy, self.whatif_button, self.compute_button, self.adopt_button],
+                   layout=w.Layout(flex_flow="row wrap", align_items="center")),
+            self.whatif_status, self.whatif_progress, self.whatif_html,
         ], layout=w.Layout(width="100%"))
         self.add_class("nice-metric-picker")
         self.add_class("nice-kit")
@@ -246,7 +330,7 @@ class MetricPicker(LiveFallback, w.VBox):
         info = rewards.metric_info(name)
         start = {**info.params, **self._initial.get(name, {})}
         reason = unavailable_reason(info, start, self.columns_available, self.label_free)
-        return f"{name} — unavailable: {reason}" if reason else name
+        return f"{name} — unavailable: {_short_reason(reason)}" if reason else name
 
     # ----------------------------------------------------------------------------- updates
     def _on_metric(self, change=None) -> None:
@@ -269,7 +353,18 @@ class MetricPicker(LiveFallback, w.VBox):
         warn = f"<div class='nice-kit-error'>unavailable for this run: {H.esc(reason)}</div>" if reason else ""
         self.description.value = self._desc + warn
 
+    def _on_policy(self, change=None) -> None:
+        self._mark_stale()
+        self.refresh_fallback()
+
+    def _mark_stale(self) -> None:
+        """A what-if on screen whose settings are no longer the chosen ones cannot be adopted."""
+        if getattr(self, "_what_if", None) is not None and self._what_if_for != self.what_if_changes():
+            self.adopt_button.disabled = True
+            self.whatif_status.value = H.muted("the settings changed since this what-if: ask again to see theirs")
+
     def _maybe_score(self, change=None) -> None:
+        self._mark_stale()
         self._metric, self._error = None, None
         self._unavailable = self.unavailable()
         self._describe()
@@ -379,12 +474,108 @@ class MetricPicker(LiveFallback, w.VBox):
                                     "run's reward everywhere)</i>" if self.differs.value else "<i>no completions</i>"
         else:
             page = df.iloc[self.pager.slice()].rename(columns={"reward": "run reward", "score": self.name})
-            cols = [H.Column("prompt_id", "prompt", width="170px"), H.Column("sample", width="64px", numeric=True),
+            cols = [H.Column("prompt_id", "prompt", width="170px", cell=self._prompt_cell),
+                    H.Column("sample", width="64px", numeric=True),
                     H.Column("completion", long=True), H.Column("run reward", f"run reward ({self.run_metric})",
                                                                width="110px", numeric=True),
                     H.Column(self.name, width="100px", numeric=True)]
             self.table_html.value = H.table(page, cols, key="prompt_id", max_chars=300)
         self.refresh_fallback()
+
+    # ----------------------------------------------------------------------------- what if
+    def what_if_changes(self) -> dict[str, Any]:
+        """The dotted settings a what-if with the current choice changes: the metric (when it is not
+        the run's, with its parameters) and the chosen policy preset."""
+        changes: dict[str, Any] = {}
+        cfg = self.config()
+        run_name, run_params = run_metric(self.pipeline)
+        if cfg["name"] != run_name or {**self.info.params, **cfg["params"]} != {**self.info.params, **run_params}:
+            changes = {"metric.name": cfg["name"], "metric.params": cfg["params"]}
+        return {**changes, **POLICY_PRESETS[self.policy.value]}
+
+    @property
+    def what_if_result(self):
+        """The last what-if (:class:`nice_kit.whatif.WhatIf`), None before the first."""
+        return self._what_if
+
+    def what_if(self, compute: bool = False):
+        """NICE's scores and selection under the chosen metric and policy, from stored vectors
+        (:func:`nice_kit.whatif.what_if`); shows them (the two top fractions side by side, their
+        overlap, harmful shares, rank moves) and, with an explorer, adds a ``what_if`` column there.
+        ``compute=True`` first computes the per-completion gradients when they are not stored
+        (loads the model). Raises what the what-if raises; the buttons show it instead."""
+        if self.unavailable():
+            raise ValueError(f"{self.name} is unavailable for this run: {self.unavailable()}")
+        changes = self.what_if_changes()
+        with self.whatif_progress:
+            wi = what_if(self.pipeline, changes, compute=compute)
+        self.whatif_progress.clear_output()
+        self._what_if, self._what_if_for = wi, changes
+        self.compute_button.layout.display = "none"
+        self.whatif_html.value = what_if_html(self.pipeline, wi, self._labels)
+        self.whatif_status.value = H.muted(
+            f"answered in {wi.seconds:.2f} s from stored vectors (no model loaded, no new samples)"
+            + ("" if model_problem(self.pipeline) is None else "; adopting it needs the model, which is not available"))
+        self.adopt_button.disabled = False
+        if self.explorer is not None:
+            self.explorer.add_what_if(wi)
+        self.refresh_fallback()
+        return wi
+
+    def _on_what_if(self, compute: bool = False) -> None:
+        self.whatif_status.value = H.muted("computing the per-completion gradients (loads the model):" if compute
+                                           else "asking ...")
+        try:
+            self.what_if(compute=compute)
+        except Exception as err:  # noqa: BLE001 - shown beside the button
+            self.whatif_progress.clear_output()
+            self._what_if = None
+            self.adopt_button.disabled = True
+            missing = isinstance(err, RuntimeError) and "per-completion gradients for what-ifs" in str(err)
+            self.compute_button.layout.display = None if missing and not compute else "none"
+            hint = " Press <b>compute the per-completion gradients</b> (once; loads the model)." if missing else ""
+            self.whatif_status.value = f"<span class='nice-kit-error'>{H.esc(type(err).__name__)}: {H.esc(err)}</span>{hint}"
+            self.whatif_html.value = ""
+            self.refresh_fallback()
+
+    def adopt(self):
+        """Make the last what-if the run's own (:func:`widgets._run.adopt_what_if`: the config change,
+        NICE's validation gradients, the scores and the selections, through the checked stages; needs
+        the model). Returns the run's pipeline under the new config, which the picker then shows."""
+        if self._what_if is None:
+            raise ValueError("no what-if to adopt: ask one first (what_if())")
+        with self.whatif_progress:
+            adopted = adopt_what_if(self.pipeline, self._what_if)
+        self.whatif_progress.clear_output()
+        changes = self._what_if_for
+        self.pipeline = adopted
+        self.run_metric, self._run_params = run_metric(adopted)
+        self.rollouts = {c.epoch: rollouts(adopted, c) for c in checkpoints(adopted)}
+        self.adopt_button.disabled = True
+        self.whatif_status.value = H.muted(
+            f"adopted {H.esc(json.dumps(changes, default=str))}: {H.esc(adopted.run_dir)} now holds the new config.json, "
+            "NICE's validation gradients, scores.csv and the selections")
+        self.refresh_fallback()
+        return adopted
+
+    def _on_adopt(self) -> None:
+        self.adopt_button.disabled = True
+        self.whatif_status.value = H.muted("adopting: recomputing NICE's validation gradients ...")
+        try:
+            self.adopt()
+        except Exception as err:  # noqa: BLE001 - shown beside the button
+            self.whatif_progress.clear_output()
+            self.adopt_button.disabled = False
+            self.whatif_status.value = (f"<span class='nice-kit-error'>not adopted: {H.esc(type(err).__name__)}: "
+                                        f"{H.esc(err)}</span>")
+            self.refresh_fallback()
+
+    def _prompt_cell(self, r: pd.Series) -> str:
+        """A target prompt by the part of its text that tells it apart, its id below."""
+        pid = str(r["prompt_id"])
+        text = self._target_labels.get(pid, "")
+        return (f"{H.esc(H.short(text, 40))}<br><span class='nice-kit-muted'>{H.esc(pid)}</span>" if text
+                else H.esc(pid))
 
     # ----------------------------------------------------------------------------- theme
     def set_theme(self, theme: str) -> None:
@@ -407,4 +598,59 @@ class MetricPicker(LiveFallback, w.VBox):
         return (f"<div><span class='nice-kit-title'>Metric picker</span> <b>{H.esc(self.name)}</b> "
                 f"{H.esc(json.dumps(self.params, default=str))}</div>" + self.description.value
                 + f"<div>{self.status.value}</div>" + self.table_html.value + self.pager.label.value
-                + figure_html(self.figure()))
+                + figure_html(self.figure()) + f"<div>{self.whatif_status.value}</div>" + self.whatif_html.value)
+
+
+def _selection_cell(rid: str, labels: dict[str, str], harmful: dict[str, Any], other: set[str], note: str = "") -> str:
+    flag = " " + H.badge("harmful", "#c62828") if harmful.get(rid) else ""
+    cls = "nice-whatif-shared" if rid in other else "nice-whatif-own"
+    return (f"<span class='{cls}'><b>{H.esc(rid)}</b>{flag} {H.esc(H.short(labels.get(rid, ''), 40))}"
+            f"{H.muted(' ' + H.esc(note)) if note else ''}</span>")
+
+
+def what_if_html(p, wi, labels: dict[str, str]) -> str:
+    """A what-if's answer as HTML: overlap and harmful shares, the run's NICE selection and the
+    what-if's side by side (rank by rank; examples in both in bold, others marked new or dropped),
+    and the largest rank moves."""
+    harmful = {r.id: r.columns.get("harmful") for r in p.pool}
+    k = len(wi.selected)
+    now, new = set(wi.current), set(wi.selected)
+    share_now, share_new = harmful_share(p, wi.current), harmful_share(p, wi.selected)
+    harm = ""
+    if share_now is not None and share_new is not None:
+        harm = f"; flagged harmful: {share_now:.0%} of the run's selection, {share_new:.0%} of the what-if's"
+    signal = ", ".join(f"epoch {e}: {n}" for e, n in wi.signal.items())
+    head = (f"<div class='nice-whatif-summary'>With <b>{H.esc(json.dumps(wi.changes, default=str) if wi.changes else 'the run settings')}</b>: "
+            f"NICE's top {k} shares <b>{wi.overlap} of {k}</b> with the run's selection{harm}. "
+            f"{H.muted(f'Target prompts with signal: {signal}.')}</div>")
+    ranks = wi.scores.set_index("id")
+    rows = []
+    for i in range(max(len(wi.current), k)):
+        cur = wi.current[i] if i < len(wi.current) else None
+        nxt = wi.selected[i] if i < k else None
+        left = _selection_cell(cur, labels, harmful, new, "" if cur in new else "dropped") if cur else ""
+        note = ""
+        if nxt:
+            was = ranks.loc[nxt, "rank_current"]
+            note = "new" if nxt not in now else ""
+            note = (note + f" (was #{was})").strip() if pd.notna(was) else note
+        right = _selection_cell(nxt, labels, harmful, now, note) if nxt else ""
+        rows.append(f"<tr><td class='nice-kit-num'>{i + 1}</td><td>{left}</td><td>{right}</td></tr>")
+    side = ("<table class='nice-kit-table nice-whatif-side'><colgroup><col style='width:36px'><col><col></colgroup>"
+            "<thead><tr><th>#</th><th>the run's NICE selection</th><th>what NICE would select</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
+    moves = wi.moves.assign(prompt=[H.short(labels.get(i, ""), 40) for i in wi.moves["id"]])
+    moves = moves[["id", "prompt", "rank_current", "rank_what_if", "rank_move", "current", "what_if"]]
+    move_html = H.table(moves, [H.Column("id", width="90px"), H.Column("prompt"),
+                                H.Column("rank_current", "rank now", width="74px", numeric=True),
+                                H.Column("rank_what_if", "rank then", width="74px", numeric=True),
+                                H.Column("rank_move", "move", width="60px", numeric=True),
+                                H.Column("current", "score now", width="86px", numeric=True),
+                                H.Column("what_if", "score then", width="86px", numeric=True)],
+                        key="id", css_class="nice-whatif-moves")
+    diag = ""
+    if wi.diagnostics is not None:
+        d = wi.diagnostics
+        diag = "<div><b>the benchmark's flags of both selections</b></div>" + H.table(
+            d, [H.Column(c, c.replace("_", " ")) for c in d.columns], key="", css_class="nice-whatif-diagnostics")
+    return head + side + diag + "<div><b>largest rank moves</b></div>" + move_html

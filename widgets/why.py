@@ -10,6 +10,13 @@ from :func:`nice_kit.explain.explain` and add up to the stored score.
     from widgets import why_panel
     why_panel(run, "pool-0042", "nice")
 
+Bars and the prompt dropdown name each target prompt by the part of its text that tells it from
+the other prompts of its subtask ("8 * 4 · products"; :func:`widgets._run.target_labels`). The
+"NICE vs LESS side by side" toggle (or ``panel.compare()``) draws both methods' contributions per
+target prompt for the same example, in two panels over the same prompts (:func:`compare_table`,
+:func:`compare_figure`), each method's adding up to its score. Computing the per-completion
+gradients shows the stage's progress bar, then what was computed.
+
 The influence explorer shows the same panel for its selected example (``InfluenceExplorer.why``).
 A contribution > 0 means a training step on the example moves the model the way the metric wants on
 that prompt or completion: a rewarded completion becomes more likely, a punished one less likely.
@@ -22,18 +29,22 @@ Displayed on its own, the panel also writes a static copy of itself (no CDN: see
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import ipywidgets as w
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from nice_kit.explain import Explanation, explain
 
 from . import _html as H
 from . import _theme
 from ._display import LiveFallback, figure_html
-from ._run import RunLike, as_pipeline
+from ._run import RunLike, as_pipeline, target_labels
+
+METHOD_COLORS = {"nice": "#1f77b4", "less": "#ff7f0e"}  # as widgets.plots draws the two methods
 
 UP, DOWN = "#2ca02c", "#d62728"  # mid-tone green and red: readable on light and dark themes alike
 WIDTH = 640  # px: the chart fits the explorer's text column on a 1280 px screen with the file browser open
@@ -72,23 +83,37 @@ def _signed(x: float) -> str:
     return f"<span class='{cls}'>{_number(x)}</span>"
 
 
-def prompt_bars(expl: Explanation, top: int = 10) -> pd.DataFrame:
+def bar_labels(prompt_ids: list[str], subtasks: list[str], labels: dict[str, str] | None = None) -> list[str]:
+    """One label per target prompt, by its text: the part that tells it from the other prompts of its
+    subtask (``labels``, from :func:`widgets._run.target_labels`) and the subtask ("8 * 4 · products");
+    "subtask · prompt id" where no text is known. Labels that would repeat get the prompt id."""
+    labels = labels or {}
+    out = []
+    for pid, sub in zip(map(str, prompt_ids), map(str, subtasks)):
+        text = H.short(labels[pid], 40) if labels.get(pid) else None
+        out.append(f"{text} · {sub}" if text else (pid if sub in pid else f"{sub} · {pid}"))
+    seen = pd.Series(out).duplicated(keep=False).tolist()
+    return [f"{lab} ({pid})" if dup else lab for lab, dup, pid in zip(out, seen, map(str, prompt_ids))]
+
+
+def prompt_bars(expl: Explanation, top: int = 10, labels: dict[str, str] | None = None) -> pd.DataFrame:
     """The prompts the chart shows: those that contribute, at most ``top`` pushing up and ``top``
-    pushing down (the largest), with a ``label`` ("subtask · prompt id", or the prompt id alone when
-    it names its subtask) and a ``color``."""
+    pushing down (the largest), with a ``label`` (the prompt's text, see :func:`bar_labels`) and a
+    ``color``."""
     per = expl.by_prompt()
     per = per[per["contribution"] != 0]
     up = per[per["contribution"] > 0].head(top)
     down = per[per["contribution"] < 0].tail(top)
     out = pd.concat([up, down]).sort_values("contribution", kind="mergesort").reset_index(drop=True)
-    out["label"] = [str(p) if str(s) in str(p) else f"{s} · {p}" for s, p in zip(out["subtask"], out["prompt_id"])]
+    out["label"] = bar_labels(out["prompt_id"].tolist(), out["subtask"].tolist(), labels)
     out["color"] = [UP if c > 0 else DOWN for c in out["contribution"]]
     return out
 
 
-def _chart(expl: Explanation, top: int) -> tuple[pd.DataFrame, list[str], str, int]:
+def _chart(expl: Explanation, top: int, labels: dict[str, str] | None = None
+           ) -> tuple[pd.DataFrame, list[str], str, int]:
     """The chart's bars (:func:`prompt_bars`), their hover texts, its title and its height."""
-    bars = prompt_bars(expl, top)
+    bars = prompt_bars(expl, top, labels)
     cos = expl.prompts.pivot_table(index="prompt_id", columns="epoch", values="cosine", sort=False)
     hover = [f"<b>{H.esc(pid)}</b> ({H.esc(sub)})<br>{H.esc(H.short(text, 70))}<br>contribution {c:+.4g}"
              "<br>cosine by epoch: " + ", ".join(f"{e}: {v:+.3f}" for e, v in cos.loc[pid].items())
@@ -105,15 +130,77 @@ def _layout(title: str, height: int) -> dict:
                 xaxis=dict(zeroline=True, automargin=True))
 
 
-def why_figure(expl: Explanation, top: int = 10, theme: str | None = None) -> go.Figure:
-    """Horizontal bars of the target prompts' contributions to ``expl``'s score (green up, red down);
+def why_figure(expl: Explanation, top: int = 10, theme: str | None = None,
+               labels: dict[str, str] | None = None) -> go.Figure:
+    """Horizontal bars of the target prompts' contributions to ``expl``'s score (green up, red down),
+    labelled by the prompts' text (``labels``: prompt id -> text, e.g. :func:`widgets._run.target_labels`);
     each bar's ``customdata`` is its prompt id. ``theme`` ("light" / "dark", default: JupyterLab's)
     picks the template, as for the other widgets' figures."""
-    bars, hover, title, height = _chart(expl, top)
+    bars, hover, title, height = _chart(expl, top, labels)
     fig = go.Figure(go.Bar(x=bars["contribution"], y=bars["label"], orientation="h", customdata=bars["prompt_id"],
                            marker_color=bars["color"], hovertext=hover, hoverinfo="text"),
                     layout=_layout(title, height))
     return _theme.apply(fig, _theme.resolve_theme(theme))
+
+
+def compare_table(explanations: dict[str, Explanation], labels: dict[str, str] | None = None,
+                  top: int = 12) -> pd.DataFrame:
+    """NICE and LESS (or any methods) side by side for one example: one row per target prompt that
+    contributes to either score, at most ``top`` (largest in either method), with ``prompt_id``,
+    ``subtask``, ``label`` (:func:`bar_labels`), ``prompt`` (its text) and one column of summed
+    contributions per method (each method's contributions add up to its score)."""
+    merged = None
+    for method, expl in explanations.items():
+        per = expl.by_prompt()[["prompt_id", "subtask", "prompt", "contribution"]].rename(
+            columns={"contribution": method})
+        merged = per if merged is None else merged.merge(per, on=["prompt_id", "subtask", "prompt"], how="outer")
+    methods = list(explanations)
+    merged[methods] = merged[methods].fillna(0.0)
+    size = merged[methods].abs().max(axis=1)
+    merged = merged[size > 0].assign(_size=size[size > 0])
+    merged = merged.sort_values("_size", ascending=False, kind="mergesort").head(top).drop(columns="_size")
+    merged = merged.sort_values(methods[0], kind="mergesort").reset_index(drop=True)
+    merged.insert(2, "label", bar_labels(merged["prompt_id"].tolist(), merged["subtask"].tolist(), labels))
+    return merged
+
+
+def compare_figure(table: pd.DataFrame, explanations: dict[str, Explanation], theme: str | None = None) -> go.Figure:
+    """:func:`compare_table` drawn side by side: one panel per method, the same target prompts on the
+    shared vertical axis (labelled by their text), each bar a prompt's contribution to that method's
+    score; ``customdata`` is the prompt id."""
+    methods = list(explanations)
+    titles = [f"{m.upper()} {explanations[m].score:+.4g}" for m in methods]
+    fig = make_subplots(rows=1, cols=len(methods), shared_yaxes=True, horizontal_spacing=0.04, subplot_titles=titles)
+    for i, m in enumerate(methods, start=1):
+        hover = [f"<b>{H.esc(pid)}</b> ({H.esc(sub)})<br>{H.esc(H.short(text, 70))}<br>{m.upper()} contribution {c:+.4g}"
+                 for pid, sub, text, c in zip(table["prompt_id"], table["subtask"], table["prompt"], table[m])]
+        fig.add_trace(go.Bar(x=table[m].tolist(), y=table["label"].tolist(), orientation="h", name=m.upper(),
+                             customdata=table["prompt_id"].tolist(), marker_color=METHOD_COLORS.get(m, "#9467bd"),
+                             hovertext=hover, hoverinfo="text"), row=1, col=i)
+        fig.update_xaxes(zeroline=True, automargin=True, row=1, col=i)
+    example = next(iter(explanations.values())).example_id
+    fig.update_layout(title=dict(text=f"why {example}: each target prompt's contribution, "
+                                      + " vs ".join(m.upper() for m in methods), font=dict(size=14), x=0, xanchor="left"),
+                      width=WIDTH, height=max(240, 110 + 24 * len(table)), showlegend=False,
+                      margin=dict(l=10, r=20, t=60, b=30), yaxis=dict(automargin=True))
+    return _theme.apply(fig, _theme.resolve_theme(theme))
+
+
+def compare_html(table: pd.DataFrame, explanations: dict[str, Explanation]) -> str:
+    """The side-by-side contributions as a table (the prompt's text, each method's contribution)."""
+    methods = list(explanations)
+    scores = " · ".join(f"<b>{m.upper()}</b> {_signed(e.score)}" + (f" (subtask {H.esc(e.winner)} won)" if e.winner
+                                                                       else "")
+                        for m, e in explanations.items())
+    heads = "".join(f"<th style='width:96px'>{m.upper()}</th>" for m in methods)
+    rows = "".join(f"<tr><td><div class='nice-why-text'>{H.esc(r.label)}</div></td>"
+                   + "".join(f"<td class='nice-why-num'>{_signed(float(getattr(r, m)))}</td>" for m in methods)
+                   + "</tr>" for r in table.iloc[::-1].itertuples())
+    return (f"<div class='nice-why-compare-head'>{scores}. <span class='nice-why-muted'>Per target prompt, both "
+            "methods' contributions (summed over checkpoints; each method's add up to its score).</span></div>"
+            f"<table class='nice-why-table nice-why-compare-table'><colgroup><col>"
+            + "".join("<col style='width:96px'>" for _ in methods)
+            + f"</colgroup><thead><tr><th>target prompt</th>{heads}</tr></thead><tbody>{rows}</tbody></table>")
 
 
 def _header_html(expl: Explanation) -> str:
@@ -187,9 +274,15 @@ class WhyPanel(LiveFallback, w.VBox):
     UP, DOWN = UP, DOWN
 
     def __init__(self, run: RunLike, example_id: str | None = None, method: str = "nice", top: int = 10,
-                 compute: bool = True, theme: str | None = "auto"):
+                 compute: bool = True, theme: str | None = "auto", compare: bool = False):
         self.pipeline = as_pipeline(run)
         self.method, self.top, self.compute = method, top, compute
+        try:
+            self.labels = target_labels(self.pipeline)
+        except Exception:  # noqa: BLE001 - unreadable target records: bars fall back to prompt ids
+            self.labels = {}
+        self.comparison: dict[str, Explanation] | None = None
+        self.compare_frame = pd.DataFrame()
         self._theme_arg = _theme.check_theme(theme)
         self.theme = _theme.resolve_theme(theme)
         self.explanation: Explanation | None = None
@@ -217,11 +310,24 @@ class WhyPanel(LiveFallback, w.VBox):
         self.status.add_class("nice-why-status")
         self.completions = w.HTML(layout=w.Layout(width="100%", margin="2px 0"))  # no sideways overflow
         self.completions.add_class("nice-why-completions")
+        self.progress = w.Output()  # tqdm's bar while gradients are computed
+        self.progress.add_class("nice-why-progress")
+        self.compare_toggle = w.ToggleButton(value=compare, description="NICE vs LESS side by side", icon="columns",
+                                             tooltip="both methods' contributions per target prompt for this example",
+                                             layout=w.Layout(width="auto", align_self="flex-start"))
+        self.compare_toggle.add_class("nice-why-compare-toggle")
+        self.compare_toggle.observe(self._on_compare_toggle, names="value")
+        self.compare_bars: go.FigureWidget | None = None
+        self.compare_box = w.VBox(layout=w.Layout(min_width="0"))
+        self.compare_box.add_class("nice-why-compare")
+        self.compare_text = w.HTML()
+        self.compare_text.add_class("nice-why-compare-text")
         self.probe = _theme.follow_page_theme(self) if self._theme_arg is None else None
-        super().__init__([self.style, *([self.probe] if self.probe else []), self.header, self.chart, self.prompt,
+        super().__init__([self.style, *([self.probe] if self.probe else []), self.header, self.compare_toggle,
+                          self.compare_box, self.chart, self.prompt,
                           w.HBox([self.compute_button, self.status], layout=w.Layout(align_items="center",
                                                                                    flex_flow="row wrap")),
-                          self.completions], layout=w.Layout(width="100%", min_width="0"))
+                          self.progress, self.completions], layout=w.Layout(width="100%", min_width="0"))
         self.add_class("nice-why")
         if example_id is not None:
             self.show(example_id, method)
@@ -247,6 +353,8 @@ class WhyPanel(LiveFallback, w.VBox):
             self._show_error(example_id, err)
             return None
         self._draw(expl)
+        if self.compare_toggle.value:
+            self._draw_compare()
         return expl
 
     def compute_completions(self) -> Explanation | None:
@@ -257,15 +365,22 @@ class WhyPanel(LiveFallback, w.VBox):
             return None
         example_id, method = self.shown
         self.compute_button.disabled = True
-        self.status.value = "<span class='nice-why-muted'>computing the per-completion gradients (loads the model)…</span>"
+        self.status.value = "<span class='nice-why-muted'>computing the per-completion gradients (loads the model):</span>"
+        start = time.perf_counter()
         try:
-            expl = explain(self.pipeline, example_id, method, compute=True)
+            with self.progress:  # the stage's tqdm.auto bar draws here while it runs
+                expl = explain(self.pipeline, example_id, method, compute=True)
         except Exception as err:  # noqa: BLE001 - shown, not raised into the button's callback
             self.status.value = (f"<span class='nice-why-error'>could not compute them: {H.esc(type(err).__name__)}: "
                                  f"{H.esc(err)}</span>")
             return None
         finally:
             self.compute_button.disabled = False
+            self.progress.clear_output()
+        n = 0 if expl.completions is None else len(expl.completions)
+        self.status.value = (f"<span class='nice-why-muted'>computed and stored: the gradients of {n} completions "
+                             f"(every checkpoint) in {time.perf_counter() - start:.1f} s; later views only read them"
+                             "</span>")
         self._draw(expl)
         return expl
 
@@ -295,12 +410,14 @@ class WhyPanel(LiveFallback, w.VBox):
         self.prompt.layout.display = "none"
         self.compute_button.layout.display = "none"
         self.completions.value = ""
+        self.comparison, self.compare_frame = None, pd.DataFrame()
+        self.compare_box.children = []
         self._changed()
 
     def _draw(self, expl: Explanation) -> None:
         self.explanation = expl
         self.header.value = _header_html(expl)
-        bars, hover, title, height = _chart(expl, self.top)
+        bars, hover, title, height = _chart(expl, self.top, self.labels)
         with self.bars.batch_update():  # only what changes (re-sending the template would take 0.2 s)
             bar = self.bars.data[0]
             bar.x, bar.y, bar.customdata = bars["contribution"].tolist(), bars["label"].tolist(), bars["prompt_id"].tolist()
@@ -315,9 +432,9 @@ class WhyPanel(LiveFallback, w.VBox):
         top = expl.top_prompt()
         self._updating = True
         try:
-            self.prompt.options = [(f"{c:+.4g}  {pid} ({s}) · {H.short(t, 50)}", pid)
-                                   for pid, s, c, t in zip(per["prompt_id"], per["subtask"], per["contribution"],
-                                                           per["prompt"])]
+            self.prompt.options = [(f"{c:+.3g}  {label}  ({pid})", pid) for pid, c, label in
+                                   zip(per["prompt_id"], per["contribution"],
+                                       bar_labels(per["prompt_id"].tolist(), per["subtask"].tolist(), self.labels))]
             self.prompt.value = top
         finally:
             self._updating = False
@@ -337,6 +454,54 @@ class WhyPanel(LiveFallback, w.VBox):
         if points.point_inds:
             self.prompt.value = str(trace.customdata[points.point_inds[0]])
 
+    # --------------------------------------------------------------------- side by side
+    def compare(self, methods: tuple[str, ...] = ("nice", "less")) -> pd.DataFrame:
+        """Show the shown example's contributions per target prompt under ``methods`` side by side
+        (opens the comparison); returns :func:`compare_table`'s table (``.compare_frame``)."""
+        self.compare_toggle.value = True
+        self._draw_compare(methods)
+        return self.compare_frame
+
+    def _on_compare_toggle(self, change) -> None:
+        if change["new"]:
+            self._draw_compare()
+        else:
+            self.compare_box.children = []
+            self._changed()
+
+    def _draw_compare(self, methods: tuple[str, ...] = ("nice", "less")) -> None:
+        if self.shown is None:
+            self.compare_box.children = []
+            return
+        example_id = self.shown[0]
+        try:
+            expls = {m: explain(self.pipeline, example_id, m, compute=False) for m in methods}
+        except Exception as err:  # noqa: BLE001 - shown in the panel, not raised into a callback
+            self.comparison, self.compare_frame = None, pd.DataFrame()
+            self.compare_text.value = (f"<div class='nice-why-error'>cannot compare {' and '.join(methods)} for "
+                                       f"{H.esc(example_id)}: {H.esc(err)}</div>")
+            self.compare_box.children = [self.compare_text]
+            self._changed()
+            return
+        table = compare_table(expls, self.labels, top=self.top + 2)
+        fig = compare_figure(table, expls, self.theme)
+        if self.compare_bars is None or len(self.compare_bars.data) != len(methods):
+            self.compare_bars = go.FigureWidget(fig)
+            self.compare_bars.add_class("nice-why-compare-bars")
+            for trace in self.compare_bars.data:
+                trace.on_click(self._on_bar_click)
+        else:
+            with self.compare_bars.batch_update():
+                for trace, new in zip(self.compare_bars.data, fig.data):
+                    trace.x, trace.y, trace.customdata, trace.hovertext = new.x, new.y, new.customdata, new.hovertext
+                self.compare_bars.layout.annotations = fig.layout.annotations
+                self.compare_bars.layout.title.text = fig.layout.title.text
+                self.compare_bars.layout.height = fig.layout.height
+        self.comparison, self.compare_frame = expls, table
+        self.compare_text.value = compare_html(table, expls)
+        self.compare_box.children = [self.compare_bars, self.compare_text]
+        self._changed()
+
     # ------------------------------------------------------------------------ embedding
     def on_change(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` whenever the panel redraws (another example, prompt or theme)."""
@@ -355,6 +520,9 @@ class WhyPanel(LiveFallback, w.VBox):
         self.theme = theme
         with self.bars.batch_update():
             _theme.apply(self.bars, theme)
+        if self.compare_bars is not None:
+            with self.compare_bars.batch_update():
+                _theme.apply(self.compare_bars, theme)
         self._changed()
 
     # ---------------------------------------------------------------------- static fallback
@@ -362,20 +530,26 @@ class WhyPanel(LiveFallback, w.VBox):
         """The bar chart as a static Figure (an empty one when nothing is explained)."""
         if self.explanation is None:
             return _theme.apply(go.Figure(), self.theme)
-        return why_figure(self.explanation, self.top, self.theme)
+        return why_figure(self.explanation, self.top, self.theme, self.labels)
 
     def fallback_body(self) -> str:
-        """What the panel shows now, as HTML: the header, the chart and the chosen prompt's completions."""
+        """What the panel shows now, as HTML: the header, the side-by-side comparison when open, the
+        chart and the chosen prompt's completions."""
         if self.explanation is None:
             return f"{STYLE}<div class='nice-why'>{self.header.value}</div>"
-        return (f"{STYLE}<div class='nice-why'>{self.header.value}{figure_html(self.figure())}"
+        side = ""
+        if self.compare_toggle.value and self.comparison is not None:
+            side = figure_html(compare_figure(self.compare_frame, self.comparison, self.theme)) + self.compare_text.value
+        return (f"{STYLE}<div class='nice-why'>{self.header.value}{side}{figure_html(self.figure())}"
                 f"{completions_html(self.explanation, self.prompt.value)}</div>")
 
 
 def why_panel(run: RunLike, example_id: str, method: str = "nice", top: int = 10, compute: bool = True,
-              theme: str | None = "auto") -> WhyPanel:
-    """A :class:`WhyPanel` showing ``example_id`` (see the module docstring)."""
-    return WhyPanel(run, example_id, method, top, compute, theme)
+              theme: str | None = "auto", compare: bool = False) -> WhyPanel:
+    """A :class:`WhyPanel` showing ``example_id`` (see the module docstring); ``compare=True`` opens
+    the NICE-vs-LESS comparison."""
+    return WhyPanel(run, example_id, method, top, compute, theme, compare)
 
 
-__all__ = ["WhyPanel", "why_panel", "why_figure", "completions_html", "prompt_bars"]
+__all__ = ["WhyPanel", "why_panel", "why_figure", "completions_html", "prompt_bars", "bar_labels", "compare_table",
+           "compare_figure", "compare_html"]
