@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 
 from . import metrics as metrics_mod
 from .config import RunConfig, check_targets, metric_columns, validate_config
-from .data import Record, collate, file_digest, load_records, save_records, tokenize_records
+from .data import (Record, check_max_length, collate, file_digest, load_records, model_context, pool_size_warnings,
+                   save_records, tokenize_records)
 from .distributed import SINGLE, Dist, on_rank_zero
 from .gradients import (BatchSize, WeightedSequence, adam_precondition, gradient_dim, mean_nll_sequence,
                         projected_gradients)
@@ -48,10 +49,12 @@ from .measurements import Measurement, PolicyGradient, as_measurement
 from .models import add_lora, load_model, load_tokenizer, set_threads
 from .projection import Projector, ProjectionSpec, normalize_rows, save_spec
 from .rollouts import SAMPLER, sample_rollouts
-from .runs import (Stage, StaleResultError, atomic_write_text, fingerprint, load_tensors, open_stage, read_stage,
-                   save_tensors, shard_chunks)
-from .vectors import StoredVectors, chunk_tensors, merge_chunks, open_vectors
-from .warmup import Checkpoint, checkpoint_weights, load_adapter_weights, load_checkpoints, reset_lora, train_lora
+from .runs import (IntegrityError, Stage, StaleResultError, atomic_write_text, check_file, drop_if_damaged,
+                   file_record, fingerprint, load_tensors, open_stage, read_checked_json, read_rows, read_stage,
+                   rows_problem, save_tensors, shard_chunks, write_checked_json, write_rows)
+from .vectors import StoredVectors, adopt_legacy, chunk_problem, chunk_tensors, merge_chunks, open_vectors
+from .warmup import (Checkpoint, checkpoint_records, checkpoint_weights, load_adapter_weights, load_checkpoints,
+                     reset_lora, train_lora)
 
 # rollout settings that change how fast sampling runs, never what is sampled
 _ROLLOUT_SPEED_SETTINGS = ("batch_size", "max_batch_tokens")
@@ -163,6 +166,7 @@ class Pipeline:
             self.log(f"loading model {self.cfg.model}")
             self._base_model, tok = load_model(self.cfg.model, device=self.dist.device(self.cfg.device))
             self._tokenizer = self._tokenizer or tok
+            check_max_length(self.cfg.data.max_length, model_context(self._base_model.config), self.cfg.model)
         if self._peft is None:
             self._peft = add_lora(self._base_model, self.cfg.lora, seed=self.cfg.seed)
             self._choose_threads()
@@ -233,8 +237,15 @@ class Pipeline:
     @on_rank_zero
     def prepare(self) -> dict[str, Any]:
         """Check the data (every record, and what the metric needs of each target record) and tokenise
-        it; report truncation. Writes prepare/stats.json."""
+        it; report truncation; check ``max_length`` against the model's context and what a small pool
+        does to the warmup and selection fractions (warned). Writes prepare/stats.json."""
+        import warnings
+
         max_len = self.cfg.data.max_length
+        check_max_length(max_len, self._model_context(), self.cfg.model)
+        for msg in pool_size_warnings(len(self.pool), self.cfg.warmup.fraction, self.cfg.selection.fraction):
+            self.log(f"warning: {msg}")
+            warnings.warn(f"{self.cfg.data.pool}: {msg}", stacklevel=2)
         pool_tok, pool_trunc = tokenize_records(self.tokenizer, self.pool, max_len)
         stats = {
             "pool_examples": len(self.pool), "pool_truncated": pool_trunc,
@@ -249,6 +260,17 @@ class Pipeline:
         (self.run_dir / "prepare").mkdir(exist_ok=True)
         atomic_write_text(self.run_dir / "prepare" / "stats.json", json.dumps(stats, indent=1))
         return stats
+
+    def _model_context(self) -> int | None:
+        """The model's context length from its config (the loaded model's, else config.json's: no weights read)."""
+        if self._base_model is not None:
+            return model_context(self._base_model.config)
+        try:
+            from .models import resolve_model_path
+
+            return model_context(json.loads((Path(resolve_model_path(self.cfg.model)) / "config.json").read_text()))
+        except (OSError, ValueError, RuntimeError):
+            return None
 
     def warmup_ids(self) -> list[str]:
         """The random fraction of the pool the warmup trains on."""
@@ -276,7 +298,8 @@ class Pipeline:
 
         def finish() -> None:
             atomic_write_text(stage.path / "warmup_ids.json", json.dumps(sorted(ids)))
-            stage.mark_done()
+            stage.mark_done({**checkpoint_records(stage.path),
+                             "warmup_ids.json": file_record(stage.path / "warmup_ids.json")})
 
         self.dist.on_main(finish)
         self.dist.wait_visible(stage.path / "DONE")
@@ -286,7 +309,7 @@ class Pipeline:
     def checkpoints(self) -> list[Checkpoint]:
         """The finished warmup's checkpoints (checked against the current config)."""
         read_stage(self.run_dir / "warmup", self.warmup_inputs(), "the warmup checkpoints", "nice-kit warmup (or run)")
-        return load_checkpoints(self.run_dir / "warmup")
+        return load_checkpoints(self.run_dir / "warmup", strict=True)
 
     @cached_property
     def _gradient_dim(self) -> int:
@@ -312,7 +335,9 @@ class Pipeline:
 
         Under torchrun the shard is split again by rank, and rank 0 merges once every rank is done."""
         size = stage.chunk_size(self.cfg.gradients.chunk_size)
-        todo = [c for c in shard_chunks(n_items, size, self.dist.shard(shard)) if not stage.chunk_path(c[0]).exists()]
+        # a chunk is reused when it is sound (checksum, shape, unit rows); a damaged one is recomputed
+        todo = [c for c in shard_chunks(n_items, size, self.dist.shard(shard))
+                if not drop_if_damaged(stage.chunk_path(c[0]), chunk_problem(stage.chunk_path(c[0]), c[2] - c[1]))]
         for c, start, stop in tqdm(todo, desc=desc, leave=False):
             save_tensors(compute(start, stop), stage.chunk_path(c))
         self.dist.barrier()  # every rank's chunks are on disk
@@ -329,6 +354,7 @@ class Pipeline:
     def _vector_stage(self, folder: str, inputs: dict[str, Any], ids: list[str]) -> Stage:
         with self.dist.main_first():  # rank 0 opens (or clears) the folder before the others look
             stage = open_stage(self.run_dir / "grads" / folder, inputs)
+            adopt_legacy(stage)  # a finished stage made before checksums were kept: checked, then recorded
             if not (stage.path / "projection.json").exists():
                 save_spec(self.projection_spec(), stage.path)
             if not (stage.path / "ids.json").exists():
@@ -400,23 +426,32 @@ class Pipeline:
             size = stage.chunk_size(self.cfg.gradients.chunk_size)
             chunks = shard_chunks(len(self.target_val), size)
             mine = shard_chunks(len(self.target_val), size, self.dist.shard())  # all of them in one process
-            todo = [c for c in mine if not stage.chunk_path(c[0], ".jsonl").exists()]
+            k = self.cfg.rollouts.k
+            todo = [c for c in mine if not drop_if_damaged(stage.chunk_path(c[0], ".jsonl"),
+                                                           rows_problem(stage.chunk_path(c[0], ".jsonl"), (c[2] - c[1]) * k))]
             if todo:
                 load_adapter_weights(self.model, ckpt)
             for c, start, stop in tqdm(todo, desc=f"rollouts epoch {ckpt.epoch}", leave=False):
                 got = sample_rollouts(self.model, self.tokenizer, self.target_val[start:stop], self.cfg.rollouts,
                                       seed=self.cfg.seed, epoch=ckpt.epoch)
-                atomic_write_text(stage.chunk_path(c, ".jsonl"), "".join(json.dumps(r) + "\n" for r in got))
+                write_rows(stage.chunk_path(c, ".jsonl"), got)
             self.dist.barrier()  # every rank's chunks are on disk
 
             def concatenate() -> None:
                 missing = [c for c, _, _ in chunks if not stage.chunk_path(c, ".jsonl").exists()]
                 if missing:
                     raise RuntimeError(f"{stage.path}: rollout chunks {missing} are missing; run the command again")
-                rows = [line for c, _, _ in chunks for line in stage.chunk_path(c, ".jsonl").read_text().splitlines()]
+                rows = []
+                for c, start, stop in chunks:
+                    try:
+                        rows += read_rows(stage.chunk_path(c, ".jsonl"), (stop - start) * k)
+                    except IntegrityError as err:  # damaged since it was written: recomputed by the next run
+                        stage.chunk_path(c, ".jsonl").unlink(missing_ok=True)
+                        raise IntegrityError(err.path, err.problem + " (removed: run the command again to "
+                                             "recompute it)") from None
                 atomic_write_text(samples_path, "\n".join(rows) + "\n")
                 atomic_write_text(stage.path / "sampling.json", json.dumps(self.cfg.rollouts.__dict__, indent=1))
-                stage.mark_done()
+                stage.mark_done(["samples.jsonl", "sampling.json"])
 
             self.dist.on_main(concatenate)
             self.dist.wait_visible(samples_path, stage.path / "DONE")
@@ -426,16 +461,32 @@ class Pipeline:
         return df
 
     def _rewards(self, folder: Path, df: pd.DataFrame) -> list[float]:
+        """The metric's rewards of the stage's samples, cached beside them with their checksum and the
+        checksum of the samples they score (a cache that does not match is recomputed, with a log line)."""
         path = folder / f"rewards_{fingerprint(self.reward_inputs())}.json"
+        samples_sha = file_record(folder / "samples.jsonl")["sha256"]
         if path.exists():
-            return json.loads(path.read_text())
+            try:
+                rewards, about = read_checked_json(path)
+                problem = None
+                if not isinstance(rewards, list) or len(rewards) != len(df):
+                    problem = f"{len(rewards) if isinstance(rewards, list) else 'no'} rewards for {len(df)} samples"
+                elif not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rewards):
+                    problem = "holds values that are not numbers"
+                elif about.get("samples_sha256", samples_sha) != samples_sha:
+                    problem = "made for other samples than samples.jsonl holds now"
+            except IntegrityError as err:
+                problem = err.problem
+            if problem is None:
+                return rewards
+            self.log(f"integrity: {path}: {problem} -- rescoring the samples")
         by_id = {r.id: r for r in self.target_val}
         recs = [by_id[i] for i in df["prompt_id"]]
         cols, passed, withheld = self.metric_columns(recs)
         if withheld:
             self.log(f"label-free: the metric receives columns {passed}; withheld: {withheld}")
         rewards = metrics_mod.score(self.metric(), [r.prompt for r in recs], df["completion"].tolist(), **cols)
-        atomic_write_text(path, json.dumps(rewards))
+        write_checked_json(path, rewards, samples_sha256=samples_sha, n=len(rewards))
         return rewards
 
     @on_rank_zero
@@ -561,12 +612,11 @@ class Pipeline:
                         "samples (rollouts.k), a higher temperature, or no baseline.")
             out[m.name] = influence_scores(train, [v.all() for v in val], weights, subtasks, mask,
                                            self.cfg.selection.aggregate)
-        tmp = self.run_dir / ".scores.csv.tmp"
-        out.to_csv(tmp, index=False)
-        tmp.replace(self.run_dir / "scores.csv")
+        atomic_write_text(self.run_dir / "scores.csv", out.to_csv(index=False))
         atomic_write_text(self.run_dir / "scores.json",
                           json.dumps({"inputs": self.scores_inputs(methods), "methods": [self.measurement(x).name
-                                                                                         for x in methods]}, indent=1))
+                                                                                         for x in methods],
+                                      "scores.csv": file_record(self.run_dir / "scores.csv")}, indent=1))
         return out
 
     def read_scores(self, measurements: list[Measurement] | None = None) -> pd.DataFrame:
@@ -579,7 +629,14 @@ class Pipeline:
         meta = self.run_dir / "scores.json"
         if not path.exists() or not meta.exists():
             raise RuntimeError(f"{path}: no influence scores yet; run `nice-kit score` (or `nice-kit run`)")
-        stored = json.loads(meta.read_text())
+        try:
+            stored = json.loads(meta.read_text())
+        except ValueError:
+            raise IntegrityError(meta, "not valid JSON: corrupted", "recompute: nice-kit score (or run)") from None
+        if "scores.csv" in stored:  # recorded since nice_kit kept checksums
+            problem = check_file(path, stored["scores.csv"])
+            if problem:
+                raise IntegrityError(path, problem, "recompute: nice-kit score (or run)")
         unknown = [m for m in stored["methods"] if m not in self._measurements and m not in ("less", "nice")]
         if unknown:
             raise ValueError(f"{path} holds scores of your own measurement(s) {unknown}: pass them, "
