@@ -82,11 +82,12 @@ _MAPPING_HINT = ("map your column names with data.columns, e.g. [data] columns =
                  "response = \"output\", id = \"idx\"}")
 
 
-def _columns_found(obj: dict) -> str:
-    return f"the row has columns {sorted(obj)}"
+def _parse_record(obj: Any, where: str, require_response: bool, original: dict | None = None) -> Record:
+    """One record from a row (``original``: the row before the column mapping renamed it, as error
+    messages list its columns)."""
+    def _columns_found(row: dict) -> str:
+        return f"the row has columns {sorted(original if original is not None else row)}"
 
-
-def _parse_record(obj: Any, where: str, require_response: bool) -> Record:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "id" not in obj:
@@ -156,9 +157,10 @@ def load_records(path: str | Path, require_response: bool = True,
     for where, position, number, obj in rows:
         if isinstance(obj, dict):
             found.update(obj)
+        original = obj
         if mapping:
             obj = _rename(obj, mapping, where)
-        rec = _parse_record(obj, where, require_response)
+        rec = _parse_record(obj, where, require_response, original if isinstance(original, dict) else None)
         if rec.id in seen:
             raise DataError(f"{where}: duplicate id {rec.id!r} (first seen {seen[rec.id]})")
         seen[rec.id] = position
@@ -185,16 +187,23 @@ def _table_columns(path: Path) -> list[str] | None:
     """The column names of a Parquet file or a ``datasets`` folder (``None`` for JSONL)."""
     try:
         if path.is_dir():
+            pa = _pyarrow()
             folder = path
             if (path / "dataset_dict.json").is_file():
                 splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
                 folder = path / splits[0]
-            info = json.loads((folder / "dataset_info.json").read_text(encoding="utf-8"))
-            return list(info.get("features", {}))
+            state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+            arrow = folder / state["_data_files"][0]["filename"]
+            with pa.memory_map(str(arrow)) as source:
+                try:
+                    return list(pa.ipc.open_stream(source).schema.names)
+                except pa.ArrowInvalid:
+                    source.seek(0)
+                    return list(pa.ipc.open_file(source).schema.names)
         if path.suffix.lower() in (".parquet", ".pq"):
             return list(_pyarrow().parquet.ParquetFile(path).schema_arrow.names)
-    except (OSError, ValueError, KeyError, IndexError):
-        return None
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None  # unreadable: the row reader reports it, naming the file
     return None
 
 
