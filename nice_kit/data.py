@@ -393,13 +393,16 @@ def pool_size_warnings(n_pool: int, warmup_fraction: float, selection_fraction: 
 
 
 def save_records(records: Iterable[Record], path: str | Path) -> None:
+    from .runs import writing  # (nice_kit.runs imports nothing of this module)
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False, default=str) + "\n")  # str: dates from tables
-    tmp.replace(path)
+    with writing(path, tmp):  # a full disk: DiskFullError naming the folder, no half-written file left
+        with tmp.open("w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r.to_json(), ensure_ascii=False, default=str) + "\n")  # str: dates from tables
+        tmp.replace(path)
 
 
 def file_digest(path: str | Path) -> str:

@@ -51,7 +51,8 @@ from .projection import Projector, ProjectionSpec, normalize_rows, save_spec
 from .rollouts import SAMPLER, sample_rollouts
 from .runs import (IntegrityError, Stage, StaleResultError, atomic_write_text, check_file, drop_if_damaged,
                    file_record, fingerprint, load_tensors, open_stage, read_checked_json, read_rows, read_stage,
-                   rows_problem, save_tensors, shard_chunks, write_checked_json, write_rows)
+                   rows_problem, save_tensors, shard_chunks, tmp_path_for, write_checked_json, write_rows,
+                   writing)
 from .vectors import StoredVectors, adopt_legacy, chunk_problem, chunk_tensors, merge_chunks, open_vectors
 from .warmup import (Checkpoint, checkpoint_records, checkpoint_weights, load_adapter_weights, load_checkpoints,
                      reset_lora, train_lora)
@@ -612,7 +613,11 @@ class Pipeline:
                         "samples (rollouts.k), a higher temperature, or no baseline.")
             out[m.name] = influence_scores(train, [v.all() for v in val], weights, subtasks, mask,
                                            self.cfg.selection.aggregate)
-        atomic_write_text(self.run_dir / "scores.csv", out.to_csv(index=False))
+        path = self.run_dir / "scores.csv"
+        tmp = tmp_path_for(path)
+        with writing(path, tmp):  # atomic; a full disk: DiskFullError, nothing half-written left
+            out.to_csv(tmp, index=False)
+            tmp.replace(path)
         atomic_write_text(self.run_dir / "scores.json",
                           json.dumps({"inputs": self.scores_inputs(methods), "methods": [self.measurement(x).name
                                                                                          for x in methods],

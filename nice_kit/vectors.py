@@ -67,6 +67,11 @@ def unit_problem(rows: np.ndarray) -> str | None:
 def chunk_problem(path: Path, n_rows: int, dim: int | None = None) -> str | None:
     """What is wrong with one chunk file of a vector stage (``None``: usable): unreadable, checksum,
     shape, non-unit rows, non-finite norms."""
+    with timed_check():  # the whole check, reading the file included
+        return _chunk_problem(path, n_rows, dim)
+
+
+def _chunk_problem(path: Path, n_rows: int, dim: int | None) -> str | None:
     try:
         t = load_tensors(path)
     except IntegrityError as err:
@@ -201,6 +206,11 @@ def legacy_problem(folder: Path) -> str | None:
     """The checks possible on a finished vector stage that has no ``integrity.json`` (made before
     nice_kit kept checksums): the header, the file size, the ids and norms, and unit rows."""
     folder = Path(folder)
+    with timed_check():
+        return _legacy_problem(folder)
+
+
+def _legacy_problem(folder: Path) -> str | None:
     try:
         stored = open_vectors(folder)
         for a in range(0, len(stored), 8192):

@@ -55,6 +55,17 @@ def assert_same_scores(got: pd.DataFrame, ref) -> None:
         np.testing.assert_allclose(got[col].to_numpy(), want[col].to_numpy(), rtol=0, atol=SCORE_ATOL)
 
 
+def assert_same_files(run_dir: Path, ref) -> None:
+    """Every recorded file of every finished stage is byte for byte the one the reference run wrote
+    (a recomputation repeats the original, it does not just come close)."""
+    for manifest in ref.run_dir.rglob("integrity.json"):
+        rel = manifest.relative_to(ref.run_dir)
+        want = json.loads(manifest.read_text())["files"]
+        got = json.loads((run_dir / rel).read_text())["files"]
+        assert {k: v.get("sha256", v.get("blocks")) for k, v in got.items()} == \
+            {k: v.get("sha256", v.get("blocks")) for k, v in want.items()}, rel
+
+
 def assert_sound(run_dir: Path) -> None:
     """Every finished stage's recorded files match their records; no temporary file is left."""
     for done in run_dir.rglob("DONE"):
@@ -119,9 +130,9 @@ ARTIFACTS = [
     ("rollout samples", "rollouts/epoch_2/samples.jsonl", False, ("flip", "truncate", "delete")),
     ("reward cache", "rollouts/epoch_1/rewards_*.json", False, ("flip", "truncate", "delete")),
     ("warmup adapter", "warmup/epoch_1/adapter/adapter_model.safetensors", False, ("flip", "truncate", "delete")),
-    ("warmup Adam moments", "warmup/epoch_2/adam_moments.safetensors", False, ("flip", "truncate", "delete")),
-    ("warmup optimizer state", "warmup/epoch_1/optimizer.pt", False, ("flip", "truncate", "delete")),
-    ("warmup checkpoint state", "warmup/epoch_1/state.json", False, ("flip", "truncate", "delete")),
+    ("warmup Adam moments", "warmup/epoch_2/adam_moments.safetensors", False, ("flip", "delete")),
+    ("warmup optimizer state", "warmup/epoch_1/optimizer.pt", False, ("flip", "truncate")),
+    ("warmup checkpoint state", "warmup/epoch_1/state.json", False, ("flip", "delete")),
     ("scores", "scores.csv", False, ("flip", "truncate", "delete")),
 ]
 CASES = [pytest.param(path, unfinished, kind, id=f"{name}-{kind}")
@@ -154,6 +165,7 @@ def test_a_damaged_artifact_is_refused_or_recomputed_never_scored(ref, tmp_path,
     # rollouts are opened by what reads them (run() skips them once NICE's vectors are done): healed there
     pd.testing.assert_frame_equal(q.rollouts(), ref.rollouts())
     assert_sound(q.run_dir)
+    assert_same_files(q.run_dir, ref)
 
 
 def test_a_recomputation_redoes_only_the_damaged_piece(ref, tmp_path, monkeypatch):
@@ -217,7 +229,7 @@ def test_a_truncated_store_names_its_file(ref, tmp_path):
     with pytest.raises(IntegrityError, match=r"vectors\.npy: .*truncated"):
         open_vectors(path.parent)
     # the reader changed nothing; the writer re-merges it from its chunks
-    assert not (q.run_dir / "grads" / "train" / "epoch_1" / "DONE").read_text() == ""
+    assert (path.parent / "DONE").exists() and (path.parent / "integrity.json").exists()
     q.run()
     assert_same_scores(q.read_scores(), ref)
 
@@ -279,12 +291,10 @@ def _enospc(*a, **k):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def _partial_then_enospc(real_name):
-    """A save that writes half of its file, then runs out of space (as a real full disk does)."""
-    def fake(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"\0" * 100)
-        raise OSError(errno.ENOSPC, "No space left on device")
-    return fake
+def _partial_then_enospc(tensors, filename, metadata=None):
+    """A safetensors save that writes part of its file, then runs out of space (as a real full disk does)."""
+    Path(filename).write_bytes(b"\0" * 100)
+    raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def test_disk_full_during_the_warmup_checkpoint(tokenizer, small_data, tmp_path, monkeypatch, ref):
@@ -322,19 +332,27 @@ def test_disk_full_in_each_stage_names_it_and_leaves_nothing_looking_finished(re
             for chunk in stage_dir.glob("chunk_*"):
                 chunk.unlink()
     if where == "gradient chunk":
-        monkeypatch.setattr(runs_mod, "save_file", _partial_then_enospc("save_file"))
+        monkeypatch.setattr(runs_mod, "save_file", _partial_then_enospc)
     elif where == "merge":
         monkeypatch.setattr(vectors_mod, "write_npy_header", _enospc)
-    else:
+    elif where == "rollout chunk":
         real = Path.write_text
 
         def write_text(self, text, *a, **k):
-            if (where == "rollout chunk" and ".chunk_" in self.name) or (where == "scores" and ".scores.csv" in self.name):
-                self.write_bytes(text[: len(text) // 2].encode())
+            if ".chunk_" in self.name:
+                real(self, text[: len(text) // 2], *a, **k)
                 raise OSError(errno.ENOSPC, "No space left on device")
             return real(self, text, *a, **k)
 
         monkeypatch.setattr(Path, "write_text", write_text)
+    else:
+        real_csv = pd.DataFrame.to_csv
+
+        def to_csv(self, path=None, *a, **k):
+            real_csv(self.iloc[: len(self) // 2], path, *a, **k)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(pd.DataFrame, "to_csv", to_csv)
     with pytest.raises(DiskFullError, match="no space left on device") as err:
         q.run()
     assert str(stage_dir if where != "scores" else q.run_dir) in str(err.value)
