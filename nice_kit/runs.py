@@ -292,7 +292,20 @@ class Stage:
         path = self.path / "layout.json"
         if not path.exists():
             _create_exclusive(path, json.dumps({"chunk_size": int(wanted)}))
-        return int(_read_json(path)["chunk_size"])
+        try:
+            size = int(_read_json(path, attempts=5)["chunk_size"])
+            if size < 1:
+                raise ValueError(size)
+            return size
+        except (ValueError, KeyError, TypeError):
+            # the chunks' layout is unknown: they cannot be trusted to fit together, so they are redone
+            chunks = sorted(self.path.glob("chunk_*"))
+            log(f"integrity: {path}: unreadable -- recomputing this stage's {len(chunks)} chunk(s)")
+            for chunk in chunks:
+                chunk.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            _create_exclusive(path, json.dumps({"chunk_size": int(wanted)}))
+            return int(_read_json(path)["chunk_size"])
 
 
 def _read_json(path: Path, attempts: int = 50) -> Any:
@@ -325,7 +338,11 @@ def open_stage(path: str | Path, inputs: Any) -> Stage:
     key = fingerprint(inputs)
     meta = path / "stage.json"
     if meta.exists():
-        old = _read_json(meta).get("key")
+        try:
+            old = _read_json(meta, attempts=5).get("key")
+        except (ValueError, AttributeError):
+            log(f"integrity: {meta}: unreadable -- recomputing this stage")
+            old = None
         if old != key:
             # clear by renaming first: a concurrent reader never sees a half-deleted folder
             trash = path.with_name(f".{path.name}.old.{uuid.uuid4().hex}")
@@ -354,7 +371,11 @@ def read_stage(path: str | Path, inputs: Any, what: str, fix: str) -> Stage:
     meta = path / "stage.json"
     if not meta.exists():
         raise RuntimeError(f"{path}: {what} not computed yet; {fix}")
-    stored = _read_json(meta)
+    try:
+        stored = _read_json(meta, attempts=5)
+        stored.get("key")
+    except (ValueError, AttributeError):
+        raise IntegrityError(meta, "unreadable: corrupted", f"{fix} recomputes {what}") from None
     key = fingerprint(inputs)
     if stored.get("key") != key:
         changes = describe_changes(stored.get("inputs", {}), inputs) or ["(the stored result predates this version)"]
@@ -391,14 +412,16 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     tensor's SHA-256 and shape in the file's metadata (checked by :func:`load_tensors`)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = dict(metadata or {})
-    with timed_check():
-        for k, v in tensors.items():
-            meta[f"nice_kit.sha256.{k}"] = _tensor_sha(v)
-            meta[f"nice_kit.shape.{k}"] = json.dumps(list(v.shape))
+    with timed_check():  # one metadata entry: safetensors writes several in no fixed order (bytes would vary)
+        meta[TENSORS_META] = json.dumps({k: {"sha256": _tensor_sha(v), "shape": list(v.shape)}
+                                         for k, v in tensors.items()}, sort_keys=True)
     tmp = tmp_path_for(path)
     with writing(path, tmp):
         save_file(tensors, str(tmp), metadata=meta)
         tmp.replace(path)
+
+
+TENSORS_META = "nice_kit.integrity"
 
 
 def tensors_problem(path: Path) -> str | None:
@@ -426,19 +449,24 @@ def load_tensors(path: Path, check: bool = True) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise IntegrityError(path, f"not a readable safetensors file ({type(err).__name__}: {err}): truncated or "
                              "corrupted") from None
-    if check:
+    if check and TENSORS_META in meta:  # files written before nice_kit recorded checksums are read as they are
         with timed_check():
-            for k, v in tensors.items():
-                shape, sha = meta.get(f"nice_kit.shape.{k}"), meta.get(f"nice_kit.sha256.{k}")
-                if shape is not None and json.loads(shape) != list(v.shape):
-                    raise IntegrityError(path, f"tensor {k!r} has shape {list(v.shape)}, {shape} was written")
-                if sha is not None and _tensor_sha(v) != sha:
-                    raise IntegrityError(path, f"tensor {k!r} changed after it was written (SHA-256 differs "
-                                         "from the one recorded in the file)")
-            missing = [k[len("nice_kit.sha256."):] for k in meta if k.startswith("nice_kit.sha256.")
-                       and k[len("nice_kit.sha256."):] not in tensors]
+            try:
+                written = json.loads(meta[TENSORS_META])
+            except ValueError:
+                raise IntegrityError(path, "its checksum record is corrupted") from None
+            missing = sorted(set(written) - set(tensors))
             if missing:
                 raise IntegrityError(path, f"tensors {missing} were written but are missing")
+            for k, v in tensors.items():
+                rec = written.get(k)
+                if rec is None:
+                    raise IntegrityError(path, f"tensor {k!r} was not written by nice_kit")
+                if rec["shape"] != list(v.shape):
+                    raise IntegrityError(path, f"tensor {k!r} has shape {list(v.shape)}, {rec['shape']} was written")
+                if _tensor_sha(v) != rec["sha256"]:
+                    raise IntegrityError(path, f"tensor {k!r} changed after it was written (SHA-256 differs "
+                                         "from the one recorded in the file)")
     return tensors
 
 

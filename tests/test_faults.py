@@ -134,6 +134,9 @@ ARTIFACTS = [
     ("warmup optimizer state", "warmup/epoch_1/optimizer.pt", False, ("flip", "truncate")),
     ("warmup checkpoint state", "warmup/epoch_1/state.json", False, ("flip", "delete")),
     ("scores", "scores.csv", False, ("flip", "truncate", "delete")),
+    ("stage inputs", "grads/val_less/epoch_2/stage.json", False, ("flip", "truncate")),
+    ("chunk layout (unfinished stage)", "grads/train/epoch_2/layout.json", True, ("truncate",)),
+    ("finished-stage record", "grads/train/epoch_1/integrity.json", False, ("truncate",)),
 ]
 CASES = [pytest.param(path, unfinished, kind, id=f"{name}-{kind}")
          for name, path, unfinished, kinds in ARTIFACTS for kind in kinds]
