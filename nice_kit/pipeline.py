@@ -352,9 +352,20 @@ class Pipeline:
         if self.dist.on_main(merge):
             self.dist.wait_visible(stage.path / "DONE")
 
-    def _vector_stage(self, folder: str, inputs: dict[str, Any], ids: list[str]) -> Stage:
+    def _made_from(self, ckpt: Checkpoint) -> dict[str, Any] | None:
+        """The checkpoint's content as its stages record it (checksums from its state.json; None when the
+        checkpoint predates them)."""
+        files = ckpt.files or {}
+        if not all(n in files for n in ("adapter/adapter_model.safetensors", "adam_moments.safetensors")):
+            return None
+        return {"checkpoint": f"epoch_{ckpt.epoch}", "adapter": files["adapter/adapter_model.safetensors"]["sha256"],
+                "adam moments": files["adam_moments.safetensors"]["sha256"]}
+
+    def _vector_stage(self, folder: str, inputs: dict[str, Any], ids: list[str], ckpt: Checkpoint | None = None) -> Stage:
         with self.dist.main_first():  # rank 0 opens (or clears) the folder before the others look
             stage = open_stage(self.run_dir / "grads" / folder, inputs)
+            if ckpt is not None:  # made from another checkpoint (recomputed with other bytes since): again
+                stage.restart_if_made_from_other(self._made_from(ckpt))
             adopt_legacy(stage)  # a finished stage made before checksums were kept: checked, then recorded
             if not (stage.path / "projection.json").exists():
                 save_spec(self.projection_spec(), stage.path)
@@ -382,7 +393,8 @@ class Pipeline:
         """Projected, Adam-preconditioned gradients of every pool example at every checkpoint."""
         pool_tok = None
         for ckpt in self.checkpoints:
-            stage = self._vector_stage(f"train/epoch_{ckpt.epoch}", self.train_inputs(ckpt), [r.id for r in self.pool])
+            stage = self._vector_stage(f"train/epoch_{ckpt.epoch}", self.train_inputs(ckpt), [r.id for r in self.pool],
+                                       ckpt)
             if stage.done:
                 continue
             self.log(f"step: training gradients, epoch {ckpt.epoch} ({len(self.pool)} examples)")
@@ -421,6 +433,7 @@ class Pipeline:
             return pd.concat([self.rollouts(c) for c in self.checkpoints], ignore_index=True)
         with self.dist.main_first():  # rank 0 opens (or clears) the folder before the others look
             stage = open_stage(self.run_dir / "rollouts" / f"epoch_{ckpt.epoch}", self.rollout_inputs(ckpt))
+            stage.restart_if_made_from_other(self._made_from(ckpt))
         samples_path = stage.path / "samples.jsonl"
         if not stage.done:
             self.log(f"step: rollouts, epoch {ckpt.epoch} ({len(self.target_val)} prompts x {self.cfg.rollouts.k})")
@@ -526,7 +539,7 @@ class Pipeline:
             raise ValueError(f"{m.name} needs reference answers (LESS needs reference answers); this run is label-free")
         val = self.target_val
         for ckpt in self.checkpoints:
-            stage = self._vector_stage(self._val_folder(m, ckpt), self.val_inputs(m, ckpt), [r.id for r in val])
+            stage = self._vector_stage(self._val_folder(m, ckpt), self.val_inputs(m, ckpt), [r.id for r in val], ckpt)
             if stage.done:
                 continue
             self.log(f"step: validation gradients ({m.name}), epoch {ckpt.epoch} ({len(val)} target prompts)")
@@ -561,6 +574,7 @@ class Pipeline:
                 fix = (f"nice-kit val-grads --method {m.name} (or run)" if m.name in ("less", "nice")
                        else f"run.validation_gradients({m!r})")
             stage = read_stage(self.run_dir / "grads" / folder, inputs, what, fix)
+            stage.check_made_from(self._made_from(ckpt), what, fix)
             stored = open_vectors(stage.path)
             stored.spec.check_compatible(self.projection_spec(stored.spec.input_dim), what)
             out.append(stored)

@@ -226,6 +226,9 @@ class Stage:
     path: Path
     key: str
     inputs: Any = field(default=None, repr=False)
+    # the content this stage is computed from beyond its key (the warmup checkpoint's checksums), recorded
+    # in integrity.json when it finishes and compared when it is opened or read
+    made_from: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def done(self) -> bool:
@@ -236,8 +239,41 @@ class Stage:
         (names relative to the stage folder, or ``{name: record}`` made by the writer)."""
         if files is not None:
             records = files if isinstance(files, dict) else {n: file_record(self.path / n) for n in files}
-            atomic_write_text(self.path / INTEGRITY_FILE, json.dumps({"files": records}, indent=1))
+            manifest = {"files": records, **({"made_from": self.made_from} if self.made_from else {})}
+            atomic_write_text(self.path / INTEGRITY_FILE, json.dumps(manifest, indent=1))
         atomic_write_text(self.path / "DONE", self.key + "\n")
+
+    def recorded_made_from(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.path / INTEGRITY_FILE).read_text()).get("made_from")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def made_from_other(self, current: dict[str, Any] | None) -> bool:
+        """Whether the finished stage was computed from other content (a warmup checkpoint recomputed
+        with other bytes since) than ``current``; unknown (not recorded) counts as the same."""
+        recorded = self.recorded_made_from()
+        return bool(self.done and recorded and current and recorded != current)
+
+    def check_made_from(self, current: dict[str, Any] | None, what: str, fix: str) -> None:
+        """Reader side: :class:`StaleResultError` when the stage was computed from other content."""
+        if self.made_from_other(current):
+            changes = describe_changes(self.recorded_made_from(), current)
+            raise StaleResultError(f"{self.path}: {what} were made from another warmup checkpoint than the one on "
+                                   "disk now (it was recomputed since):\n  " + "\n  ".join(changes)
+                                   + f"\nRecompute: {fix}")
+
+    def restart_if_made_from_other(self, current: dict[str, Any] | None) -> None:
+        """Writer side: a finished stage computed from other content is computed again, chunks included."""
+        self.made_from = current
+        if not self.made_from_other(current):
+            return
+        log(f"{self.path}: made from another warmup checkpoint than the one on disk now -- recomputing it")
+        for name in ("DONE", INTEGRITY_FILE, "vectors.npy", "extras.npz", "samples.jsonl", "sampling.json"):
+            (self.path / name).unlink(missing_ok=True)
+        for pattern in ("chunk_*", "rewards_*.json"):
+            for f in self.path.glob(pattern):
+                f.unlink(missing_ok=True)
 
     def records(self) -> dict[str, dict[str, Any]] | None:
         """The files recorded when the stage finished (``None``: it finished before checksums were kept)."""

@@ -191,7 +191,7 @@ def _with_small_files(folder: Path, records: dict) -> dict:
     return records
 
 
-def record_vectors(folder: Path) -> None:
+def record_vectors(folder: Path, made_from: dict | None = None) -> None:
     """Write ``integrity.json`` for a finished vector store written by other means (a benchmark's
     synthetic store, or a stage finished before checksums were kept, after :func:`legacy_problem`)."""
     folder = Path(folder)
@@ -199,7 +199,8 @@ def record_vectors(folder: Path) -> None:
                                          "extras.npz": file_record(folder / "extras.npz")})
     from .runs import atomic_write_text
 
-    atomic_write_text(folder / INTEGRITY_FILE, json.dumps({"files": records}, indent=1))
+    manifest = {"files": records, **({"made_from": made_from} if made_from else {})}
+    atomic_write_text(folder / INTEGRITY_FILE, json.dumps(manifest, indent=1))
 
 
 def legacy_problem(folder: Path) -> str | None:
@@ -229,7 +230,7 @@ def adopt_legacy(stage: Stage) -> None:
         return
     problem = legacy_problem(stage.path)
     if problem is None:
-        record_vectors(stage.path)
+        record_vectors(stage.path, stage.made_from)
         log(f"{stage.path}: made before nice_kit kept checksums; sizes, ids and unit rows checked, checksums "
             "recorded now")
         return

@@ -251,6 +251,34 @@ def test_a_flipped_row_block_is_caught_as_it_is_read(ref, tmp_path):
         stored.rows(0, len(stored))
 
 
+def test_stages_made_from_a_checkpoint_that_changed_since_are_refused_and_recomputed(ref, tmp_path, monkeypatch):
+    """A warmup checkpoint recomputed with other bytes (another machine, another library version)
+    invalidates what was computed from it, though the stages' keys (settings) are unchanged: readers
+    refuse them, the next run recomputes exactly that checkpoint's stages."""
+    from nice_kit.runs import StaleResultError, file_record
+
+    q = copy_run(ref, tmp_path / "r")
+    ckpt_dir = q.run_dir / "warmup" / "epoch_1"
+    t = runs_mod.load_tensors(ckpt_dir / "adam_moments.safetensors")
+    save_tensors({"exp_avg": t["exp_avg"], "exp_avg_sq": 2 * t["exp_avg_sq"]}, ckpt_dir / "adam_moments.safetensors")
+    state = json.loads((ckpt_dir / "state.json").read_text())  # a sound checkpoint, only another one
+    state["files"]["adam_moments.safetensors"] = file_record(ckpt_dir / "adam_moments.safetensors")
+    (ckpt_dir / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((q.run_dir / "warmup" / "integrity.json").read_text())
+    for name in ("adam_moments.safetensors", "state.json"):
+        manifest["files"][f"epoch_1/{name}"] = file_record(ckpt_dir / name)
+    (q.run_dir / "warmup" / "integrity.json").write_text(json.dumps(manifest))
+    with pytest.raises(StaleResultError, match=r"train/epoch_1: training gradients \(epoch 1\) were made from another "
+                       r"warmup checkpoint.*\n  adam moments: "):
+        q.scores()
+    epoch2 = {p: p.stat().st_mtime_ns for p in q.run_dir.glob("grads/*/epoch_2/vectors.npy")}
+    q.run()
+    assert {p: p.stat().st_mtime_ns for p in q.run_dir.glob("grads/*/epoch_2/vectors.npy")} == epoch2  # untouched
+    got = q.read_scores()
+    assert not np.allclose(got["less"], ref_scores(ref)["less"], atol=1e-6)  # other moments, other scores
+    assert_sound(q.run_dir)
+
+
 # ------------------------------------------------------------------------------- a run from before
 def test_a_run_made_before_checksums_is_reused_after_checking_what_can_be(ref, tmp_path, monkeypatch):
     """A run directory written before this version (no integrity.json, no checksums in the files'
