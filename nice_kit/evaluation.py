@@ -257,6 +257,9 @@ def checkpoint_curve(pipeline, split: str = "test") -> pd.DataFrame:
         df = pd.DataFrame(stored).drop(columns=["key", ROW_CHECK], errors="ignore")
         df.attrs["metric"] = metric_label(pipeline)
         return df
+    if path.exists():
+        pipeline.log(f"{path}: made from other inputs (other records, settings or checkpoints, or before its key "
+                     "held the records' content) -- recomputing it")
     rows = []
     reset_lora(pipeline.model, pipeline.cfg.seed)
     rows.append({"epoch": 0, "lr": 0.0, **evaluate_model(pipeline, records)})
