@@ -121,23 +121,37 @@ def file_record(path: Path) -> dict[str, Any]:
         return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def check_file(path: Path, record: dict[str, Any], deep: bool = True) -> str | None:
+READER_DEEP_BYTES = 256 << 20  # readers check the contents of recorded files up to this size (larger: as read)
+_VERIFIED: set[tuple] = set()  # files whose contents matched, by (path, size, mtime, record): checked once
+
+
+def check_file(path: Path, record: dict[str, Any], deep: bool | int = True) -> str | None:
     """What is wrong with ``path`` against its record (``None`` when it matches). ``deep=False``
-    checks only that it exists with its recorded size; block records (vectors.npy) are checked by
-    :func:`nice_kit.vectors.check_vectors_file`."""
+    checks only that it exists with its recorded size; ``deep=N`` checks the contents of files of at
+    most N bytes. Block records (vectors.npy) are checked by :func:`nice_kit.vectors.check_vectors_file`.
+    A file found sound is not read again in this process while its size and mtime are unchanged."""
     with timed_check():
         if not path.is_file():
             return "missing"
-        size = path.stat().st_size
+        stat = path.stat()
+        size = stat.st_size
         if "bytes" in record and size != record["bytes"]:
             return (f"{size:,} bytes, but {record['bytes']:,} were written"
                     + (" (truncated)" if size < record["bytes"] else ""))
-        if deep and "sha256" in record and sha256_file(path) != record["sha256"]:
+        if deep is not True and (deep is False or size > deep):
+            return None
+        seen = (str(path), size, stat.st_mtime_ns, record.get("sha256") or str(record.get("blocks", ""))[:64])
+        if seen in _VERIFIED:
+            return None
+        if "sha256" in record and sha256_file(path) != record["sha256"]:
             return "its bytes changed after it was written (SHA-256 differs from the one recorded)"
-        if deep and "blocks" in record:
+        if "blocks" in record:
             from .vectors import check_vectors_file
 
-            return check_vectors_file(path, record)
+            problem = check_vectors_file(path, record)
+            if problem:
+                return problem
+        _VERIFIED.add(seen)
     return None
 
 
@@ -285,7 +299,7 @@ class Stage:
         except (ValueError, KeyError, TypeError):
             return {INTEGRITY_FILE: {"bytes": -1}}  # unreadable: reported as a problem of that file
 
-    def problems(self, deep: bool = True) -> dict[str, str]:
+    def problems(self, deep: bool | int = True) -> dict[str, str]:
         """What is wrong with the finished stage's recorded files, by name (empty when all match)."""
         records = self.records()
         if records is None:
@@ -299,7 +313,7 @@ class Stage:
                 out[name] = problem
         return out
 
-    def check(self, deep: bool = False, fix: str | None = None) -> None:
+    def check(self, deep: bool | int = False, fix: str | None = None) -> None:
         """Raise :class:`IntegrityError` for the first recorded file that does not match."""
         for name, problem in self.problems(deep).items():
             raise IntegrityError(self.path / name, problem, fix)
@@ -421,7 +435,8 @@ def read_stage(path: str | Path, inputs: Any, what: str, fix: str) -> Stage:
     stage = Stage(path, key, inputs)
     if not stage.done:
         raise RuntimeError(f"{path}: {what} are not finished (some chunks or shards are missing); {fix}")
-    stage.check(deep=False, fix=f"{what} are damaged; {fix} recomputes them")  # sizes (contents as they are read)
+    # sizes, and the contents of files up to READER_DEEP_BYTES (larger ones are checked as they are read)
+    stage.check(deep=READER_DEEP_BYTES, fix=f"{what} are damaged; {fix} recomputes them")
     return stage
 
 
