@@ -50,15 +50,22 @@ def write_npy_header(f, shape: tuple[int, int]) -> None:
 UNIT_TOLERANCE = 2e-3  # |norm - 1| allowed for a float16 unit row (rounding moves it by ~5e-4 at most)
 
 
-def unit_problem(rows: np.ndarray) -> str | None:
-    """What is wrong with stored rows that must be unit (or zero) vectors, or ``None``."""
+DEGENERATE_NORM = 1e-6  # a gradient this short is normalised by a clamped length: its row may be shorter than 1
+
+
+def unit_problem(rows: np.ndarray, norms: np.ndarray | None = None) -> str | None:
+    """What is wrong with stored rows that must be unit (or zero) vectors, or ``None``. With ``norms``
+    (the lengths before normalisation), a row of a (nearly) zero gradient may be shorter than 1."""
     with timed_check():
         x = rows.astype(np.float32)
         if not np.isfinite(x).all():
             bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
             return f"row(s) {bad[:5].tolist()} hold non-finite values"
         n = np.sqrt((x * x).sum(axis=1))
-        bad = np.flatnonzero(~((np.abs(n - 1) <= UNIT_TOLERANCE) | (n == 0)))
+        ok = (np.abs(n - 1) <= UNIT_TOLERANCE) | (n == 0)
+        if norms is not None:
+            ok |= (np.asarray(norms) < DEGENERATE_NORM) & (n <= 1 + UNIT_TOLERANCE)
+        bad = np.flatnonzero(~ok)
         if len(bad):
             return f"row(s) {bad[:5].tolist()} are not unit vectors (norms {n[bad[:3]].round(4).tolist()})"
     return None
@@ -85,7 +92,7 @@ def _chunk_problem(path: Path, n_rows: int, dim: int | None) -> str | None:
         return f"norms of shape {list(t['norms'].shape)} (expected [{n_rows}]) or not finite"
     if "valid" in t and t["valid"].shape != (n_rows,):
         return f"validity mask of shape {list(t['valid'].shape)}, expected [{n_rows}]"
-    return unit_problem(v.numpy())
+    return unit_problem(v.numpy(), t["norms"].numpy())
 
 
 def block_rows_for(dim: int) -> int:
@@ -215,7 +222,7 @@ def _legacy_problem(folder: Path) -> str | None:
     try:
         stored = open_vectors(folder)
         for a in range(0, len(stored), 8192):
-            problem = unit_problem(stored.rows(a, a + 8192).numpy())
+            problem = unit_problem(stored.rows(a, a + 8192).numpy(), stored.norms[a:a + 8192])
             if problem:
                 return f"vectors.npy rows from {a}: {problem}"
     except (IntegrityError, RuntimeError, OSError, ValueError, KeyError) as err:
