@@ -364,13 +364,20 @@ def model_context(config: Any) -> int | None:
     return None
 
 
-def check_max_length(max_length: int, context: int | None, model: str) -> None:
-    """``data.max_length`` beyond the model's context is an error (positions past it are untrained or
-    fail): raises :class:`DataError` saying what to set."""
-    if context is not None and max_length > context:
-        raise DataError(f"[data] max_length = {max_length} is beyond the context of model {model!r} ({context} "
-                        f"tokens, its max_position_embeddings): longer sequences would fail or be silently wrong; "
-                        f"set [data] max_length to at most {context}")
+def check_max_length(max_length: int, context: int | None, model: str, longest: int | None = None) -> str | None:
+    """``data.max_length`` beyond the model's context: an error (:class:`DataError`) when a sequence of
+    the data (``longest`` tokens after truncation) would pass the context, else the warning to give
+    (positions past the context are untrained or fail); ``None`` when max_length fits."""
+    if context is None or max_length <= context:
+        return None
+    head = (f"[data] max_length = {max_length} is beyond the context of model {model!r} ({context} tokens, its "
+            "max_position_embeddings)")
+    if longest is None or longest > context:
+        raise DataError(f"{head}: " + (f"a sequence of this data has {longest} tokens, " if longest else "")
+                        + f"and sequences longer than {context} tokens fail or are silently wrong; set [data] "
+                        f"max_length to at most {context}")
+    return (f"{head}; the longest sequence of this data has {longest} tokens, so nothing is affected now, but a "
+            f"longer one would fail or be silently wrong: set [data] max_length to at most {context}")
 
 
 def pool_size_warnings(n_pool: int, warmup_fraction: float, selection_fraction: float) -> list[str]:

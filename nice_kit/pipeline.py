@@ -167,7 +167,6 @@ class Pipeline:
             self.log(f"loading model {self.cfg.model}")
             self._base_model, tok = load_model(self.cfg.model, device=self.dist.device(self.cfg.device))
             self._tokenizer = self._tokenizer or tok
-            check_max_length(self.cfg.data.max_length, model_context(self._base_model.config), self.cfg.model)
         if self._peft is None:
             self._peft = add_lora(self._base_model, self.cfg.lora, seed=self.cfg.seed)
             self._choose_threads()
@@ -243,11 +242,16 @@ class Pipeline:
         import warnings
 
         max_len = self.cfg.data.max_length
-        check_max_length(max_len, self._model_context(), self.cfg.model)
-        for msg in pool_size_warnings(len(self.pool), self.cfg.warmup.fraction, self.cfg.selection.fraction):
+        warned = pool_size_warnings(len(self.pool), self.cfg.warmup.fraction, self.cfg.selection.fraction)
+        pool_tok, pool_trunc = tokenize_records(self.tokenizer, self.pool, max_len)
+        longest = max(len(t.input_ids) for t in pool_tok)
+        if not self.cfg.data.label_free:
+            longest = max(longest, *(len(t.input_ids) for t in tokenize_records(self.tokenizer, self.target_val,
+                                                                                  max_len)[0]))
+        context_warning = check_max_length(max_len, self._model_context(), self.cfg.model, longest)
+        for msg in warned + ([context_warning] if context_warning else []):
             self.log(f"warning: {msg}")
             warnings.warn(f"{self.cfg.data.pool}: {msg}", stacklevel=2)
-        pool_tok, pool_trunc = tokenize_records(self.tokenizer, self.pool, max_len)
         stats = {
             "pool_examples": len(self.pool), "pool_truncated": pool_trunc,
             "pool_mean_tokens": float(np.mean([len(t.input_ids) for t in pool_tok])),

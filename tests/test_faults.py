@@ -504,14 +504,24 @@ def test_a_mapped_column_the_file_lacks_is_an_error(tmp_path):
     assert str(path) in text and "'instruction'" in text and "data.columns" in text and "['id', 'messages']" in text
 
 
-def test_max_length_beyond_the_context_is_an_error(tokenizer, small_data, tmp_path):
+def test_max_length_beyond_the_context_is_an_error_or_a_warning(tokenizer, small_data, tmp_path):
     """Issue #20 failure 5: `max_length = 1000000000` ran on without a word."""
     cfg = tiny_config(small_data)
     cfg.data.max_length = 1_000_000_000
     p = Pipeline(cfg, tmp_path / "r", model=tiny_model(tokenizer), tokenizer=tokenizer, verbose=False)
-    with pytest.raises(DataError, match=r"max_length = 1000000000 is beyond the context .* \(512 tokens.*at most 512"):
+    with pytest.warns(UserWarning, match=r"max_length = 1000000000 is beyond the context .* \(512 tokens.*the longest "
+                      r"sequence of this data has \d+ tokens, so nothing is affected now.*at most 512"):
+        p.prepare()  # the data is short: said, not refused
+    long = load_records(small_data["pool"])
+    long[0].response = "word " * 700  # longer than the tiny model's 512 positions
+    pool = write_jsonl(tmp_path / "long.jsonl", [r.to_json() for r in long])
+    cfg = tiny_config({**small_data, "pool": str(pool)})
+    cfg.data.max_length = 1_000_000_000
+    p = Pipeline(cfg, tmp_path / "r2", model=tiny_model(tokenizer), tokenizer=tokenizer, verbose=False)
+    with pytest.raises(DataError, match=r"max_length = 1000000000 is beyond the context .* \(512 tokens.*a sequence "
+                       r"of this data has \d+ tokens.*at most 512"):
         p.run()
-    assert not (tmp_path / "r" / "warmup").exists()  # refused before any stage
+    assert not (tmp_path / "r2" / "warmup").exists()  # refused before any stage
 
 
 def test_a_pool_too_small_for_its_fractions_is_warned(tokenizer, small_data, tmp_path):
