@@ -78,11 +78,20 @@ def _message(m: Any) -> Any:
     return m
 
 
-def _parse_record(obj: Any, where: str, require_response: bool) -> Record:
+_MAPPING_HINT = ("map your column names with data.columns, e.g. [data] columns = {prompt = \"instruction\", "
+                 "response = \"output\", id = \"idx\"}")
+
+
+def _parse_record(obj: Any, where: str, require_response: bool, original: dict | None = None) -> Record:
+    """One record from a row (``original``: the row before the column mapping renamed it, as error
+    messages list its columns)."""
+    def _columns_found(row: dict) -> str:
+        return f"the row has columns {sorted(original if original is not None else row)}"
+
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "id" not in obj:
-        raise DataError(f"{where}: missing field 'id'")
+        raise DataError(f"{where}: missing field 'id'; {_columns_found(obj)}; {_MAPPING_HINT}")
     rid = obj["id"]
     if not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid).strip() == "":
         raise DataError(f"{where}: 'id' must be a non-empty string or integer, got {rid!r}")
@@ -110,11 +119,13 @@ def _parse_record(obj: Any, where: str, require_response: bool) -> Record:
         if response is not None and not isinstance(response, str):
             raise DataError(f"{where} (id {rid}): 'response' must be a string, got {type(response).__name__}")
     else:
-        raise DataError(f"{where} (id {rid}): needs either 'messages' or 'prompt' (and 'response')")
+        raise DataError(f"{where} (id {rid}): needs either 'messages' or 'prompt' (and 'response'); "
+                        f"{_columns_found(obj)}; {_MAPPING_HINT}")
     if response is not None and not response.strip():
         raise DataError(f"{where} (id {rid}): the response is empty")
     if require_response and response is None:
-        raise DataError(f"{where} (id {rid}): missing the response ('response' field or a final assistant message)")
+        raise DataError(f"{where} (id {rid}): missing the response ('response' field or a final assistant message); "
+                        f"{_columns_found(obj)}; {_MAPPING_HINT}")
     return Record(rid, prompt_msgs, response, columns)
 
 
@@ -124,7 +135,8 @@ def load_records(path: str | Path, require_response: bool = True,
     ``datasets.Dataset.save_to_disk``, checking every record; errors name the file and line or row.
 
     ``columns`` maps nice_kit's names to the file's (``{"prompt": "instruction", "id": "idx"}``):
-    each mapped column is renamed as the records are read.
+    each mapped column is renamed as the records are read. A mapped column that the file does not
+    have is an error naming the file, the mapping and the columns the file has.
     """
     path = Path(path)
     if not path.exists():
@@ -138,10 +150,17 @@ def load_records(path: str | Path, require_response: bool = True,
         rows = _jsonl_rows(path)
     records: list[Record] = []
     seen: dict[str, str] = {}
+    found: set[str] = set()  # every column of the file (before renaming)
+    schema = _table_columns(path) if mapping else None
+    if schema is not None:  # a table: its columns are known before any row is read
+        _check_mapped_columns(path, mapping, schema)
     for where, position, number, obj in rows:
+        if isinstance(obj, dict):
+            found.update(obj)
+        original = obj
         if mapping:
             obj = _rename(obj, mapping, where)
-        rec = _parse_record(obj, where, require_response)
+        rec = _parse_record(obj, where, require_response, original if isinstance(original, dict) else None)
         if rec.id in seen:
             raise DataError(f"{where}: duplicate id {rec.id!r} (first seen {seen[rec.id]})")
         seen[rec.id] = position
@@ -149,7 +168,43 @@ def load_records(path: str | Path, require_response: bool = True,
         records.append(rec)
     if not records:
         raise DataError(f"{path}: no records")
+    if mapping:
+        _check_mapped_columns(path, mapping, found)
     return records
+
+
+def _check_mapped_columns(path: Path, mapping: dict[str, str], columns: Iterable[str]) -> None:
+    """A column the mapping names that the file lacks (a table's schema, or no JSONL row) is an error."""
+    columns = set(columns)
+    absent = {ours: theirs for ours, theirs in mapping.items() if theirs not in columns}
+    if absent:
+        which = ", ".join(f"{ours} = {theirs!r}" for ours, theirs in absent.items())
+        raise DataError(f"{path}: the column mapping data.columns = {mapping} names column(s) the file does not have "
+                        f"({which}); the file has columns {sorted(columns)}")
+
+
+def _table_columns(path: Path) -> list[str] | None:
+    """The column names of a Parquet file or a ``datasets`` folder (``None`` for JSONL)."""
+    try:
+        if path.is_dir():
+            pa = _pyarrow()
+            folder = path
+            if (path / "dataset_dict.json").is_file():
+                splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
+                folder = path / splits[0]
+            state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+            arrow = folder / state["_data_files"][0]["filename"]
+            with pa.memory_map(str(arrow)) as source:
+                try:
+                    return list(pa.ipc.open_stream(source).schema.names)
+                except pa.ArrowInvalid:
+                    source.seek(0)
+                    return list(pa.ipc.open_file(source).schema.names)
+        if path.suffix.lower() in (".parquet", ".pq"):
+            return list(_pyarrow().parquet.ParquetFile(path).schema_arrow.names)
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None  # unreadable: the row reader reports it, naming the file
+    return None
 
 
 def _check_mapping(columns: dict[str, str] | None, path: Path) -> dict[str, str]:
@@ -178,8 +233,8 @@ def _rename(obj: Any, mapping: dict[str, str], where: str) -> Any:
     needed = ["id"] if "messages" in out else ["id", "prompt"]
     missing = [f"{mapping[ours]!r} (read as {ours!r})" for ours in needed if ours in mapping and ours not in out]
     if missing:
-        raise DataError(f"{where}: no column {', '.join(missing)} named in the column mapping; the row has "
-                        f"{sorted(obj)}")
+        raise DataError(f"{where}: no column {', '.join(missing)} named in the column mapping data.columns = "
+                        f"{mapping}; the row has {sorted(obj)}")
     return out
 
 
@@ -298,14 +353,63 @@ def _dataset_folder_rows(path: Path) -> Iterator[tuple[str, str, int, Any]]:
     yield from _table_rows(path, path, batches())
 
 
+def model_context(config: Any) -> int | None:
+    """The longest sequence a model takes, from its config (a ``PretrainedConfig`` or a config.json
+    dict): ``max_position_embeddings`` or its other names; ``None`` when the config does not say."""
+    cfg = config if isinstance(config, dict) else getattr(config, "to_dict", lambda: {})()
+    for c in (cfg, cfg.get("text_config") or {}):
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+            if isinstance(c.get(key), int) and c[key] > 0:
+                return int(c[key])
+    return None
+
+
+def check_max_length(max_length: int, context: int | None, model: str, longest: int | None = None) -> str | None:
+    """``data.max_length`` beyond the model's context: an error (:class:`DataError`) when a sequence of
+    the data (``longest`` tokens after truncation) would pass the context, else the warning to give
+    (positions past the context are untrained or fail); ``None`` when max_length fits."""
+    if context is None or max_length <= context:
+        return None
+    head = (f"[data] max_length = {max_length} is beyond the context of model {model!r} ({context} tokens, its "
+            "max_position_embeddings)")
+    if longest is None or longest > context:
+        raise DataError(f"{head}: " + (f"a sequence of this data has {longest} tokens, " if longest else "")
+                        + f"and sequences longer than {context} tokens fail or are silently wrong; set [data] "
+                        f"max_length to at most {context}")
+    return (f"{head}; the longest sequence of this data has {longest} tokens, so nothing is affected now, but a "
+            f"longer one would fail or be silently wrong: set [data] max_length to at most {context}")
+
+
+def pool_size_warnings(n_pool: int, warmup_fraction: float, selection_fraction: float) -> list[str]:
+    """What a small pool does to the warmup and the selection, as sentences (empty when nothing)."""
+    out = []
+    n_warm = int(round(warmup_fraction * n_pool))
+    if n_warm < 1:
+        out.append(f"warmup.fraction = {warmup_fraction} of a {n_pool}-example pool is {warmup_fraction * n_pool:.2f} "
+                   "examples: the warmup trains on 1 example (the least it takes)")
+    n_sel = int(round(selection_fraction * n_pool))
+    if n_pool < 2:
+        out.append(f"the pool has {n_pool} example: any selection is the whole pool, and the scores rank nothing")
+    elif n_sel < 1:
+        out.append(f"selection.fraction = {selection_fraction} of a {n_pool}-example pool is "
+                   f"{selection_fraction * n_pool:.2f} examples: 1 example (the top-scored) is selected")
+    elif n_sel >= n_pool:
+        out.append(f"selection.fraction = {selection_fraction} of a {n_pool}-example pool selects all {n_pool}: "
+                   "the selection is the whole pool")
+    return out
+
+
 def save_records(records: Iterable[Record], path: str | Path) -> None:
+    from .runs import writing  # (nice_kit.runs imports nothing of this module)
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False, default=str) + "\n")  # str: dates from tables
-    tmp.replace(path)
+    with writing(path, tmp):  # a full disk: DiskFullError naming the folder, no half-written file left
+        with tmp.open("w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r.to_json(), ensure_ascii=False, default=str) + "\n")  # str: dates from tables
+        tmp.replace(path)
 
 
 def file_digest(path: str | Path) -> str:

@@ -21,7 +21,7 @@ from .data import Record, collate, file_digest, tokenize_records
 from .gradients import mean_nll_sequence, weighted_nll
 from .influence import random_subset, top_fraction
 from .rollouts import greedy_completions
-from .runs import fingerprint
+from .runs import ROW_CHECK, atomic_write_text, checked_rows, fingerprint, row_check
 from .warmup import reset_lora, train_lora  # noqa: F401  (reset_lora: re-exported)
 
 EVAL_METHODS = ("random", "less", "nice", "full")
@@ -95,11 +95,14 @@ def metric_label(pipeline) -> str:
 def evaluation_inputs(pipeline, test: list[Record]) -> dict:
     """Everything a fine-tune-and-score result depends on besides the subset and the seed."""
     c = pipeline.cfg
-    return {"model": c.model, "eval": {k: v for k, v in c.evaluation.__dict__.items()
-                                       if k not in ("seeds", "selection_seeds", "methods", "fraction")},
-            "metric": pipeline.metric_key(), "lora": c.lora.__dict__, "max_length": c.data.max_length,
-            "stop": list(c.rollouts.stop), "pool": pipeline._pool_digest, "label_free": c.data.label_free,
-            "test": [r.id for r in test], "test digest": file_digest(c.data.target_test)}
+    out = {"model": c.model, "eval": {k: v for k, v in c.evaluation.__dict__.items()
+                                      if k not in ("seeds", "selection_seeds", "methods", "fraction")},
+           "metric": pipeline.metric_key(), "lora": c.lora.__dict__, "max_length": c.data.max_length,
+           "stop": list(c.rollouts.stop), "pool": pipeline._pool_digest, "label_free": c.data.label_free,
+           "test": [r.id for r in test], "test digest": file_digest(c.data.target_test)}
+    if c.data.columns:  # the mapping changes what the records hold (absent when empty: older keys still match)
+        out["data.columns"] = c.data.columns
+    return out
 
 
 def selection_run(pipeline, selection_seed: int):
@@ -136,7 +139,7 @@ def compare(pipeline, methods: list[str] | None = None, fraction: float | None =
     folder = pipeline.run_dir / "evaluation"
     folder.mkdir(exist_ok=True)
     path = folder / "results.csv"
-    rows = pd.read_csv(path).to_dict("records") if path.exists() else []
+    rows = _read_rows(path)
     base = evaluation_inputs(pipeline, test)
     jobs = []
     selectors = [m for m in methods if m in ("less", "nice")]
@@ -159,18 +162,41 @@ def compare(pipeline, methods: list[str] | None = None, fraction: float | None =
     for method, s, seed, ids, key in tqdm(todo, desc="evaluate"):
         pipeline.log(f"step: evaluate {method} (selection seed {s}, fine-tuning seed {seed}, {len(ids)} examples)")
         result = finetune_and_evaluate(pipeline, ids, seed, test)
-        rows.append({"method": method, "fraction": 1.0 if method == "full" else fraction, "selection_seed": s,
-                     "seed": seed, **result, "n_train": len(ids), "key": key})
-        tmp = path.with_name(".results.csv.tmp")
-        pd.DataFrame(rows).to_csv(tmp, index=False)
-        tmp.replace(path)
+        rows.append(_with_check({"method": method, "fraction": 1.0 if method == "full" else fraction,
+                                 "selection_seed": s, "seed": seed, **result, "n_train": len(ids), "key": key}))
+        _write_rows(path, rows)
     out = []
     by_key = {r["key"]: r for r in rows}
     for method, s, seed, ids, key in jobs:  # this call's rows, labelled with this call's seeds
         out.append({**by_key[key], "method": method, "selection_seed": s, "seed": seed})
-    df = pd.DataFrame(out).drop(columns=["key"]).reset_index(drop=True)
+    df = pd.DataFrame(out).drop(columns=["key", ROW_CHECK], errors="ignore").reset_index(drop=True)
     df.attrs["metric"] = metric_label(pipeline)
     return df
+
+
+def _with_check(row: dict) -> dict:
+    """``row`` with its checksum (:func:`nice_kit.runs.row_check`) in the ``check`` column."""
+    row = {k: v for k, v in row.items() if k != ROW_CHECK}
+    return {**row, ROW_CHECK: row_check(row)}
+
+
+def _read_rows(path) -> list[dict]:
+    """The stored rows of an evaluation table whose checksums match (a damaged row is dropped, with a
+    log line, and recomputed; an unreadable table is recomputed whole)."""
+    if not path.exists():
+        return []
+    try:
+        rows = pd.read_csv(path, dtype={"key": str, ROW_CHECK: str}).to_dict("records")
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        from .runs import log
+
+        log(f"integrity: {path}: unreadable ({err}) -- recomputing its rows")
+        return []
+    return checked_rows(rows, path)
+
+
+def _write_rows(path, rows: list[dict]) -> None:
+    atomic_write_text(path, pd.DataFrame(rows).to_csv(index=False))
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
@@ -219,14 +245,21 @@ def checkpoint_curve(pipeline, split: str = "test") -> pd.DataFrame:
     folder = pipeline.run_dir / "evaluation"
     folder.mkdir(exist_ok=True)
     path = folder / f"checkpoints_{split}.csv"
+    # the records' content (prompts, answers, every column the metric reads), not only their ids
+    content = fingerprint([r.to_json() for r in records])
     key = fingerprint({"warmup": pipeline.warmup_inputs(), "metric": pipeline.metric_key(),
-                       "ids": [r.id for r in records], "max_new_tokens": pipeline.cfg.evaluation.max_new_tokens})
+                       "ids": [r.id for r in records], "records": content,
+                       "columns": pipeline.reward_inputs()["columns"], "label_free": pipeline.cfg.data.label_free,
+                       "max_length": pipeline.cfg.data.max_length, "stop": list(pipeline.cfg.rollouts.stop),
+                       "max_new_tokens": pipeline.cfg.evaluation.max_new_tokens})
+    stored = _read_rows(path)
+    if stored and len(stored) == len(pipeline.checkpoints) + 1 and all(r.get("key") == key for r in stored):
+        df = pd.DataFrame(stored).drop(columns=["key", ROW_CHECK], errors="ignore")
+        df.attrs["metric"] = metric_label(pipeline)
+        return df
     if path.exists():
-        df = pd.read_csv(path)
-        if (df["key"] == key).all():
-            df = df.drop(columns=["key"])
-            df.attrs["metric"] = metric_label(pipeline)
-            return df
+        pipeline.log(f"{path}: made from other inputs (other records, settings or checkpoints, or before its key "
+                     "held the records' content) -- recomputing it")
     rows = []
     reset_lora(pipeline.model, pipeline.cfg.seed)
     rows.append({"epoch": 0, "lr": 0.0, **evaluate_model(pipeline, records)})
@@ -234,6 +267,6 @@ def checkpoint_curve(pipeline, split: str = "test") -> pd.DataFrame:
         load_adapter_weights(pipeline.model, ckpt)
         rows.append({"epoch": ckpt.epoch, "lr": ckpt.lr, **evaluate_model(pipeline, records)})
     df = pd.DataFrame(rows)
-    df.assign(key=key).to_csv(path, index=False)
+    _write_rows(path, [_with_check({**r, "key": key}) for r in rows])
     df.attrs["metric"] = metric_label(pipeline)
     return df

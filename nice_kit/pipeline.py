@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 
 from . import metrics as metrics_mod
 from .config import RunConfig, check_targets, metric_columns, validate_config
-from .data import Record, collate, file_digest, load_records, save_records, tokenize_records
+from .data import (Record, check_max_length, collate, file_digest, load_records, model_context, pool_size_warnings,
+                   save_records, tokenize_records)
 from .distributed import SINGLE, Dist, on_rank_zero
 from .gradients import (BatchSize, WeightedSequence, adam_precondition, gradient_dim, mean_nll_sequence,
                         projected_gradients)
@@ -48,10 +49,13 @@ from .measurements import Measurement, PolicyGradient, as_measurement
 from .models import add_lora, load_model, load_tokenizer, set_threads
 from .projection import Projector, ProjectionSpec, normalize_rows, save_spec
 from .rollouts import SAMPLER, sample_rollouts
-from .runs import (Stage, StaleResultError, atomic_write_text, fingerprint, load_tensors, open_stage, read_stage,
-                   save_tensors, shard_chunks)
-from .vectors import StoredVectors, chunk_tensors, merge_chunks, open_vectors
-from .warmup import Checkpoint, checkpoint_weights, load_adapter_weights, load_checkpoints, reset_lora, train_lora
+from .runs import (IntegrityError, Stage, StaleResultError, atomic_write_text, check_file, drop_if_damaged,
+                   file_record, fingerprint, load_tensors, open_stage, read_checked_json, read_rows, read_stage,
+                   rows_problem, save_tensors, shard_chunks, tmp_path_for, write_checked_json, write_rows,
+                   writing)
+from .vectors import StoredVectors, adopt_legacy, chunk_problem, chunk_tensors, merge_chunks, open_vectors
+from .warmup import (Checkpoint, checkpoint_records, checkpoint_weights, load_adapter_weights, load_checkpoints,
+                     reset_lora, train_lora)
 
 # rollout settings that change how fast sampling runs, never what is sampled
 _ROLLOUT_SPEED_SETTINGS = ("batch_size", "max_batch_tokens")
@@ -233,9 +237,21 @@ class Pipeline:
     @on_rank_zero
     def prepare(self) -> dict[str, Any]:
         """Check the data (every record, and what the metric needs of each target record) and tokenise
-        it; report truncation. Writes prepare/stats.json."""
+        it; report truncation; check ``max_length`` against the model's context and what a small pool
+        does to the warmup and selection fractions (warned). Writes prepare/stats.json."""
+        import warnings
+
         max_len = self.cfg.data.max_length
+        warned = pool_size_warnings(len(self.pool), self.cfg.warmup.fraction, self.cfg.selection.fraction)
         pool_tok, pool_trunc = tokenize_records(self.tokenizer, self.pool, max_len)
+        longest = max(len(t.input_ids) for t in pool_tok)
+        if not self.cfg.data.label_free:
+            longest = max(longest, *(len(t.input_ids) for t in tokenize_records(self.tokenizer, self.target_val,
+                                                                                  max_len)[0]))
+        context_warning = check_max_length(max_len, self._model_context(), self.cfg.model, longest)
+        for msg in warned + ([context_warning] if context_warning else []):
+            self.log(f"warning: {msg}")
+            warnings.warn(f"{self.cfg.data.pool}: {msg}", stacklevel=2)
         stats = {
             "pool_examples": len(self.pool), "pool_truncated": pool_trunc,
             "pool_mean_tokens": float(np.mean([len(t.input_ids) for t in pool_tok])),
@@ -249,6 +265,17 @@ class Pipeline:
         (self.run_dir / "prepare").mkdir(exist_ok=True)
         atomic_write_text(self.run_dir / "prepare" / "stats.json", json.dumps(stats, indent=1))
         return stats
+
+    def _model_context(self) -> int | None:
+        """The model's context length from its config (the loaded model's, else config.json's: no weights read)."""
+        if self._base_model is not None:
+            return model_context(self._base_model.config)
+        try:
+            from .models import resolve_model_path
+
+            return model_context(json.loads((Path(resolve_model_path(self.cfg.model)) / "config.json").read_text()))
+        except (OSError, ValueError, RuntimeError):
+            return None
 
     def warmup_ids(self) -> list[str]:
         """The random fraction of the pool the warmup trains on."""
@@ -276,7 +303,8 @@ class Pipeline:
 
         def finish() -> None:
             atomic_write_text(stage.path / "warmup_ids.json", json.dumps(sorted(ids)))
-            stage.mark_done()
+            stage.mark_done({**checkpoint_records(stage.path),
+                             "warmup_ids.json": file_record(stage.path / "warmup_ids.json")})
 
         self.dist.on_main(finish)
         self.dist.wait_visible(stage.path / "DONE")
@@ -286,7 +314,7 @@ class Pipeline:
     def checkpoints(self) -> list[Checkpoint]:
         """The finished warmup's checkpoints (checked against the current config)."""
         read_stage(self.run_dir / "warmup", self.warmup_inputs(), "the warmup checkpoints", "nice-kit warmup (or run)")
-        return load_checkpoints(self.run_dir / "warmup")
+        return load_checkpoints(self.run_dir / "warmup", strict=True)
 
     @cached_property
     def _gradient_dim(self) -> int:
@@ -312,7 +340,9 @@ class Pipeline:
 
         Under torchrun the shard is split again by rank, and rank 0 merges once every rank is done."""
         size = stage.chunk_size(self.cfg.gradients.chunk_size)
-        todo = [c for c in shard_chunks(n_items, size, self.dist.shard(shard)) if not stage.chunk_path(c[0]).exists()]
+        # a chunk is reused when it is sound (checksum, shape, unit rows); a damaged one is recomputed
+        todo = [c for c in shard_chunks(n_items, size, self.dist.shard(shard))
+                if not drop_if_damaged(stage.chunk_path(c[0]), chunk_problem(stage.chunk_path(c[0]), c[2] - c[1]))]
         for c, start, stop in tqdm(todo, desc=desc, leave=False):
             save_tensors(compute(start, stop), stage.chunk_path(c))
         self.dist.barrier()  # every rank's chunks are on disk
@@ -326,9 +356,21 @@ class Pipeline:
         if self.dist.on_main(merge):
             self.dist.wait_visible(stage.path / "DONE")
 
-    def _vector_stage(self, folder: str, inputs: dict[str, Any], ids: list[str]) -> Stage:
+    def _made_from(self, ckpt: Checkpoint) -> dict[str, Any] | None:
+        """The checkpoint's content as its stages record it (checksums from its state.json; None when the
+        checkpoint predates them)."""
+        files = ckpt.files or {}
+        if not all(n in files for n in ("adapter/adapter_model.safetensors", "adam_moments.safetensors")):
+            return None
+        return {"checkpoint": f"epoch_{ckpt.epoch}", "adapter": files["adapter/adapter_model.safetensors"]["sha256"],
+                "adam moments": files["adam_moments.safetensors"]["sha256"]}
+
+    def _vector_stage(self, folder: str, inputs: dict[str, Any], ids: list[str], ckpt: Checkpoint | None = None) -> Stage:
         with self.dist.main_first():  # rank 0 opens (or clears) the folder before the others look
             stage = open_stage(self.run_dir / "grads" / folder, inputs)
+            if ckpt is not None:  # made from another checkpoint (recomputed with other bytes since): again
+                stage.restart_if_made_from_other(self._made_from(ckpt))
+            adopt_legacy(stage)  # a finished stage made before checksums were kept: checked, then recorded
             if not (stage.path / "projection.json").exists():
                 save_spec(self.projection_spec(), stage.path)
             if not (stage.path / "ids.json").exists():
@@ -355,7 +397,8 @@ class Pipeline:
         """Projected, Adam-preconditioned gradients of every pool example at every checkpoint."""
         pool_tok = None
         for ckpt in self.checkpoints:
-            stage = self._vector_stage(f"train/epoch_{ckpt.epoch}", self.train_inputs(ckpt), [r.id for r in self.pool])
+            stage = self._vector_stage(f"train/epoch_{ckpt.epoch}", self.train_inputs(ckpt), [r.id for r in self.pool],
+                                       ckpt)
             if stage.done:
                 continue
             self.log(f"step: training gradients, epoch {ckpt.epoch} ({len(self.pool)} examples)")
@@ -394,29 +437,39 @@ class Pipeline:
             return pd.concat([self.rollouts(c) for c in self.checkpoints], ignore_index=True)
         with self.dist.main_first():  # rank 0 opens (or clears) the folder before the others look
             stage = open_stage(self.run_dir / "rollouts" / f"epoch_{ckpt.epoch}", self.rollout_inputs(ckpt))
+            stage.restart_if_made_from_other(self._made_from(ckpt))
         samples_path = stage.path / "samples.jsonl"
         if not stage.done:
             self.log(f"step: rollouts, epoch {ckpt.epoch} ({len(self.target_val)} prompts x {self.cfg.rollouts.k})")
             size = stage.chunk_size(self.cfg.gradients.chunk_size)
             chunks = shard_chunks(len(self.target_val), size)
             mine = shard_chunks(len(self.target_val), size, self.dist.shard())  # all of them in one process
-            todo = [c for c in mine if not stage.chunk_path(c[0], ".jsonl").exists()]
+            k = self.cfg.rollouts.k
+            todo = [c for c in mine if not drop_if_damaged(stage.chunk_path(c[0], ".jsonl"),
+                                                           rows_problem(stage.chunk_path(c[0], ".jsonl"), (c[2] - c[1]) * k))]
             if todo:
                 load_adapter_weights(self.model, ckpt)
             for c, start, stop in tqdm(todo, desc=f"rollouts epoch {ckpt.epoch}", leave=False):
                 got = sample_rollouts(self.model, self.tokenizer, self.target_val[start:stop], self.cfg.rollouts,
                                       seed=self.cfg.seed, epoch=ckpt.epoch)
-                atomic_write_text(stage.chunk_path(c, ".jsonl"), "".join(json.dumps(r) + "\n" for r in got))
+                write_rows(stage.chunk_path(c, ".jsonl"), got)
             self.dist.barrier()  # every rank's chunks are on disk
 
             def concatenate() -> None:
                 missing = [c for c, _, _ in chunks if not stage.chunk_path(c, ".jsonl").exists()]
                 if missing:
                     raise RuntimeError(f"{stage.path}: rollout chunks {missing} are missing; run the command again")
-                rows = [line for c, _, _ in chunks for line in stage.chunk_path(c, ".jsonl").read_text().splitlines()]
+                rows = []
+                for c, start, stop in chunks:
+                    try:
+                        rows += read_rows(stage.chunk_path(c, ".jsonl"), (stop - start) * k)
+                    except IntegrityError as err:  # damaged since it was written: recomputed by the next run
+                        stage.chunk_path(c, ".jsonl").unlink(missing_ok=True)
+                        raise IntegrityError(err.path, err.problem + " (removed: run the command again to "
+                                             "recompute it)") from None
                 atomic_write_text(samples_path, "\n".join(rows) + "\n")
                 atomic_write_text(stage.path / "sampling.json", json.dumps(self.cfg.rollouts.__dict__, indent=1))
-                stage.mark_done()
+                stage.mark_done(["samples.jsonl", "sampling.json"])
 
             self.dist.on_main(concatenate)
             self.dist.wait_visible(samples_path, stage.path / "DONE")
@@ -426,16 +479,32 @@ class Pipeline:
         return df
 
     def _rewards(self, folder: Path, df: pd.DataFrame) -> list[float]:
+        """The metric's rewards of the stage's samples, cached beside them with their checksum and the
+        checksum of the samples they score (a cache that does not match is recomputed, with a log line)."""
         path = folder / f"rewards_{fingerprint(self.reward_inputs())}.json"
+        samples_sha = file_record(folder / "samples.jsonl")["sha256"]
         if path.exists():
-            return json.loads(path.read_text())
+            try:
+                rewards, about = read_checked_json(path)
+                problem = None
+                if not isinstance(rewards, list) or len(rewards) != len(df):
+                    problem = f"{len(rewards) if isinstance(rewards, list) else 'no'} rewards for {len(df)} samples"
+                elif not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in rewards):
+                    problem = "holds values that are not numbers"
+                elif about.get("samples_sha256", samples_sha) != samples_sha:
+                    problem = "made for other samples than samples.jsonl holds now"
+            except IntegrityError as err:
+                problem = err.problem
+            if problem is None:
+                return rewards
+            self.log(f"integrity: {path}: {problem} -- rescoring the samples")
         by_id = {r.id: r for r in self.target_val}
         recs = [by_id[i] for i in df["prompt_id"]]
         cols, passed, withheld = self.metric_columns(recs)
         if withheld:
             self.log(f"label-free: the metric receives columns {passed}; withheld: {withheld}")
         rewards = metrics_mod.score(self.metric(), [r.prompt for r in recs], df["completion"].tolist(), **cols)
-        atomic_write_text(path, json.dumps(rewards))
+        write_checked_json(path, rewards, samples_sha256=samples_sha, n=len(rewards))
         return rewards
 
     @on_rank_zero
@@ -474,7 +543,7 @@ class Pipeline:
             raise ValueError(f"{m.name} needs reference answers (LESS needs reference answers); this run is label-free")
         val = self.target_val
         for ckpt in self.checkpoints:
-            stage = self._vector_stage(self._val_folder(m, ckpt), self.val_inputs(m, ckpt), [r.id for r in val])
+            stage = self._vector_stage(self._val_folder(m, ckpt), self.val_inputs(m, ckpt), [r.id for r in val], ckpt)
             if stage.done:
                 continue
             self.log(f"step: validation gradients ({m.name}), epoch {ckpt.epoch} ({len(val)} target prompts)")
@@ -509,6 +578,7 @@ class Pipeline:
                 fix = (f"nice-kit val-grads --method {m.name} (or run)" if m.name in ("less", "nice")
                        else f"run.validation_gradients({m!r})")
             stage = read_stage(self.run_dir / "grads" / folder, inputs, what, fix)
+            stage.check_made_from(self._made_from(ckpt), what, fix)
             stored = open_vectors(stage.path)
             stored.spec.check_compatible(self.projection_spec(stored.spec.input_dim), what)
             out.append(stored)
@@ -561,12 +631,15 @@ class Pipeline:
                         "samples (rollouts.k), a higher temperature, or no baseline.")
             out[m.name] = influence_scores(train, [v.all() for v in val], weights, subtasks, mask,
                                            self.cfg.selection.aggregate)
-        tmp = self.run_dir / ".scores.csv.tmp"
-        out.to_csv(tmp, index=False)
-        tmp.replace(self.run_dir / "scores.csv")
+        path = self.run_dir / "scores.csv"
+        tmp = tmp_path_for(path)
+        with writing(path, tmp):  # atomic; a full disk: DiskFullError, nothing half-written left
+            out.to_csv(tmp, index=False)
+            tmp.replace(path)
         atomic_write_text(self.run_dir / "scores.json",
                           json.dumps({"inputs": self.scores_inputs(methods), "methods": [self.measurement(x).name
-                                                                                         for x in methods]}, indent=1))
+                                                                                         for x in methods],
+                                      "scores.csv": file_record(self.run_dir / "scores.csv")}, indent=1))
         return out
 
     def read_scores(self, measurements: list[Measurement] | None = None) -> pd.DataFrame:
@@ -579,7 +652,14 @@ class Pipeline:
         meta = self.run_dir / "scores.json"
         if not path.exists() or not meta.exists():
             raise RuntimeError(f"{path}: no influence scores yet; run `nice-kit score` (or `nice-kit run`)")
-        stored = json.loads(meta.read_text())
+        try:
+            stored = json.loads(meta.read_text())
+        except ValueError:
+            raise IntegrityError(meta, "not valid JSON: corrupted", "recompute: nice-kit score (or run)") from None
+        if "scores.csv" in stored:  # recorded since nice_kit kept checksums
+            problem = check_file(path, stored["scores.csv"])
+            if problem:
+                raise IntegrityError(path, problem, "recompute: nice-kit score (or run)")
         unknown = [m for m in stored["methods"] if m not in self._measurements and m not in ("less", "nice")]
         if unknown:
             raise ValueError(f"{path} holds scores of your own measurement(s) {unknown}: pass them, "

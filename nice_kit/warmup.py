@@ -4,6 +4,11 @@ After each epoch the warmup keeps what NICE needs at that checkpoint: the adapte
 disk), AdamW's moments ``exp_avg`` / ``exp_avg_sq`` flattened in ``lora_parameters`` order, and the
 epoch's learning rate (the mean over its steps, the value LESS weights checkpoints by). It also keeps
 the full optimizer and scheduler state, so an interrupted warmup resumes after its last epoch.
+
+Integrity: a checkpoint is written into a temporary folder and renamed into place; its
+``state.json`` (written last) records the size and SHA-256 of every file, which are checked when the
+file is loaded (a mismatch raises :class:`~nice_kit.runs.IntegrityError` naming it). A resumed warmup
+checks its checkpoints in full and recomputes from the first damaged one.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import hashlib
 import json
 import math
 import random
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,7 +30,11 @@ from tqdm.auto import tqdm
 from .data import IGNORE_INDEX, Tokenized, collate
 from .distributed import SINGLE, Dist
 from .models import lora_parameters
-from .runs import atomic_write_text, load_tensors, save_tensors
+from .runs import (IntegrityError, atomic_write_text, check_file, file_record, load_tensors, log, save_tensors,
+                   writing)
+
+CHECKPOINT_FILES = ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adam_moments.safetensors",
+                    "optimizer.pt")
 
 
 @dataclass
@@ -33,24 +44,86 @@ class Checkpoint:
     epoch: int
     path: Path
     lr: float
+    files: dict | None = None  # size and SHA-256 of each file, recorded in state.json (None: not recorded)
 
     @property
     def adapter_path(self) -> Path:
         return self.path / "adapter"
 
+    def check(self, name: str, deep: bool = True) -> None:
+        """Raise :class:`~nice_kit.runs.IntegrityError` when the checkpoint's file ``name`` does not
+        match what was recorded when it was saved."""
+        if self.files and name in self.files:
+            problem = check_file(self.path / name, self.files[name], deep)
+            if problem:
+                raise IntegrityError(self.path / name, problem, "the next `nice-kit warmup` (or run) recomputes "
+                                     "the warmup from this checkpoint on")
+
+    def problem(self, deep: bool = True) -> str | None:
+        """What is wrong with the checkpoint's files (``None``: sound)."""
+        for name in (self.files or {}):
+            try:
+                self.check(name, deep)
+            except IntegrityError as err:
+                return str(err)
+        if not (self.path / "adapter" / "adapter_model.safetensors").exists():
+            return f"{self.path / 'adapter' / 'adapter_model.safetensors'}: missing"
+        return None
+
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.check("adam_moments.safetensors", deep=False)  # the file's own checksums are checked as it loads
         t = load_tensors(self.path / "adam_moments.safetensors")
         return t["exp_avg"], t["exp_avg_sq"]
 
 
-def load_checkpoints(warmup_dir: Path) -> list[Checkpoint]:
-    out = []
+def _read_state(d: Path) -> Checkpoint | None:
+    try:
+        s = json.loads((d / "state.json").read_text())
+        return Checkpoint(int(s["epoch"]), d, float(s["lr"]), s.get("files"))
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_checkpoints(warmup_dir: Path, strict: bool = False, deep: bool = False) -> list[Checkpoint]:
+    """The complete checkpoints of a warmup folder, by epoch.
+
+    A checkpoint is complete when its ``state.json`` reads and its recorded files exist with their
+    recorded sizes (``deep``: and SHA-256). Only the unbroken run of complete epochs from epoch 1 is
+    returned (a warmup resumes after it). ``strict``: a checkpoint that is present but damaged, or a
+    gap, raises :class:`~nice_kit.runs.IntegrityError` instead (readers of a finished warmup)."""
+    found = {}
     for d in sorted(Path(warmup_dir).glob("epoch_*")):
-        state = d / "state.json"
-        if state.exists():
-            s = json.loads(state.read_text())
-            out.append(Checkpoint(s["epoch"], d, s["lr"]))
-    return sorted(out, key=lambda c: c.epoch)
+        if not d.name.removeprefix("epoch_").isdigit():
+            continue  # a temporary folder
+        ckpt = _read_state(d)
+        if ckpt is None:
+            if strict and (d / "state.json").exists():
+                raise IntegrityError(d / "state.json", "unreadable: corrupted", "recompute: nice-kit warmup (or run)")
+            continue
+        found[ckpt.epoch] = ckpt
+    out = []
+    for epoch in range(1, max(found, default=0) + 1):
+        ckpt = found.get(epoch)
+        problem = "missing" if ckpt is None else ckpt.problem(deep)
+        if problem:
+            if strict:
+                raise IntegrityError(Path(warmup_dir) / f"epoch_{epoch}", problem,
+                                     "recompute: nice-kit warmup (or run)")
+            if any(e >= epoch for e in found):
+                log(f"integrity: warmup checkpoint {epoch}: {problem} -- the warmup resumes before it")
+            break
+        out.append(ckpt)
+    return out
+
+
+def checkpoint_records(warmup_dir: Path) -> dict:
+    """Every checkpoint's recorded files (and state.json), named relative to the warmup folder."""
+    out = {}
+    for ckpt in load_checkpoints(warmup_dir):
+        for name, rec in (ckpt.files or {}).items():
+            out[f"{ckpt.path.name}/{name}"] = rec
+        out[f"{ckpt.path.name}/state.json"] = file_record(ckpt.path / "state.json")
+    return out
 
 
 def load_adapter_weights(model, checkpoint: Checkpoint) -> None:
@@ -60,8 +133,15 @@ def load_adapter_weights(model, checkpoint: Checkpoint) -> None:
 
     files = list(checkpoint.adapter_path.glob("adapter_model.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{checkpoint.adapter_path}: no adapter_model.safetensors")
-    result = set_peft_model_state_dict(model, load_file(str(files[0])))
+        raise IntegrityError(checkpoint.adapter_path / "adapter_model.safetensors", "missing",
+                             "recompute: nice-kit warmup (or run)")
+    checkpoint.check("adapter/adapter_model.safetensors")
+    try:
+        weights = load_file(str(files[0]))
+    except Exception as err:  # safetensors' own error for a truncated or corrupted file
+        raise IntegrityError(files[0], f"unreadable ({type(err).__name__}: {err}): truncated or corrupted",
+                             "recompute: nice-kit warmup (or run)") from None
+    result = set_peft_model_state_dict(model, weights)
     missing = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
     if missing:
         raise ValueError(f"adapter at {checkpoint.adapter_path} does not fit the model: {missing[:3]}")
@@ -148,11 +228,12 @@ def train_lora(model, examples: list[Tokenized], *, epochs: int, lr: float, batc
     steps_per_epoch = math.ceil(math.ceil(len(examples) / batch_size) / grad_accum)
     total = steps_per_epoch * epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(warmup_ratio * total)))
-    done = load_checkpoints(out_dir) if out_dir else []
+    done = load_checkpoints(out_dir, deep=True) if out_dir else []  # a damaged checkpoint is recomputed
     start_epoch = 0
     if done:
         last = done[-1]
         load_adapter_weights(model, last)
+        last.check("optimizer.pt")
         state = torch.load(last.path / "optimizer.pt", map_location=device, weights_only=False)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -205,12 +286,24 @@ def train_lora(model, examples: list[Tokenized], *, epochs: int, lr: float, batc
 
 
 def _save_checkpoint(model, opt, sched, path: Path, epoch: int, lr: float, loss: float) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path / "adapter")
-    params = [p for _, p in lora_parameters(model)]
-    exp_avg = torch.cat([opt.state[p]["exp_avg"].reshape(-1).float() for p in params])
-    exp_avg_sq = torch.cat([opt.state[p]["exp_avg_sq"].reshape(-1).float() for p in params])
-    save_tensors({"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, path / "adam_moments.safetensors")
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, path / "optimizer.pt")
-    # state.json last: its presence marks the checkpoint complete
-    atomic_write_text(path / "state.json", json.dumps({"epoch": epoch, "lr": lr, "train_loss": loss}))
+    """Write the checkpoint into a temporary folder, record its files' sizes and checksums in
+    state.json (last), then rename it into place: a crash or a full disk never leaves a checkpoint
+    that looks complete (:class:`~nice_kit.runs.DiskFullError` names the stage and the folder)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{uuid.uuid4().hex[:8]}")
+    with writing(path / "state.json", tmp, f"warmup checkpoint {epoch}"):
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp / "adapter")
+        params = [p for _, p in lora_parameters(model)]
+        exp_avg = torch.cat([opt.state[p]["exp_avg"].reshape(-1).float() for p in params])
+        exp_avg_sq = torch.cat([opt.state[p]["exp_avg_sq"].reshape(-1).float() for p in params])
+        save_tensors({"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, tmp / "adam_moments.safetensors")
+        with open(tmp / "optimizer.pt", "wb") as f:  # a Python file: a full disk raises OSError(ENOSPC)
+            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, f)
+        files = {name: file_record(tmp / name) for name in CHECKPOINT_FILES if (tmp / name).exists()}
+        # state.json last: its presence marks the checkpoint complete
+        atomic_write_text(tmp / "state.json", json.dumps({"epoch": epoch, "lr": lr, "train_loss": loss,
+                                                          "files": files}))
+        if path.exists():  # a damaged or partial checkpoint of an earlier attempt
+            shutil.rmtree(path)
+        tmp.rename(path)

@@ -233,3 +233,50 @@ def test_digest_of_a_file_and_of_a_folder(tmp_path):
     assert file_digest(tmp_path / "other") != before
     path = write_jsonl(tmp_path / "p.jsonl", ROWS)
     assert file_digest(path) != file_digest(write_jsonl(tmp_path / "q.jsonl", ROWS[:1]))
+
+
+def test_a_mapped_column_missing_from_the_file_names_file_mapping_and_columns(tmp_path):
+    """Issue #20 failure 4: a mapping naming a column the file lacks was silently ignored when the
+    rows had another way in (``messages``), in JSONL, Parquet and datasets folders alike."""
+    import pyarrow.parquet as pq
+
+    chat = [{"id": "a", "messages": [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]}]
+    path = write_jsonl(tmp_path / "chat.jsonl", chat)
+    with pytest.raises(DataError) as err:
+        load_records(path, columns={"prompt": "instruction"})
+    assert str(err.value) == (f"{path}: the column mapping data.columns = {{'prompt': 'instruction'}} names column(s) "
+                              "the file does not have (prompt = 'instruction'); the file has columns ['id', 'messages']")
+    pq.write_table(table(chat), tmp_path / "chat.parquet")
+    with pytest.raises(DataError, match=r"chat.parquet: the column mapping .* \(prompt = 'instruction'\); the file has "
+                                        r"columns \['id', 'messages'\]"):
+        load_records(tmp_path / "chat.parquet", columns={"prompt": "instruction"})
+    folder = save_like_datasets(tmp_path / "ds", chat, shards=1)
+    with pytest.raises(DataError, match=r"ds: the column mapping .* the file has columns \['id', 'messages'\]"):
+        load_records(folder, columns={"prompt": "instruction"})
+    # a mapped column that some rows have is fine (JSONL rows may differ)
+    mixed = [{"id": "b", "instruction": "3+3", "response": "6"}, *chat]
+    assert len(load_records(write_jsonl(tmp_path / "mixed.jsonl", mixed), columns={"prompt": "instruction"})) == 2
+
+
+def test_parquet_and_datasets_messages_list_the_columns_found(tmp_path):
+    """Issue #20 failure 4: "row 0: missing field 'id'" listed no columns and said nothing of data.columns."""
+    import pyarrow.parquet as pq
+
+    alpaca = [{"idx": "a", "instruction": "2+2", "output": "4"}, {"idx": "b", "instruction": "3+3", "output": "6"}]
+    pq.write_table(table(alpaca), tmp_path / "a.parquet")
+    with pytest.raises(DataError) as err:
+        load_records(tmp_path / "a.parquet")
+    assert str(err.value).startswith(f"{tmp_path / 'a.parquet'}: row 0: missing field 'id'; the row has columns "
+                                     "['idx', 'instruction', 'output']; map your column names with data.columns")
+    folder = save_like_datasets(tmp_path / "ds", alpaca)
+    with pytest.raises(DataError, match=r"ds: row 0: missing field 'id'; the row has columns \['idx', 'instruction', "
+                                        r"'output'\]; map your column names with data.columns"):
+        load_records(folder)
+    with pytest.raises(DataError, match=r"row 0 \(id a\): needs either 'messages' or 'prompt' .*; the row has columns "
+                                        r"\['idx', 'instruction', 'output'\]; map .* data.columns"):
+        load_records(folder, columns={"id": "idx"})
+    with pytest.raises(DataError, match=r"row 0 \(id a\): missing the response .*the row has columns \['idx', "
+                                        r"'instruction', 'output'\]"):
+        load_records(tmp_path / "a.parquet", columns={"id": "idx", "prompt": "instruction"})
+    got = load_records(tmp_path / "a.parquet", columns={"id": "idx", "prompt": "instruction", "response": "output"})
+    assert [r.response for r in got] == ["4", "6"]
