@@ -332,6 +332,7 @@ def completion_vectors(run: "Pipeline", method: str | Measurement = "nice", comp
         parts = completion_parts(run, m, ckpt)
         try:
             stage = read_stage(path, inputs, what, fix)
+            stage.check_made_from(run._made_from(ckpt), what, fix)
         except RuntimeError:  # missing, unfinished or stale (StaleResultError)
             if not compute:
                 raise
@@ -347,7 +348,7 @@ def completion_vectors(run: "Pipeline", method: str | Measurement = "nice", comp
 
 def _compute_parts(run: "Pipeline", m: PolicyGradient, ckpt: "Checkpoint", parts: pd.DataFrame, folder: str,
                    inputs: dict[str, Any]) -> None:
-    stage = run._vector_stage(folder, inputs, parts["part_id"].tolist())
+    stage = run._vector_stage(folder, inputs, parts["part_id"].tolist(), ckpt)
     if stage.done:
         return
     run.log(f"step: per-completion gradients ({m.name}), epoch {ckpt.epoch} ({len(parts)} completions)")

@@ -126,6 +126,7 @@ def completion_parts(run: "Pipeline", compute: bool = True) -> list[tuple[pd.Dat
         table, seqs = parts_table(run, ckpt)
         try:
             stage = read_stage(path, inputs, what, fix)
+            stage.check_made_from(run._made_from(ckpt), what, fix)
         except RuntimeError:  # missing, unfinished or stale (StaleResultError)
             if not compute:
                 raise
@@ -141,7 +142,7 @@ def completion_parts(run: "Pipeline", compute: bool = True) -> list[tuple[pd.Dat
 
 def _compute_parts(run: "Pipeline", ckpt: "Checkpoint", table: pd.DataFrame, seqs: list[WeightedSequence],
                    folder: str, inputs: dict[str, Any]) -> None:
-    stage = run._vector_stage(folder, inputs, table["part_id"].tolist())
+    stage = run._vector_stage(folder, inputs, table["part_id"].tolist(), ckpt)
     if stage.done:
         return
     run.log(f"step: per-completion gradients for what-ifs, epoch {ckpt.epoch} ({len(table)} parts)")
