@@ -1,6 +1,7 @@
 """compare's quick setting, its size-weighted progress and results as they finish; answer diversity
 and collapse on every evaluation row; the diagnostics' random row uses the run's seed."""
 
+import pandas as pd
 import pytest
 
 from conftest import tiny_config
@@ -94,3 +95,26 @@ def test_diagnostics_random_row_uses_the_run_seed(done, tmp_path, tokenizer):
         assert 0 < diag.loc["nice", "top_response_share"] <= 1 and diag.loc["pool", "distinct_responses"] > 1
     pool = [r.id for r in done.pool]
     assert random_subset(pool, 0.25, 0) != random_subset(pool, 0.25, 3)  # so the two rows are two different draws
+
+
+def test_reward_signal_counts_prompts_with_mixed_rewards(done):
+    from nice_kit.diagnostics import reward_signal
+
+    sig = reward_signal(done)
+    roll = done.rollouts()
+    for epoch, g in roll.groupby("epoch"):
+        per = g.groupby("prompt_id")["reward"].agg(["min", "max"])
+        row = sig[(sig["epoch"] == epoch) & (sig["subtask"] == "all")].iloc[0]
+        assert row["prompts"] == len(per) and row["mixed"] == int((per["max"] > per["min"]).sum())
+        parts = sig[(sig["epoch"] == epoch) & (sig["subtask"] != "all")]
+        assert parts["prompts"].sum() == len(per) and parts["mixed"].sum() == row["mixed"]  # two subtasks
+
+
+def test_response_values_say_what_a_selection_shares(done):
+    from nice_kit.diagnostics import response_values
+
+    ids = [r.id for r in done.pool[:8]]
+    top = response_values(done, ids, top=3)
+    responses = pd.Series([r.response.strip() for r in done.pool[:8]]).value_counts()
+    assert top["count"].iloc[0] == responses.iloc[0] and top["share"].iloc[0] == pytest.approx(responses.iloc[0] / 8)
+    assert len(top) == min(3, len(responses)) and (top["harmful"] <= top["count"]).all()

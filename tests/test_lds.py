@@ -174,3 +174,26 @@ def test_lds_takes_a_what_if_column(done, monkeypatch):
     t = res.table.set_index(["method", "target"])["lds"]
     assert t[("what_if", "metric")] == pytest.approx(1.0) and t[("what_if", "loss")] == pytest.approx(1.0)
     shutil.rmtree(done.run_dir / "evaluation")  # these rows were made by the fake training
+
+
+def test_lds_from_the_command_line(tmp_path, small_data, tiny_model_dir):
+    from test_cli import _config, nice_kit
+
+    cfg = _config(tmp_path, small_data, tiny_model_dir)
+    with open(cfg, "a") as f:
+        f.write("[evaluation]\nepochs = 1\nmax_new_tokens = 4\n")
+    run_dir = tmp_path / "run"
+    out = nice_kit("lds", "--config", str(cfg), "--run-dir", str(run_dir))
+    assert out.returncode == 2 and "does not exist" in out.stderr  # a reader: no run, no new directory
+    assert nice_kit("run", "--config", str(cfg), "--run-dir", str(run_dir)).returncode == 0
+    out = nice_kit("lds", "--config", str(cfg), "--run-dir", str(run_dir), "--subsets", "3", "--fraction", "0.25",
+                   "--bootstrap", "20")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Linear datamodeling score (3 random subsets of 25% of the pool" in out.stdout
+    assert "less" in out.stdout and "nice" in out.stdout and "CPU minutes" in out.stdout
+    assert "3 of 3 trainings left" in out.stderr
+    stored = read_rows(run_dir / "evaluation" / "lds.csv")
+    assert len(stored) == 3 and (stored["n_train"] == 6).all()
+    out = nice_kit("lds", "--config", str(cfg), "--run-dir", str(run_dir), "--subsets", "3", "--fraction", "0.25",
+                   "--bootstrap", "20")
+    assert out.returncode == 0 and "trainings left" not in out.stderr  # every training reused
