@@ -102,7 +102,7 @@ def cmd_select(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .evaluation import compare, summarize
+    from .evaluation import compare, diversity_summary, summarize
 
     p = _pipeline(args)
     if p.dist.parallel and p.dist.world_size > 1:
@@ -111,6 +111,11 @@ def cmd_evaluate(args) -> None:
     df = compare(p, methods=args.methods, fraction=args.fraction, seeds=args.seeds,
                  selection_seeds=args.selection_seeds, quick=args.quick, full=args.full)
     print(summarize(df).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    diversity = diversity_summary(df)
+    if "answer_top_share" in diversity.columns:
+        print("\nAnswer diversity of the fine-tuned models' test completions (a collapse: one completion for half "
+              "the test prompts or more):")
+        print(diversity.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(f"\nper run: {p.run_dir / 'evaluation' / 'results.csv'}")
 
 

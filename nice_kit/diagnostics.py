@@ -53,6 +53,7 @@ def selection_diagnostics(run: "Pipeline", chosen: dict[str, list[str]]) -> pd.D
         row["distinct_responses"] = int(len(counts))
         out.append(row)
     df = pd.DataFrame(out)
+    df["seed"] = df["seed"].astype("Int64")  # the random row's seed; empty for the others
     df.to_csv(run.run_dir / "diagnostics.csv", index=False)
     return df
 

@@ -19,7 +19,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from nice_kit.evaluation import COLLAPSE_SHARE, describe_lds, is_collapse
+from nice_kit.evaluation import COLLAPSE_SHARE, describe_lds, diversity_summary, is_collapse
 
 from . import _html as H
 from . import _theme
@@ -87,27 +87,9 @@ def lds_figure(result, methods: list[str] | None = None, theme: str | None = Non
 
 
 def evaluation_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Per method (and fraction): the metric's mean beside the answer diversity of the fine-tuned
-    models' test completions (``answer_top_share``: the most common completion's share, mean over runs;
-    ``answer_distinct``), the most common completion, the selection's own (``train_top_share``), and
-    ``collapse``: how many runs gave one completion to at least half the test prompts. Columns the
-    results lack (rows stored before diversity was recorded) are left out."""
-    rows = []
-    for (method, fraction), g in results.groupby(["method", "fraction"], sort=False):
-        row = {"method": method, "fraction": fraction, "runs": len(g), "metric": float(g["metric"].mean())}
-        if "loss" in g and g["loss"].notna().any():
-            row["loss"] = float(g["loss"].mean())
-        if "answer_top_share" in g and g["answer_top_share"].notna().any():
-            share = g["answer_top_share"].dropna()
-            row["answer_top_share"] = float(share.mean())
-            row["answer_distinct"] = float(g["answer_distinct"].mean())
-            row["most_common"] = g["answer_top"].astype(str).mode().iloc[0] if "answer_top" in g else ""
-            n = sum(is_collapse(x) for x in share)
-            row["collapse"] = f"COLLAPSE in {n} of {len(share)}" if n else f"no ({len(share)} run{'s' if len(share) != 1 else ''})"
-        if "train_top_share" in g and g["train_top_share"].notna().any():
-            row["train_top_share"] = float(g["train_top_share"].mean())
-        rows.append(row)
-    return pd.DataFrame(rows)
+    """:func:`nice_kit.evaluation.diversity_summary` of ``compare``'s results: per method the metric's mean
+    beside the answer diversity of the fine-tuned models, a collapse called one."""
+    return diversity_summary(results)
 
 
 class LDSView(w.VBox, LiveFallback):
