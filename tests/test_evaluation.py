@@ -118,3 +118,24 @@ def test_response_values_say_what_a_selection_shares(done):
     responses = pd.Series([r.response.strip() for r in done.pool[:8]]).value_counts()
     assert top["count"].iloc[0] == responses.iloc[0] and top["share"].iloc[0] == pytest.approx(responses.iloc[0] / 8)
     assert len(top) == min(3, len(responses)) and (top["harmful"] <= top["count"]).all()
+
+
+def test_rows_stored_before_diversity_was_recorded_are_still_reused(done, tmp_path, tokenizer, monkeypatch):
+    import shutil
+
+    from nice_kit.evaluation import diversity_summary
+
+    shutil.copytree(done.run_dir, tmp_path / "r", ignore=shutil.ignore_patterns("evaluation"))
+    data = {k: getattr(done.cfg.data, k) for k in ("pool", "target_val", "target_test")}
+    q = Pipeline(tiny_config(data, evaluation={"epochs": 1, "max_new_tokens": 4, "seeds": [0, 1]}), tmp_path / "r",
+                 model=done.model, tokenizer=tokenizer, verbose=False)
+    trained = []
+    monkeypatch.setattr(evaluation, "finetune_and_evaluate", lambda run, ids, seed, test: trained.append(seed) or
+                        {"metric": 0.25, "loss": 1.5, "n_test": len(test)})
+    evaluation.compare(q, methods=["random", "nice"], seeds=[0])
+    old = pd.read_csv(tmp_path / "r" / "evaluation" / "results.csv")
+    old.drop(columns=["cpu_s", "wall_s"]).to_csv(tmp_path / "r" / "evaluation" / "results.csv", index=False)  # as before
+    df = evaluation.compare(q, methods=["random", "nice"], seeds=[0])
+    assert len(trained) == 2 and df["metric"].tolist() == [0.25, 0.25]  # reused, not retrained
+    summary = diversity_summary(df)
+    assert "collapse" not in summary.columns and summary["metric"].tolist() == [0.25, 0.25]
