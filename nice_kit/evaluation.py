@@ -152,7 +152,7 @@ def compare(pipeline, methods: list[str] | None = None, fraction: float | None =
 
     ``quick=True`` is the setting for a notebook: one fine-tuning seed (the first of the config's, unless
     ``seeds`` is given) and no full-pool row unless ``full=True`` or ``methods`` names ``full`` (each full-pool
-    training costs about ten selections'). ``full=False`` drops that row in any mode. The progress bar's
+    training costs about seven selections', :func:`training_cost`). ``full=False`` drops that row in any mode. The progress bar's
     estimate weights each training by its size (:func:`training_cost`), and each result is logged as it
     finishes (and passed to ``on_result``, a row as a dict, when given)."""
     ev = pipeline.cfg.evaluation

@@ -144,9 +144,10 @@ display(diagnostics)
 # re-runs of the selection itself: `sd_selection` and `sd_finetune` say which varies more).
 #
 # `quick=True` is the notebook setting: one fine-tuning seed and no full-pool training (each costs about
-# ten selections'; `full=True` adds it). In full mode that is 3 trainings of about 40 s each on 2 CPU
-# cores; `compare(p)` runs the config's 3 seeds and the full pool (12 trainings, about 12 minutes). Each
-# result is printed as it finishes, and the progress bar's estimate weights trainings by their size.
+# seven selections'; `full=True` adds it). In full mode that is 3 trainings of about 36 s each on a quiet
+# 2-core machine; `compare(p)` runs the config's 3 seeds and the full pool (9 trainings of about 36 s and
+# 3 full-pool ones of about 4 minutes: about 17 minutes). Each result is printed as it finishes, and the
+# progress bar's estimate weights trainings by their size.
 #
 # Every row also records how varied the fine-tuned model's answers are: the share of test prompts that
 # got its most common completion and the number of distinct completions (and the same for the training
