@@ -270,7 +270,11 @@ TEXT_COLUMNS = ("answer_top", "train_top")
 def read_rows(path: Path) -> pd.DataFrame:
     """A stored table of trainings (``evaluation/results.csv``, ``evaluation/lds.csv``), its text columns
     (the most common completion and response) read as text, not numbers."""
-    return pd.read_csv(path, converters={c: str for c in TEXT_COLUMNS})
+    df = pd.read_csv(path, converters={c: str for c in TEXT_COLUMNS})
+    for c in TEXT_COLUMNS:  # an empty completion is stored as an empty field, which pandas reads as NaN
+        if c in df.columns:
+            df[c] = df[c].where(df[c].notna() | df[c.replace("_top", "_top_share")].isna(), "")
+    return df
 
 
 def _write_rows(rows: list[dict], path: Path) -> None:
@@ -349,7 +353,8 @@ def diversity_summary(results: pd.DataFrame) -> pd.DataFrame:
             share = g["answer_top_share"].dropna()
             row["answer_top_share"] = float(share.mean())
             row["answer_distinct"] = float(g["answer_distinct"].mean())
-            row["most_common"] = g["answer_top"].astype(str).mode().iloc[0] if "answer_top" in g else ""
+            tops = g["answer_top"].dropna().astype(str) if "answer_top" in g else pd.Series([], dtype=str)
+            row["most_common"] = tops.mode().iloc[0] if len(tops) else ""
             n = sum(is_collapse(x) for x in share)
             row["collapse"] = f"COLLAPSE in {n} of {len(share)}" if n else f"no ({len(share)} run{'s' if len(share) != 1 else ''})"
         if "train_top_share" in g and g["train_top_share"].notna().any():

@@ -139,3 +139,14 @@ def test_rows_stored_before_diversity_was_recorded_are_still_reused(done, tmp_pa
     assert len(trained) == 2 and df["metric"].tolist() == [0.25, 0.25]  # reused, not retrained
     summary = diversity_summary(df)
     assert "collapse" not in summary.columns and summary["metric"].tolist() == [0.25, 0.25]
+
+
+def test_an_empty_most_common_completion_reads_back_as_text(tmp_path):
+    from nice_kit.evaluation import diversity_summary, read_rows
+
+    path = tmp_path / "results.csv"
+    pd.DataFrame([{"method": "nice", "fraction": 0.1, "metric": 0.0, "answer_top_share": 1.0, "answer_distinct": 1,
+                   "answer_top": "", "train_top_share": 0.5, "train_top": "12"}]).to_csv(path, index=False)
+    rows = read_rows(path)
+    assert rows["answer_top"].tolist() == [""] and rows["train_top"].tolist() == ["12"]  # text, not NaN or 12
+    assert diversity_summary(rows)["collapse"].tolist() == ["COLLAPSE in 1 of 1"]
