@@ -10,7 +10,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.t
 
 
 # commands that only read what earlier stages wrote: a mistyped run directory is an error, not a new run
-_READERS = ("score", "select", "evaluate", "explain", "what-if")
+_READERS = ("score", "select", "evaluate", "explain", "what-if", "lds")
 
 
 def _pipeline(args):
@@ -102,16 +102,41 @@ def cmd_select(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .evaluation import compare, summarize
+    from .evaluation import compare, diversity_summary, summarize
 
     p = _pipeline(args)
     if p.dist.parallel and p.dist.world_size > 1:
         raise RuntimeError("nice-kit evaluate runs in one process: start it without torchrun (the selections it "
                            "trains on are already in the run directory)")
     df = compare(p, methods=args.methods, fraction=args.fraction, seeds=args.seeds,
-                 selection_seeds=args.selection_seeds)
+                 selection_seeds=args.selection_seeds, quick=args.quick, full=args.full)
     print(summarize(df).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    diversity = diversity_summary(df)
+    if "answer_top_share" in diversity.columns:
+        print("\nAnswer diversity of the fine-tuned models' test completions (a collapse: one completion for half "
+              "the test prompts or more):")
+        print(diversity.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(f"\nper run: {p.run_dir / 'evaluation' / 'results.csv'}")
+
+
+def cmd_lds(args) -> None:
+    from .evaluation import describe_lds, lds
+
+    p = _pipeline(args)
+    if p.dist.parallel and p.dist.world_size > 1:
+        raise RuntimeError("nice-kit lds runs in one process: start it without torchrun")
+    result = lds(p, n_subsets=args.subsets, fraction=args.fraction, seeds=args.seeds, methods=args.methods,
+                 n_bootstrap=args.bootstrap, subset_seed=args.subset_seed)
+    fmt = lambda x: f"{x:.3f}"  # noqa: E731
+    print(f"\nLinear datamodeling score ({args.subsets} random subsets of {args.fraction:.0%} of the pool; target "
+          "'loss' is minus the test reference loss, so positive means 'predicts better'):")
+    print(result.table.to_string(index=False, float_format=fmt))
+    if len(result.differences):
+        print("\nDifferences (paired bootstrap over subsets):")
+        print(result.differences.to_string(index=False, float_format=fmt))
+    print("\n" + describe_lds(result))
+    print(f"\ncost of the stored trainings: {result.cpu_minutes:.1f} CPU minutes; per training: "
+          f"{p.run_dir / 'evaluation' / 'lds.csv'}")
 
 
 def cmd_explain(args) -> None:
@@ -198,6 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seeds", nargs="+", type=int, default=None, help="fine-tuning seeds")
     sp.add_argument("--selection-seeds", nargs="+", type=int, default=None,
                     help="selection seeds: k re-runs the selection with run seed + k and projection seed + k")
+    sp.add_argument("--quick", action="store_true",
+                    help="one fine-tuning seed and no full-pool row unless --full (for a notebook)")
+    sp.add_argument("--full", action=argparse.BooleanOptionalAction, default=None,
+                    help="include (--full) or leave out (--no-full) the full-pool row")
+    sp = add("lds", cmd_lds, "linear datamodeling score: does the sum of an example's scores predict what training "
+             "on random subsets does to the test metric and loss?")
+    sp.add_argument("--subsets", type=int, default=32, help="number of random subsets M (default 32)")
+    sp.add_argument("--fraction", type=float, default=0.5, help="each subset's share of the pool (default 0.5)")
+    sp.add_argument("--seeds", nargs="+", type=int, default=None,
+                    help="fine-tuning seeds per subset (default: the first of the config's evaluation seeds)")
+    sp.add_argument("--methods", nargs="+", default=None, help="score columns to test (default: all in scores.csv)")
+    sp.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over subsets (default 1000)")
+    sp.add_argument("--subset-seed", type=int, default=0, help="seed of the random subsets (default 0)")
     sp = add("explain", cmd_explain, "why an example scored what it did: its top target prompts and completions")
     sp.add_argument("id", nargs="?", default=None, help="the pool example's id")
     sp.add_argument("--method", choices=["less", "nice"], default="nice")

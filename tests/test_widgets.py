@@ -878,3 +878,52 @@ def test_influence_plots_and_disagreements(run):
     d = widgets.disagreements(frame, n=5)
     assert len(d) == 5 and d["rank_gap"].abs().is_monotonic_decreasing
     assert json.loads(pio.to_json(widgets.influence_scatter(frame, subset=frame.head(3))))["data"][0]["x"]
+
+
+# ---- the linear datamodeling score and collapse (widgets/lds.py)
+
+def _lds_result():
+    from nice_kit.evaluation import lds_from_trainings
+
+    ids = [f"e{i}" for i in range(8)]
+    rng = np.random.default_rng(0)
+    scores = pd.DataFrame({"less": rng.normal(size=8), "nice": rng.normal(size=8)}, index=ids)
+    subsets = [sorted(rng.choice(ids, 4, replace=False).tolist()) for _ in range(10)]
+    rows = [{"subset": i, "seed": 0, "metric": float(scores.loc[s, "nice"].sum()), "loss": 2.0 + 0.1 * i,
+             "answer_top_share": 0.6 if i == 0 else 0.2, "answer_distinct": 5} for i, s in enumerate(subsets)]
+    return lds_from_trainings(pd.DataFrame(rows), subsets, scores, n_bootstrap=100, metric="task_score", fraction=0.5)
+
+
+def test_lds_figure_and_table_are_two_by_two():
+    from widgets import LDSView, lds_figure, lds_table
+
+    res = _lds_result()
+    fig = lds_figure(res)
+    assert len(fig.data) == 4  # (loss, metric) x (LESS, NICE)
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles[0].startswith("LESS predicting the loss") and titles[3].startswith("NICE predicting the metric")
+    assert "LDS +1.00" in titles[3]  # the metric was built from NICE's sums
+    assert fig.layout.yaxis.autorange == "reversed"  # loss row: up is better
+    nice_metric = fig.data[3]
+    assert list(nice_metric.x) == pytest.approx(res.subsets["pred_nice"].tolist())
+    table = lds_table(res)
+    assert list(table.index) == ["LESS", "NICE"] and list(table.columns) == ["predicting the loss", "predicting the metric"]
+    assert table.loc["NICE", "predicting the metric"].startswith("+1.00 [")
+    view = LDSView(res, theme="light")
+    assert "Linear datamodeling score" in view.text.value and "1 of 10 subsets collapsed" in view.text.value
+    view.methods.value = ("nice",)
+    assert len(view.figure.data) == 2 and "nice-kit-fig" in view.fallback_html()
+
+
+def test_evaluation_table_shows_diversity_beside_the_metric_and_calls_a_collapse_one():
+    from widgets import evaluation_table
+
+    rows = [{"method": "less", "fraction": 0.1, "seed": s, "metric": 0.3, "loss": 1.0, "answer_top_share": share,
+             "answer_distinct": 2, "answer_top": "12", "train_top_share": 0.8} for s, share in enumerate((0.9, 0.95))]
+    rows += [{"method": "nice", "fraction": 0.1, "seed": 0, "metric": 0.2, "loss": 1.1, "answer_top_share": 0.2,
+              "answer_distinct": 30, "answer_top": "7", "train_top_share": 0.1}]
+    rows += [{"method": "full", "fraction": 1.0, "seed": 0, "metric": 0.25, "loss": 0.9}]  # stored before diversity
+    t = evaluation_table(pd.DataFrame(rows)).set_index("method")
+    assert t.loc["less", "collapse"] == "COLLAPSE in 2 of 2" and t.loc["less", "most_common"] == "12"
+    assert t.loc["nice", "collapse"] == "no (1 run)" and t.loc["nice", "answer_top_share"] == pytest.approx(0.2)
+    assert pd.isna(t.loc["full", "answer_top_share"]) and t.loc["full", "metric"] == pytest.approx(0.25)

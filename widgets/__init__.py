@@ -38,6 +38,7 @@ from ._display import ClickTable, Pager, figure_html, use_offline_renderer
 from ._run import as_pipeline, load_scores, open_run, pool_frame, selected_ids, spearman
 from ._theme import lab_theme, resolve_theme, use_theme_template
 from .explorer import DetailPanel, InfluenceExplorer
+from .lds import LDSView, evaluation_table, lds_figure, lds_table
 from .metric_picker import MetricPicker, param_choices, unavailable_reason
 from .plots import (disagreements, influence_scatter, loss_vs_metric, loss_vs_metric_checkpoints,
                     loss_vs_metric_subsets, nice_ticks, rewards_figure, rollout_figure, score_histogram)
@@ -53,5 +54,5 @@ __all__ = [
     "loss_vs_metric", "loss_vs_metric_checkpoints", "loss_vs_metric_subsets", "nice_ticks", "rewards_figure",
     "rollout_figure", "score_histogram", "figure_html", "use_offline_renderer", "lab_theme", "resolve_theme", "use_theme_template",
     "param_choices", "unavailable_reason", "policy_summary", "weight_explanation", "WhyPanel", "why_panel",
-    "why_figure",
+    "why_figure", "LDSView", "evaluation_table", "lds_figure", "lds_table",
 ]
