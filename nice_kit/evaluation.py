@@ -521,7 +521,8 @@ def lds(run, n_subsets: int = 32, fraction: float = 0.5, seeds: list[int] | None
     progress.close()
     by_key = {r["key"]: r for r in rows}
     trainings = pd.DataFrame([{**by_key[key], "subset": i, "subset_seed": subset_seed, "fraction": fraction,
-                               "seed": seed} for i, seed, ids, key in jobs]).drop(columns=["key"])
+                               "seed": seed} for i, seed, ids, key in jobs]).drop(columns=["key", ROW_CHECK],
+                                                                                      errors="ignore")
     return lds_from_trainings(trainings, subsets, scores, n_bootstrap=n_bootstrap, metric=name, fraction=fraction)
 
 

@@ -134,7 +134,7 @@ def test_rows_stored_before_diversity_was_recorded_are_still_reused(done, tmp_pa
                         {"metric": 0.25, "loss": 1.5, "n_test": len(test)})
     evaluation.compare(q, methods=["random", "nice"], seeds=[0])
     old = pd.read_csv(tmp_path / "r" / "evaluation" / "results.csv")
-    old.drop(columns=["cpu_s", "wall_s"]).to_csv(tmp_path / "r" / "evaluation" / "results.csv", index=False)  # as before
+    old.drop(columns=["cpu_s", "wall_s", "check"]).to_csv(tmp_path / "r" / "evaluation" / "results.csv", index=False)  # as before
     df = evaluation.compare(q, methods=["random", "nice"], seeds=[0])
     assert len(trained) == 2 and df["metric"].tolist() == [0.25, 0.25]  # reused, not retrained
     summary = diversity_summary(df)
