@@ -2,11 +2,13 @@
 
     python bench/nice_variants.py [--run-dir runs/default]
 
-Reuses the run's warmup, training gradients and rollouts (linked into runs/variants/<name>), recomputes
-only NICE's validation gradients per variant, and prints the share of harmful / wrong-answer /
-verbose / on-task examples among each variant's top 10% (the benchmark's flags, never seen by NICE).
-The "reference estimator" rows are the reference implementation's arithmetic (policy.estimator =
-"reference"); the others are nice_kit's estimator with the settings named.
+Asks the finished run one what-if per variant (nice_kit.whatif: the same warmup, training gradients
+and rollouts; NICE's prompt vectors recombined from the stored per-completion gradients, computed
+once, so a variant costs about a second and equals a fresh run within float16 storage,
+tests/test_whatif.py), and prints the share of harmful / wrong-answer / verbose / on-task examples
+among each variant's top 10% (the benchmark's flags, never seen by NICE) and its overlap with the
+run's selection. The "reference estimator" rows are the reference implementation's arithmetic
+(policy.estimator = "reference"); the others are nice_kit's estimator with the settings named.
 
     python bench/nice_variants.py --only "paper.toml" "mean baseline (default)" --retrain-seeds 0 1 2
 
@@ -17,7 +19,6 @@ does, and prints the test metric (mean ± standard error over the seeds).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nice_kit.config import RunConfig  # noqa: E402
-from nice_kit.diagnostics import selection_diagnostics  # noqa: E402
 from nice_kit.evaluation import finetune_and_evaluate  # noqa: E402
 from nice_kit.pipeline import Pipeline  # noqa: E402
 
@@ -49,6 +49,10 @@ VARIANTS = {
 }
 
 
+def _dotted(over: dict) -> dict:
+    return {f"{section}.{k}": v for section, values in over.items() for k, v in values.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "default.toml"))
@@ -57,31 +61,18 @@ def main() -> None:
     ap.add_argument("--retrain-seeds", nargs="*", type=int, default=[],
                     help="fine-tuning seeds: retrain on each variant's selection and score the test prompts")
     args = ap.parse_args()
-    src = Path(args.run_dir).resolve()
-    base = RunConfig.from_file(args.config).to_dict()
-    rows, model = [], None
+    p = Pipeline(RunConfig.from_file(args.config), args.run_dir, verbose=False)
+    rows = []
     for name, over in VARIANTS.items():
         if args.only and not any(s in name for s in args.only):
             continue
-        d = {**base, **{k: {**base[k], **v} for k, v in over.items()}}
-        run_dir = ROOT / "runs" / "variants" / "".join(c if c.isalnum() else "_" for c in name)
-        (run_dir / "grads").mkdir(parents=True, exist_ok=True)
-        for part in ("warmup", "rollouts", "grads/train"):
-            link = run_dir / part
-            if not link.exists():
-                os.symlink(src / part, link)
-        p = Pipeline(RunConfig.from_dict(d), run_dir, verbose=False)
-        if model is not None:
-            p._base_model, p._tokenizer, p._peft = model
-        p.validation_gradients("nice")
-        model = (p._base_model, p._tokenizer, p._peft)
-        selection = p.select(p.scores(["nice"]))
-        diag = selection_diagnostics(p, selection)
-        row = diag[diag["method"] == "nice"].iloc[0].to_dict()
-        rows.append({"variant": name, **{k: v for k, v in row.items() if k.endswith("share")}})
+        got = p.what_if(_dotted(over))
+        diag = got.diagnostics.set_index("method").loc["what-if"].to_dict() if got.diagnostics is not None else {}
+        rows.append({"variant": name, **{k: v for k, v in diag.items() if k.endswith("share")},
+                     "overlap": got.overlap, "seconds": got.seconds})
         if args.retrain_seeds:
             test = p.target_test[: p.cfg.evaluation.max_test or None]
-            runs = [finetune_and_evaluate(p, selection["nice"], seed, test) for seed in args.retrain_seeds]
+            runs = [finetune_and_evaluate(p, got.selected, seed, test) for seed in args.retrain_seeds]
             metric = np.array([r["metric"] for r in runs])
             rows[-1]["test_metric"] = float(metric.mean())
             rows[-1]["test_metric_se"] = float(metric.std(ddof=1) / np.sqrt(len(metric))) if len(metric) > 1 else np.nan
