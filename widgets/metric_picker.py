@@ -642,11 +642,11 @@ def what_if_html(p, wi, labels: dict[str, str]) -> str:
     moves = wi.moves.assign(prompt=[H.short(labels.get(i, ""), 40) for i in wi.moves["id"]])
     moves = moves[["id", "prompt", "rank_current", "rank_what_if", "rank_move", "current", "what_if"]]
     move_html = H.table(moves, [H.Column("id", width="90px"), H.Column("prompt"),
-                                H.Column("rank_current", "rank now", width="74px", numeric=True),
-                                H.Column("rank_what_if", "rank then", width="74px", numeric=True),
+                                H.Column("rank_current", "rank (run)", width="74px", numeric=True),
+                                H.Column("rank_what_if", "rank (what-if)", width="74px", numeric=True),
                                 H.Column("rank_move", "move", width="60px", numeric=True),
-                                H.Column("current", "score now", width="86px", numeric=True),
-                                H.Column("what_if", "score then", width="86px", numeric=True)],
+                                H.Column("current", "score (run)", width="86px", numeric=True),
+                                H.Column("what_if", "score (what-if)", width="86px", numeric=True)],
                         key="id", css_class="nice-whatif-moves")
     diag = ""
     if wi.diagnostics is not None:
