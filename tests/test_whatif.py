@@ -39,7 +39,7 @@ CASES = [
     {"policy.baseline": "none"},
     {"policy.baseline": "loo", "policy.token_normalize": True},
     {"metric.params": {"max_words": 2}},
-    {"metric.name": lambda prompts, completions, **cols: [(len(c) % 3) / 2 for c in completions]},
+    {"metric.name": lambda prompts, completions, **cols: [(len(c) % 3) / 2 for c in completions]},  # a user's
     {"policy.variant": "topk", "policy.topk": 2, "policy.include_eos": False},
     {"policy.variant": "rejection", "policy.baseline": "none", "selection.aggregate": "mean"},
     {"policy.estimator": "reference", "policy.variant": "vanilla", "policy.baseline": "none"},
@@ -48,7 +48,12 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("changes", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def _case_id(changes: dict) -> str:
+    """The same id in every pytest-xdist worker (a function's repr names its address)."""
+    return ",".join(f"{k}={'<user metric>' if callable(v) else v}" for k, v in changes.items())
+
+
+@pytest.mark.parametrize("changes", CASES, ids=_case_id)
 def test_what_if_equals_a_fresh_run(run, changes, tmp_path):
     got = what_if(run, changes)
     q, scores = fresh(run, changes, tmp_path / "fresh")
