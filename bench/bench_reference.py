@@ -1,10 +1,10 @@
 """nice_kit's reference estimator against the independent float64 oracle, on the bundled model.
 
-    python bench/bench_reference.py            # 12 pool examples, every reference variant and option
-    python bench/bench_reference.py --quick --oracle-dtype float32   # 6 pool examples, the five variants (CI)
+    python bench/bench_reference.py            # 12 pool examples, 8 target prompts, every variant and option
+    python bench/bench_reference.py --quick --oracle-dtype float32   # 6 and 4, the five variants (CI)
 
-A shared warmup of SmolLM2-135M-Instruct on a slice of the bundled benchmark, 4 target prompts in
-two subtasks, 12 completions per prompt sampled by the model, and designed rewards (ties at the
+A shared warmup of SmolLM2-135M-Instruct on a slice of the bundled benchmark, 8 (--quick: 4) target
+prompts in two subtasks, 12 completions per prompt sampled by the model, and designed rewards (ties at the
 top-10 cut, negative rewards, ties with the reference answer's reward, an all-zero prompt, an empty
 completion, a completion whose text encodes to other ids) fed to both sides. nice_kit's side is the
 pipeline's own measurement and float32 gradient engine; the oracle (tests/reference_oracle.py) is a
@@ -37,8 +37,8 @@ from nice_kit.demo import DEFAULT_CONFIG, _merge, fast_data  # noqa: E402
 from nice_kit.pipeline import Pipeline  # noqa: E402
 
 
-def build(out: Path, n_pool: int, model: str, threads: int) -> Pipeline:
-    data = fast_data(out / "data", n_pool=n_pool, n_val=4, n_test=2)
+def build(out: Path, n_pool: int, n_val: int, model: str, threads: int) -> Pipeline:
+    data = fast_data(out / "data", n_pool=n_pool, n_val=n_val, n_test=2)
     base = RunConfig.from_file(DEFAULT_CONFIG).to_dict()
     cfg = RunConfig.from_dict(_merge(base, {
         "model": model, "threads": threads, "data": {**data, "max_length": 512},
@@ -50,7 +50,9 @@ def build(out: Path, n_pool: int, model: str, threads: int) -> Pipeline:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="6 pool examples and the five variants only")
+    ap.add_argument("--quick", action="store_true", help="6 pool examples, 4 target prompts, the five variants only")
+    ap.add_argument("--pool", type=int, default=0, help="pool examples (default 12; --quick 6)")
+    ap.add_argument("--per-subtask", type=int, default=0, help="target prompts per subtask (default 4; --quick 2)")
     ap.add_argument("--model", default="default", help="model name or folder (default: the bundled model)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--oracle-dtype", choices=["float64", "float32"], default="float64",
@@ -61,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_reference_"))
-    run = build(out, 6 if args.quick else 12, args.model, args.threads)
+    n_pool = args.pool or (6 if args.quick else 12)
+    per_subtask = args.per_subtask or (2 if args.quick else 4)
+    run = build(out, n_pool, per_subtask, args.model, args.threads)
     print(f"[bench_reference] step: warmup and rollouts ({len(run.pool)} pool examples, "
           f"{len(run.target_val)} target prompts x {run.cfg.rollouts.k})", flush=True)
     run.warmup()

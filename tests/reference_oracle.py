@@ -57,7 +57,9 @@ def _params(model) -> list[torch.nn.Parameter]:
 
 
 def _flat_grad(model) -> torch.Tensor:
-    return torch.cat([p.grad.reshape(-1).clone() if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype)
+    """The LoRA parameters' gradients as one float64 vector (the oracle sums in float64 whatever the
+    model's dtype)."""
+    return torch.cat([p.grad.reshape(-1).double() if p.grad is not None else torch.zeros(p.numel(), dtype=torch.float64)
                       for p in _params(model)])
 
 

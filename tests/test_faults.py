@@ -487,7 +487,8 @@ def test_a_damaged_evaluation_row_is_recomputed_not_reported(ref, tmp_path, monk
     df.to_csv(path, index=False)
     again = evaluation.compare(q, methods=["random", "full"], seeds=[0, 1])
     assert len(runs) == 5  # exactly the damaged row was recomputed
-    pd.testing.assert_frame_equal(again, first)
+    timing = ["cpu_s", "wall_s"]  # how long a training took is not part of its result
+    pd.testing.assert_frame_equal(again.drop(columns=timing, errors="ignore"), first.drop(columns=timing, errors="ignore"))
     evaluation.compare(q, methods=["random", "full"], seeds=[0, 1])
     assert len(runs) == 5
 

@@ -23,7 +23,7 @@ REFERENCE_POLICY = {"estimator": "reference", "variant": "vanilla", "baseline": 
 
 @pytest.fixture(scope="module")
 def case(tokenizer, tmp_path_factory):
-    """A tiny run (8 pool examples, 4 target prompts in two subtasks, 2 checkpoints, 12 real samples
+    """A tiny run (8 pool examples, 8 target prompts in two subtasks, 2 checkpoints, 12 real samples
     per prompt) with designed rewards; the oracle's float64 models per checkpoint."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("reference")
