@@ -295,3 +295,22 @@ def test_static_figures_follow_the_theme():
         assert pio.templates.default == "seaborn"
     finally:
         pio.templates.default = saved
+
+
+def test_run_in_raises_even_where_an_ipython_shell_swallows_output_exceptions():
+    """An Output widget used as a context manager swallows exceptions when an IPython shell exists in
+    the process (as after another test made one): run_in still raises them to the caller."""
+    import ipywidgets
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from widgets._display import run_in
+
+    InteractiveShell.instance()
+    out = ipywidgets.Output()
+
+    def fail():
+        raise RuntimeError("the stage failed")
+
+    with pytest.raises(RuntimeError, match="the stage failed"):
+        run_in(out, fail)
+    assert run_in(out, lambda x: x + 1, 1) == 2

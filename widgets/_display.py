@@ -269,3 +269,19 @@ class Pager(w.HBox):
         self.label.value = H.muted(f"rows {lo + 1}–{hi} of {self.n}" if self.n else "no rows")
         self.prev.disabled = self.page == 0
         self.next.disabled = self.page >= self.pages - 1
+
+
+def run_in(output, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with ``output`` (an ipywidgets Output) capturing what it draws (tqdm
+    bars), its exception raised to the caller: an Output used as a context manager swallows
+    exceptions when an IPython shell exists in the process."""
+    failure: list[BaseException] = []
+    result = None
+    with output:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - re-raised below, outside the Output
+            failure.append(err)
+    if failure:
+        raise failure[0]
+    return result

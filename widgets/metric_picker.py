@@ -15,7 +15,7 @@ from nice_kit import metrics as rewards
 
 from . import _html as H
 from . import _theme
-from ._display import LiveFallback, Pager, figure_html
+from ._display import LiveFallback, Pager, figure_html, run_in
 from ._run import (RunLike, adopt_what_if, as_pipeline, available_columns, checkpoints, harmful_share, is_label_free,
                    model_problem, pool_labels, rescore, rollouts, run_metric, target_labels, what_if)
 from .plots import rewards_figure
@@ -507,8 +507,7 @@ class MetricPicker(LiveFallback, w.VBox):
         if self.unavailable():
             raise ValueError(f"{self.name} is unavailable for this run: {self.unavailable()}")
         changes = self.what_if_changes()
-        with self.whatif_progress:
-            wi = what_if(self.pipeline, changes, compute=compute)
+        wi = run_in(self.whatif_progress, what_if, self.pipeline, changes, compute=compute)
         self.whatif_progress.clear_output()
         self._what_if, self._what_if_for = wi, changes
         self.compute_button.layout.display = "none"
@@ -544,8 +543,7 @@ class MetricPicker(LiveFallback, w.VBox):
         the model). Returns the run's pipeline under the new config, which the picker then shows."""
         if self._what_if is None:
             raise ValueError("no what-if to adopt: ask one first (what_if())")
-        with self.whatif_progress:
-            adopted = adopt_what_if(self.pipeline, self._what_if)
+        adopted = run_in(self.whatif_progress, adopt_what_if, self.pipeline, self._what_if)
         self.whatif_progress.clear_output()
         changes = self._what_if_for
         self.pipeline = adopted

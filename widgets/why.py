@@ -41,7 +41,7 @@ from nice_kit.explain import Explanation, explain
 
 from . import _html as H
 from . import _theme
-from ._display import LiveFallback, figure_html
+from ._display import LiveFallback, figure_html, run_in
 from ._run import RunLike, as_pipeline, target_labels
 
 METHOD_COLORS = {"nice": "#1f77b4", "less": "#ff7f0e"}  # as widgets.plots draws the two methods
@@ -368,8 +368,8 @@ class WhyPanel(LiveFallback, w.VBox):
         self.status.value = "<span class='nice-why-muted'>computing the per-completion gradients (loads the model):</span>"
         start = time.perf_counter()
         try:
-            with self.progress:  # the stage's tqdm.auto bar draws here while it runs
-                expl = explain(self.pipeline, example_id, method, compute=True)
+            # the stage's tqdm.auto bar draws in the Output while it runs
+            expl = run_in(self.progress, explain, self.pipeline, example_id, method, compute=True)
         except Exception as err:  # noqa: BLE001 - shown, not raised into the button's callback
             self.status.value = (f"<span class='nice-why-error'>could not compute them: {H.esc(type(err).__name__)}: "
                                  f"{H.esc(err)}</span>")
