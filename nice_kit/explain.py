@@ -330,20 +330,30 @@ def completion_vectors(run: "Pipeline", method: str | Measurement = "nice", comp
         what = f"{m.name} per-completion gradients (epoch {ckpt.epoch})"
         fix = f"run.explain(example_id, {m.name!r}) or nice-kit explain ID --method {m.name} (computes them)"
         parts = completion_parts(run, m, ckpt)
-        try:
-            stage = read_stage(path, inputs, what, fix)
-            stage.check_made_from(run._made_from(ckpt), what, fix)
-        except RuntimeError:  # missing, unfinished or stale (StaleResultError)
-            if not compute:
-                raise
-            _compute_parts(run, m, ckpt, parts, folder, inputs)
-            stage = read_stage(path, inputs, what, fix)
-        stored = open_vectors(stage.path)
-        stored.spec.check_compatible(run.projection_spec(stored.spec.input_dim), what)
-        if stored.ids != parts["part_id"].tolist():
-            raise RuntimeError(f"{path}: its rows name other completions than the rollouts; {fix}")
+        stored = stored_parts(run, ckpt, path, inputs, parts["part_id"].tolist(), what, fix,
+                              (lambda: _compute_parts(run, m, ckpt, parts, folder, inputs)) if compute else None)
         out.append((parts, stored))
     return out
+
+
+def stored_parts(run: "Pipeline", ckpt: "Checkpoint", path, inputs: dict[str, Any], ids: list[str], what: str,
+                 fix: str, compute) -> StoredVectors:
+    """A checkpoint's stored part vectors (explain's and what-if's per-completion stages), checked
+    against ``inputs``, the checkpoint they were made from, the projection and ``ids``; ``compute()``
+    (None: raise instead) makes them when they are missing, unfinished or stale."""
+    try:
+        stage = read_stage(path, inputs, what, fix)
+        stage.check_made_from(run._made_from(ckpt), what, fix)
+    except RuntimeError:  # missing, unfinished or stale (StaleResultError)
+        if compute is None:
+            raise
+        compute()
+        stage = read_stage(path, inputs, what, fix)
+    stored = open_vectors(stage.path)
+    stored.spec.check_compatible(run.projection_spec(stored.spec.input_dim), what)
+    if stored.ids != ids:
+        raise RuntimeError(f"{path}: its rows name other completions than the rollouts; {fix}")
+    return stored
 
 
 def _compute_parts(run: "Pipeline", m: PolicyGradient, ckpt: "Checkpoint", parts: pd.DataFrame, folder: str,

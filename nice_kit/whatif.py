@@ -33,12 +33,13 @@ import pandas as pd
 import torch
 
 from .data import prompt_ids, tokenize_pair
+from .explain import stored_parts
 from .gradients import WeightedSequence
 from .influence import counted_prompts, influence_scores, top_fraction
 from .measurements import uses_reference_reward, weigh_rollouts
 from .projection import normalize_rows
 from .runs import read_stage
-from .vectors import StoredVectors, chunk_tensors, open_vectors
+from .vectors import StoredVectors, chunk_tensors
 from .warmup import checkpoint_weights, load_adapter_weights
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -124,18 +125,8 @@ def completion_parts(run: "Pipeline", compute: bool = True) -> list[tuple[pd.Dat
         what = f"NICE per-completion gradients for what-ifs (epoch {ckpt.epoch})"
         fix = "run.what_if(...) or nice-kit what-if (computes them)"
         table, seqs = parts_table(run, ckpt)
-        try:
-            stage = read_stage(path, inputs, what, fix)
-            stage.check_made_from(run._made_from(ckpt), what, fix)
-        except RuntimeError:  # missing, unfinished or stale (StaleResultError)
-            if not compute:
-                raise
-            _compute_parts(run, ckpt, table, seqs, folder, inputs)
-            stage = read_stage(path, inputs, what, fix)
-        stored = open_vectors(stage.path)
-        stored.spec.check_compatible(run.projection_spec(stored.spec.input_dim), what)
-        if stored.ids != table["part_id"].tolist():
-            raise RuntimeError(f"{path}: its rows name other completions than the rollouts; {fix}")
+        stored = stored_parts(run, ckpt, path, inputs, table["part_id"].tolist(), what, fix,
+                              (lambda: _compute_parts(run, ckpt, table, seqs, folder, inputs)) if compute else None)
         out.append((table, stored))
     return out
 
