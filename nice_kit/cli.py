@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .settings import EVAL_METHODS, SELECTION_METHODS
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 
 
@@ -22,7 +24,7 @@ def _pipeline(args):
         hint = "" if run_dir.exists() else " does not exist"
         raise FileNotFoundError(f"run directory {run_dir}{hint or ' holds no run (no config.json)'}; "
                                 "start one with `nice-kit run --run-dir DIR`")
-    cfg = RunConfig.from_file(args.config)
+    cfg = RunConfig.from_file(args.config, sets=getattr(args, "override", None) or ())
     from .distributed import init_from_env
 
     dist = init_from_env(cfg.device)  # under torchrun: join the process group; else one process as before
@@ -184,6 +186,15 @@ def cmd_what_if(args) -> None:
         print(f"\nscores: {args.out}")
 
 
+def cmd_config(args) -> None:
+    from .config import RunConfig
+    from .settings import to_toml
+
+    cfg = RunConfig.from_file(args.config, sets=args.override or (), check_model=not args.no_model_check)
+    print(f"# {args.config}" + "".join(f"\n# --set {k}={v!r}" for k, v in args.override or ()) + "\n" + to_toml(cfg),
+          end="")
+
+
 def cmd_metrics(args) -> None:
     from .metrics import list_metrics
 
@@ -196,10 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nice-kit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name, fn, help, shard=False):
-        sp = sub.add_parser(name, help=help, description=help)
+    def add(name, fn, help, shard=False, run_dir=True, overrides=True, **kw):
+        sp = sub.add_parser(name, help=help, description=help, **kw)
         sp.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML config (default: the bundled default)")
-        sp.add_argument("--run-dir", default="runs/default", help="run directory (default: runs/default)")
+        if overrides:
+            sp.add_argument("--set", dest="override", action="append", type=_setting, metavar="SECTION.SETTING=VALUE",
+                            help="override one setting of the config (repeatable), e.g. --set rollouts.k=4 "
+                                 "--set policy.baseline=none; `nice-kit config --help` lists every setting")
+        if run_dir:
+            sp.add_argument("--run-dir", default="runs/default", help="run directory (default: runs/default)")
         if shard:
             sp.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                             help="compute only shard I of N (chunks c with c %% N == I); merged when all exist")
@@ -211,14 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("warmup", cmd_warmup, "train the warmup LoRA and save a checkpoint per epoch")
     add("train-grads", cmd_train_grads, "projected Adam-preconditioned gradients of the pool", shard=True)
     sp = add("val-grads", cmd_val_grads, "validation gradients of the target prompts (less or nice)", shard=True)
-    sp.add_argument("--method", choices=["less", "nice"], default="nice")
+    sp.add_argument("--method", choices=SELECTION_METHODS, default="nice")
     add("rollouts", cmd_rollouts, "sample and score completions of the target prompts")
     sp = add("score", cmd_score, "influence scores of the pool (scores.csv)")
-    sp.add_argument("--methods", nargs="+", choices=["less", "nice"], default=None)
+    sp.add_argument("--methods", nargs="+", choices=SELECTION_METHODS, default=None)
     sp = add("select", cmd_select, "select the top fraction by each method (selected*.jsonl)")
     sp.add_argument("--fraction", type=float, default=None)
     sp = add("evaluate", cmd_evaluate, "fine-tune on each method's selection and score held-out test prompts")
-    sp.add_argument("--methods", nargs="+", default=None, help="subset of: random less nice full")
+    sp.add_argument("--methods", nargs="+", default=None, help=f"subset of: {' '.join(EVAL_METHODS)}")
     sp.add_argument("--fraction", type=float, default=None)
     sp.add_argument("--seeds", nargs="+", type=int, default=None, help="fine-tuning seeds")
     sp.add_argument("--selection-seeds", nargs="+", type=int, default=None,
@@ -238,17 +254,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--subset-seed", type=int, default=0, help="seed of the random subsets (default 0)")
     sp = add("explain", cmd_explain, "why an example scored what it did: its top target prompts and completions")
     sp.add_argument("id", nargs="?", default=None, help="the pool example's id")
-    sp.add_argument("--method", choices=["less", "nice"], default="nice")
+    sp.add_argument("--method", choices=SELECTION_METHODS, default="nice")
     sp.add_argument("--top", type=int, default=10, help="how many contributions to print (default 10)")
     sp.add_argument("--check", action="store_true",
                     help="decompose every example and print the largest difference from its stored score")
     sp = add("what-if", cmd_what_if, "NICE's selection under another metric, estimator or aggregate, from stored "
-             "vectors (no new samples; computes the per-completion gradients once)")
+             "vectors (no new samples; computes the per-completion gradients once)", overrides=False)
     sp.add_argument("--set", action="append", type=_setting, metavar="SECTION.SETTING=VALUE",
                     help="a [metric] or [policy] setting, selection.aggregate or selection.fraction, e.g. "
                          "--set policy.baseline=none --set metric.name=length --set metric.params.max_words=3")
     sp.add_argument("--top", type=int, default=10, help="how many rank moves to print (default 10)")
     sp.add_argument("--out", default=None, help="write the what-if's scores (CSV) here")
+    from .settings import settings_reference
+
+    sp = add("config", cmd_config, "print the config with every setting (after --set), checked; --help lists "
+             "every setting with its default, range and meaning", run_dir=False,
+             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=settings_reference(markdown=False))
+    sp.add_argument("--no-model-check", action="store_true", help="do not check that the model loads offline")
     sm = sub.add_parser("metrics", help="list the registered reward metrics")
     sm.set_defaults(func=cmd_metrics)
     return parser

@@ -29,8 +29,6 @@ from typing import Any, Iterable, Iterator
 import torch
 
 IGNORE_INDEX = -100
-# Columns that hold reference answers: withheld from metrics in label-free mode (data.reference_columns).
-REFERENCE_COLUMNS = ("answer", "tests", "test", "canonical_solution", "solution", "baseline", "reference")
 RECORD_FIELDS = ("id", "prompt", "response", "messages")
 
 

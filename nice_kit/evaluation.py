@@ -26,9 +26,8 @@ from .gradients import mean_nll_sequence, weighted_nll
 from .influence import random_subset, top_fraction
 from .rollouts import greedy_completions
 from .runs import ROW_CHECK, atomic_write_text, checked_rows, fingerprint, row_check
+from .settings import EVAL_METHODS
 from .warmup import reset_lora, train_lora  # noqa: F401  (reset_lora: re-exported)
-
-EVAL_METHODS = ("random", "less", "nice", "full")
 
 
 @torch.no_grad()

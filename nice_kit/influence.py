@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-AGGREGATES = ("max_of_means", "mean")
+from .settings import AGGREGATES
 
 
 def _rows(source, start: int, stop: int) -> torch.Tensor:

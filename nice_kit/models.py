@@ -17,13 +17,14 @@ import os
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+from .settings import DEFAULT_MODEL, LoraSettings
+
+
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -264,14 +265,6 @@ def tiny_model(tokenizer, seed: int = 0, hidden_size: int = 32, layers: int = 2)
 
 # ------------------------------------------------------------------------------------------------
 # LoRA
-
-
-@dataclass
-class LoraSettings:
-    r: int = 8
-    alpha: int = 32
-    dropout: float = 0.1
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 def add_lora(model, lora: LoraSettings, seed: int = 0):

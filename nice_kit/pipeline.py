@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics as metrics_mod
-from .config import RunConfig, check_targets, metric_columns, validate_config
+from .config import RunConfig, validate_config
 from .data import (Record, check_max_length, collate, file_digest, load_records, model_context, pool_size_warnings,
                    save_records, tokenize_records)
 from .distributed import SINGLE, Dist, on_rank_zero
@@ -46,6 +46,7 @@ from .gradients import (BatchSize, WeightedSequence, adam_precondition, gradient
                         projected_gradients)
 from .influence import counted_prompts, influence_scores, top_fraction
 from .measurements import Measurement, PolicyGradient, as_measurement
+from .metrics.records import check_targets, metric_columns
 from .models import add_lora, load_model, load_tokenizer, set_threads
 from .projection import Projector, ProjectionSpec, normalize_rows, save_spec
 from .rollouts import SAMPLER, sample_rollouts

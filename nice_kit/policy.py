@@ -45,14 +45,13 @@ from typing import Any
 
 import numpy as np
 
-VARIANTS = ("vanilla", "rejection", "topk")
-BASELINES = ("none", "mean", "loo")
+# the names settings choose from live with the settings (policy.estimator: nice_kit's own estimator, with
+# VARIANTS and BASELINES, or the reference's arithmetic with REFERENCE_VARIANTS)
+from .settings import BASELINES, REFERENCE_VARIANTS, VARIANTS
+
+
 TIE_TOLERANCE = 1e-5  # the reference keeps completions whose reward is within this of the reference's
-# policy.estimator: nice_kit's own estimator (the variants above, with baselines) or the reference's arithmetic
-ESTIMATORS = ("nice_kit", "reference")
-REFERENCE_VARIANTS = ("vanilla", "rejection", "hard_rejection", "topk_rejection", "topk_hard")
 REFERENCE_TOPK = 10  # the reference's topk_sampling for topk_rejection and topk_hard
-ALL_VARIANTS = tuple(dict.fromkeys(VARIANTS + REFERENCE_VARIANTS))
 
 
 @dataclass

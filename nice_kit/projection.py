@@ -66,7 +66,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-KINDS = ("sjlt", "rademacher")
+from .settings import PROJECTION_KINDS as KINDS  # the projection kinds live with the settings
+
 GENERATOR = "hash-v1"  # the sketch this module computes
 LEGACY_GENERATOR = "torch-generator-v0"  # what a stored spec without a ``generator`` field was made with
 SJLT_KERNELS = ("bag", "gather")

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import RolloutSettings
+from .settings import RolloutSettings
 from .data import Record, prompt_ids
 from .models import merged_lora
 

@@ -21,11 +21,12 @@ from .registry import (  # noqa: F401
     get_metric,
     list_metrics,
     metric_info,
+    metric_names,
     register_metric,
     require_column,
     score,
 )
 from .tasks import last_number, strict_answer  # noqa: F401
 
-__all__ = ["Metric", "MetricInfo", "get_metric", "last_number", "list_metrics", "metric_info", "register_metric",
+__all__ = ["Metric", "MetricInfo", "get_metric", "last_number", "list_metrics", "metric_info", "metric_names", "register_metric",
            "require_column", "score", "strict_answer"]

@@ -113,6 +113,12 @@ def metric_info(name: str) -> MetricInfo:
     return _REGISTRY[name]
 
 
+def metric_names() -> list[str]:
+    """The registered metrics' names, sorted."""
+    _load_plugins()
+    return sorted(_REGISTRY)
+
+
 def get_metric(name: str | Callable[..., list[float]], **params: Any) -> Metric:
     """Build a registered metric by name with ``params``; a callable is returned unchanged."""
     if callable(name):
