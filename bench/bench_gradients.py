@@ -148,7 +148,7 @@ def legacy_batches(seqs: list[WeightedSequence], n_groups: int, batch_size: int)
 
 
 def legacy_projected(model, seqs, n_groups, pad_id, project, transform=None, batch_size=8) -> torch.Tensor:
-    """Pipeline._projected + group_gradients as they were (without the final normalisation)."""
+    """Pipeline.project_gradients + group_gradients as they were (without the final normalisation)."""
     model.eval()
     device = next(model.parameters()).device
     out = None

@@ -190,7 +190,7 @@ def bench_policy(args) -> None:
         pids = prompt_ids(tok, rec.messages)
         for toks, eos in zip(rows[rows["prompt_id"] == rec.id]["token_ids"],
                              rows[rows["prompt_id"] == rec.id]["ended_with_eos"]):
-            seq = completion_sequence(p, pids, list(toks), bool(eos), 0.125, j)
+            seq = completion_sequence(p.context, pids, list(toks), bool(eos), 0.125, j)
             if seq is not None:
                 seqs.append(seq)
     device = next(model.parameters()).device

@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 from nice_kit import runs  # noqa: E402
 from nice_kit.influence import influence_scores, top_fraction  # noqa: E402
 from nice_kit.projection import ProjectionSpec, save_spec  # noqa: E402
-from nice_kit.vectors import check_vectors_file, open_vectors, record_vectors, write_npy_header  # noqa: E402
+from nice_kit.runs import check_vectors_file  # noqa: E402
+from nice_kit.vectors import open_vectors, record_vectors, write_npy_header  # noqa: E402
 
 
 def peak_rss_gb() -> float:

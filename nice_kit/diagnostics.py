@@ -16,18 +16,18 @@ import pandas as pd
 from .influence import random_subset
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pipeline import Pipeline
+    from .view import RunView
 
 FLAG_COLUMNS = ("harmful", "on_task", "harm_kind")
 HARM_KINDS = ("wrong_answer", "verbose", "bad_format")
 
 
-def has_flags(run: "Pipeline") -> bool:
+def has_flags(run: "RunView") -> bool:
     """Whether the pool carries the benchmark's flag columns."""
     return all(any(c in r.columns for r in run.pool) for c in ("harmful", "on_task"))
 
 
-def selection_diagnostics(run: "Pipeline", chosen: dict[str, list[str]], write: bool = True) -> pd.DataFrame:
+def selection_diagnostics(run: "RunView", chosen: dict[str, list[str]], write: bool = True) -> pd.DataFrame:
     """Share of harmful, on-task and each kind of harmful example in each method's selection, beside
     the whole pool and the random baseline's subset drawn with the run's seed (``seed`` column: the
     subset ``evaluation.compare`` trains for this run's selection seed), and how concentrated each
@@ -59,14 +59,14 @@ def selection_diagnostics(run: "Pipeline", chosen: dict[str, list[str]], write: 
     return df
 
 
-def selection_summary(run: "Pipeline", chosen: dict[str, list[str]]) -> pd.DataFrame:
+def selection_summary(run: "RunView", chosen: dict[str, list[str]]) -> pd.DataFrame:
     """The benchmark diagnostics when the pool has its flags; else each method's selection size."""
     if has_flags(run):
         return selection_diagnostics(run, chosen)
     return pd.DataFrame([{"method": m, "k": len(ids)} for m, ids in chosen.items()])
 
 
-def reward_signal(run: "Pipeline") -> pd.DataFrame:
+def reward_signal(run: "RunView") -> pd.DataFrame:
     """Where NICE's policy gradient has a signal: per warmup epoch (and subtask, when the target has
     one), how many target prompts got mixed rewards over their sampled completions (with a baseline,
     the others contribute a zero gradient), and the mean reward."""
@@ -89,7 +89,7 @@ def reward_signal(run: "Pipeline") -> pd.DataFrame:
     return res.sort_values(["epoch", "subtask"]).reset_index(drop=True)
 
 
-def response_values(run: "Pipeline", ids: list[str], top: int = 5) -> pd.DataFrame:
+def response_values(run: "RunView", ids: list[str], top: int = 5) -> pd.DataFrame:
     """The most common responses in a selection (stripped), with their count and share, and how many of
     each are flagged harmful when the pool has flags: what the selected examples have in common."""
     by_id = {r.id: r for r in run.pool}

@@ -121,7 +121,7 @@ def evaluation_inputs(pipeline, test: list[Record]) -> dict:
     out = {"model": c.model, "eval": {k: v for k, v in c.evaluation.__dict__.items()
                                       if k not in ("seeds", "selection_seeds", "methods", "fraction")},
            "metric": pipeline.metric_key(), "lora": c.lora.__dict__, "max_length": c.data.max_length,
-           "stop": list(c.rollouts.stop), "pool": pipeline._pool_digest, "label_free": c.data.label_free,
+           "stop": list(c.rollouts.stop), "pool": pipeline.pool_digest, "label_free": c.data.label_free,
            "test": [r.id for r in test], "test digest": file_digest(c.data.target_test)}
     if c.data.columns:  # the mapping changes what the records hold (absent when empty: older keys still match)
         out["data.columns"] = c.data.columns

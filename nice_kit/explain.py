@@ -31,17 +31,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .data import prompt_ids
 from .gradients import WeightedSequence
-from .influence import AGGREGATES, counted_prompts
+from .influence import AGGREGATES, aggregate_similarities, counted_prompts, subtask_groups
 from .measurements import Measurement, PolicyGradient, estimator_sequence
 from .runs import read_stage
 from .vectors import StoredVectors, chunk_tensors, open_vectors
 from .warmup import checkpoint_weights, load_adapter_weights
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pipeline import Pipeline
+    from .view import RunView
     from .warmup import Checkpoint
 
 # The relative rounding of a float16 unit row's coordinates (10 stored mantissa bits, round to nearest).
@@ -172,20 +173,18 @@ def score_terms(cosines: np.ndarray, ckpt_weights, subtasks: list[str], counted:
                          f"validity flags for {n_ckpt} checkpoints x {m} target prompts")
     if not counted.any():
         raise ValueError("no target prompt carries a signal (every one was masked out)")
-    sims = np.einsum("c,bcm->bm", w, cosines)
-    labels = np.asarray(subtasks, dtype=object)
-    names = [s for s in sorted(set(subtasks)) if (counted & (labels == s)).any()]
-    cols = [counted & (labels == s) for s in names]
-    means = np.stack([sims[:, c].mean(axis=1) for c in cols], axis=1)
+    sims = torch.from_numpy(np.einsum("c,bcm->bm", w, cosines))
+    groups = subtask_groups(subtasks, counted)
+    _, means, winner = aggregate_similarities(sims, groups, torch.from_numpy(counted), aggregate)
+    means, winner = means.numpy(), winner.numpy()
     share = np.zeros((b, m))
     if aggregate == "mean":
         share[:, counted] = 1.0 / counted.sum()
-        winner = np.full(b, -1)
     else:
-        winner = means.argmax(axis=1)  # the first of equal means, as torch's max
-        for s, c in enumerate(cols):
+        for s, (_, c) in enumerate(groups):
+            c = c.numpy()
             share[np.ix_(winner == s, c)] = 1.0 / c.sum()
-    return w[None, :, None] * share[:, None, :], means, winner, names
+    return w[None, :, None] * share[:, None, :], means, winner, [name for name, _ in groups]
 
 
 def _dots(stored: StoredVectors, x: np.ndarray, block_rows: int = 8192) -> np.ndarray:
@@ -213,7 +212,7 @@ class _Inputs:
     scores: pd.DataFrame
 
 
-def _inputs(run: "Pipeline", method: str | Measurement) -> _Inputs:
+def _inputs(run: "RunView", method: str | Measurement) -> _Inputs:
     m = run.measurement(method)
     scores = run.read_scores()  # refuses stale scores, naming the stage and the setting
     if m.name not in scores.columns:
@@ -223,7 +222,7 @@ def _inputs(run: "Pipeline", method: str | Measurement) -> _Inputs:
     n_prompts = len(val[0])
     counted = counted_prompts([v.valid for v in val], n_prompts)
     return _Inputs(m, train, val, [v.all().numpy().astype(np.float64) for v in val],
-                   checkpoint_weights(run.checkpoints), run._subtasks(), counted, scores)
+                   checkpoint_weights(run.checkpoints), run.target_subtasks(), counted, scores)
 
 
 # ---------------------------------------------------------------------- per-completion gradients
@@ -231,17 +230,17 @@ def _parts_folder(m: Measurement, ckpt: "Checkpoint") -> str:
     return f"val_{m.name}_completions/epoch_{ckpt.epoch}"
 
 
-def completion_inputs(run: "Pipeline", m: Measurement, ckpt: "Checkpoint") -> dict[str, Any]:
+def completion_inputs(run: "RunView", m: Measurement, ckpt: "Checkpoint") -> dict[str, Any]:
     """What the per-completion gradients depend on: the measurement's prompt vectors' inputs, plus a marker."""
     return {**run.val_inputs(m, ckpt), "parts": "one projected gradient per sampled completion and reference fallback"}
 
 
-def completion_parts(run: "Pipeline", m: PolicyGradient, ckpt: "Checkpoint") -> pd.DataFrame:
+def completion_parts(run: "RunView", m: PolicyGradient, ckpt: "Checkpoint") -> pd.DataFrame:
     """The parts of each target prompt's gradient at ``ckpt``, in target order: every sampled
     completion (``kind == "completion"``, ``sample`` its number) and, where the rejection variant fell
     back to it, the reference answer (``kind == "reference"``, ``sample`` -1); with their ``text``,
     ``reward``, ``policy_weight`` and a ``part_id`` ("<prompt id>/<sample>" or "<prompt id>/reference")."""
-    df, per_prompt = m.weights(run, ckpt)
+    df, per_prompt = m.weights(run.context, ckpt)
     df = df.assign(prompt_id=df["prompt_id"].astype(str))
     order = {r.id: i for i, r in enumerate(run.target_val)}
     missing = sorted(set(df["prompt_id"]) - set(order))
@@ -273,7 +272,7 @@ def completion_parts(run: "Pipeline", m: PolicyGradient, ckpt: "Checkpoint") -> 
     return rows
 
 
-def _attribute(run: "Pipeline", records, sequences: list[WeightedSequence], parts: pd.DataFrame
+def _attribute(run: "RunView", records, sequences: list[WeightedSequence], parts: pd.DataFrame
                ) -> dict[str, list[WeightedSequence]]:
     """Which part each of the measurement's sequences belongs to (``records[j]`` is group j).
 
@@ -291,7 +290,7 @@ def _attribute(run: "Pipeline", records, sequences: list[WeightedSequence], part
         for r in rows[rows["kind"] == "completion"].itertuples():
             if r.policy_weight == 0:
                 continue
-            seq = estimator_sequence(run, p_ids, token_ids=r.token_ids, text=r.text, ended_with_eos=r.ended_with_eos,
+            seq = estimator_sequence(run.context, p_ids, token_ids=r.token_ids, text=r.text, ended_with_eos=r.ended_with_eos,
                                      weight=float(r.policy_weight), group=j, eos_id=r.eos_token_id)
             if seq is None:
                 continue
@@ -311,7 +310,7 @@ def _attribute(run: "Pipeline", records, sequences: list[WeightedSequence], part
     return out
 
 
-def completion_vectors(run: "Pipeline", method: str | Measurement = "nice", compute: bool = True
+def completion_vectors(run: "RunView", method: str | Measurement = "nice", compute: bool = True
                        ) -> list[tuple[pd.DataFrame, StoredVectors]]:
     """Per checkpoint: the parts table (:func:`completion_parts`) and the stored projected gradient of
     every part (one row each, in the table's order; ``norms`` their lengths).
@@ -336,14 +335,14 @@ def completion_vectors(run: "Pipeline", method: str | Measurement = "nice", comp
     return out
 
 
-def stored_parts(run: "Pipeline", ckpt: "Checkpoint", path, inputs: dict[str, Any], ids: list[str], what: str,
+def stored_parts(run: "RunView", ckpt: "Checkpoint", path, inputs: dict[str, Any], ids: list[str], what: str,
                  fix: str, compute) -> StoredVectors:
     """A checkpoint's stored part vectors (explain's and what-if's per-completion stages), checked
     against ``inputs``, the checkpoint they were made from, the projection and ``ids``; ``compute()``
     (None: raise instead) makes them when they are missing, unfinished or stale."""
     try:
         stage = read_stage(path, inputs, what, fix)
-        stage.check_made_from(run._made_from(ckpt), what, fix)
+        stage.check_made_from(run.checkpoint_origin(ckpt), what, fix)
     except RuntimeError:  # missing, unfinished or stale (StaleResultError)
         if compute is None:
             raise
@@ -356,9 +355,9 @@ def stored_parts(run: "Pipeline", ckpt: "Checkpoint", path, inputs: dict[str, An
     return stored
 
 
-def _compute_parts(run: "Pipeline", m: PolicyGradient, ckpt: "Checkpoint", parts: pd.DataFrame, folder: str,
+def _compute_parts(run: "RunView", m: PolicyGradient, ckpt: "Checkpoint", parts: pd.DataFrame, folder: str,
                    inputs: dict[str, Any]) -> None:
-    stage = run._vector_stage(folder, inputs, parts["part_id"].tolist(), ckpt)
+    stage = run.vector_stage(folder, inputs, parts["part_id"].tolist(), ckpt)
     if stage.done:
         return
     run.log(f"step: per-completion gradients ({m.name}), epoch {ckpt.epoch} ({len(parts)} completions)")
@@ -371,14 +370,14 @@ def _compute_parts(run: "Pipeline", m: PolicyGradient, ckpt: "Checkpoint", parts
             loaded.append(True)
         block = parts.iloc[start:stop]
         recs = [records[pid] for pid in dict.fromkeys(block["prompt_id"])]
-        measured = m.measure(run, ckpt, recs)  # exactly the sequences the prompt vectors sum
+        measured = m.measure(run.context, ckpt, recs)  # exactly the sequences the prompt vectors sum
         owned = _attribute(run, recs, measured.sequences, parts[parts["prompt_id"].isin([r.id for r in recs])])
         seqs = [WeightedSequence(q.input_ids, q.weights, i)
                 for i, pid in enumerate(block["part_id"]) for q in owned.get(pid, [])]
-        got = run._projected(seqs, stop - start)  # one group per part; parts without a sequence stay zero
+        got = run.project_gradients(seqs, stop - start)  # one group per part; parts without a sequence stay zero
         return chunk_tensors(got["vectors"], got["norms"])
 
-    run._run_chunks(stage, len(parts), (0, 1), compute, f"completion grads ({m.name}) epoch {ckpt.epoch}")
+    run.run_chunks(stage, len(parts), (0, 1), compute, f"completion grads ({m.name}) epoch {ckpt.epoch}")
 
 
 def _prompt_index(parts: pd.DataFrame, prompt_ids_: list[str]) -> np.ndarray:
@@ -387,7 +386,7 @@ def _prompt_index(parts: pd.DataFrame, prompt_ids_: list[str]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------- explain
-def explain(run: "Pipeline", example_id: str, method: str | Measurement = "nice", compute: bool = True) -> Explanation:
+def explain(run: "RunView", example_id: str, method: str | Measurement = "nice", compute: bool = True) -> Explanation:
     """Take pool example ``example_id``'s ``method`` score apart: per checkpoint and target prompt, per
     subtask and (NICE) per sampled completion. See :class:`Explanation`.
 
@@ -451,7 +450,7 @@ def explain(run: "Pipeline", example_id: str, method: str | Measurement = "nice"
     return out
 
 
-def check_decomposition(run: "Pipeline", method: str | Measurement = "nice", completions: bool = True,
+def check_decomposition(run: "RunView", method: str | Measurement = "nice", completions: bool = True,
                         block_rows: int = 2048) -> pd.DataFrame:
     """Every pool example's decomposition against its stored score, computed the way :func:`explain`
     does (in blocks of ``block_rows`` examples).

@@ -28,13 +28,13 @@ import pandas as pd
 from .influence import top_fraction
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pipeline import Pipeline
+    from .view import RunView
 
 Selection = Union[str, Sequence[str], pd.DataFrame, Any]  # a method name, ids, a table with ids, a WhatIf
 INSTALL = "pip install 'nice_kit[export]'  (or: pip install datasets)"
 
 
-def selection_ids(run: "Pipeline", selection: Selection = "nice") -> list[str]:
+def selection_ids(run: "RunView", selection: Selection = "nice") -> list[str]:
     """The pool ids of ``selection``, in its order: a method name ("nice", "less": the run's top
     ``selection.fraction`` by the stored, checked scores, as ``run.select()`` picks them), a what-if
     (:class:`nice_kit.whatif.WhatIf`: its ``selected``), a DataFrame with an ``id`` column (its rows'
@@ -58,7 +58,7 @@ def selection_ids(run: "Pipeline", selection: Selection = "nice") -> list[str]:
                     f"not {type(selection).__name__}")
 
 
-def selection_records(run: "Pipeline", selection: Selection = "nice") -> list[dict[str, Any]]:
+def selection_records(run: "RunView", selection: Selection = "nice") -> list[dict[str, Any]]:
     """The pool records of ``selection`` (see :func:`selection_ids`), in its order, as JSON-ready dicts:
     ``id``, ``messages`` (chat turns ending with the response as an ``assistant`` turn) and the pool's
     other columns. Ids that are not in the pool raise a KeyError naming them and the pool file."""

@@ -59,6 +59,28 @@ def _subtask_columns(subtasks: list[str], valid: torch.Tensor) -> list[tuple[str
     return out
 
 
+def aggregate_similarities(sims: torch.Tensor, groups: list[tuple[str, torch.Tensor]], valid: torch.Tensor,
+                           aggregate: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one aggregation of checkpoint-weighted cosines ``sims`` (b, m) into scores: the scores (b,),
+    each subtask's mean over its valid prompts (b, S) for the S ``groups`` (name, prompt mask), and
+    each example's winning subtask (b,), the first of equal means (-1 under ``mean``, which averages
+    every valid prompt). :func:`influence_scores` scores with it; :mod:`nice_kit.explain` splits a
+    score into its terms with it."""
+    means = torch.stack([sims[:, cols].mean(dim=1) for _, cols in groups], dim=1)
+    if aggregate == "mean":
+        return sims[:, valid].mean(dim=1), means, torch.full((len(sims),), -1, dtype=torch.long)
+    best = means.max(dim=1)
+    return best.values, means, best.indices
+
+
+def subtask_groups(subtasks: list[str], valid: torch.Tensor | np.ndarray | None = None) -> list[tuple[str, torch.Tensor]]:
+    """(name, prompt mask) of each subtask that has a valid prompt, by name: the groups
+    :func:`aggregate_similarities` takes."""
+    m = len(subtasks)
+    valid = torch.ones(m, dtype=torch.bool) if valid is None else torch.as_tensor(np.asarray(valid, dtype=bool))
+    return _subtask_columns(subtasks, valid)
+
+
 def influence_scores(train: Sequence, val: list[torch.Tensor], weights: list[float],
                      subtasks: list[str], valid: torch.Tensor | None = None,
                      aggregate: str = "max_of_means", block_rows: int = 8192) -> np.ndarray:
@@ -86,11 +108,7 @@ def influence_scores(train: Sequence, val: list[torch.Tensor], weights: list[flo
     for start in range(0, n, block_rows):
         stop = min(start + block_rows, n)
         sims = similarity_matrix(train, val, weights, start, stop).cpu()
-        if aggregate == "mean":
-            out[start:stop] = sims[:, valid].mean(dim=1).numpy()
-        else:
-            per = torch.stack([sims[:, cols].mean(dim=1) for _, cols in groups], dim=1)
-            out[start:stop] = per.max(dim=1).values.numpy()
+        out[start:stop] = aggregate_similarities(sims, groups, valid, aggregate)[0].numpy()
     return out
 
 

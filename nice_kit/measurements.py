@@ -13,7 +13,9 @@ Built in:
   sampled completions, with weights a_k from the metric's rewards (:mod:`nice_kit.policy`).
 
 Your own: subclass :class:`Measurement`, give it a ``name`` and a ``measure`` method, and pass an
-instance wherever a method name goes (``run.validation_gradients(m)``, ``run.scores([m])``)::
+instance wherever a method name goes (``run.validation_gradients(m)``, ``run.scores([m])``). Its
+methods receive a :class:`MeasureContext` (``run`` below), not the pipeline: the settings, the
+tokenizer, the checkpoint's rollouts and rewards, and a log::
 
     class SecondAnswer(Measurement):
         name = "second_answer"
@@ -40,8 +42,51 @@ from .gradients import WeightedSequence, mean_nll_sequence
 from .policy import PromptWeights, applicable_settings, policy_weights, reference_weights
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pipeline import Pipeline
+    from .settings import RunSettings
     from .warmup import Checkpoint
+
+
+class MeasureContext:
+    """What a :class:`Measurement` sees of a run: a small, documented surface over the pipeline that
+    made it (the pipeline itself stays out of reach).
+
+    * ``cfg``: the run's settings (:class:`nice_kit.settings.RunSettings`);
+    * ``tokenizer``: the run's tokenizer (loaded on first use);
+    * ``rollouts(ckpt)``: the checkpoint's sampled completions with their ``reward`` (a DataFrame);
+    * ``rollout_inputs(ckpt)``, ``reward_inputs()``: what those depend on (for a measurement's key);
+    * ``reference_rewards()``: the metric's reward of each target prompt's reference answer;
+    * ``log(message)``: a progress line (shown when the run is verbose)."""
+
+    __slots__ = ("_run",)
+
+    def __init__(self, run: Any):
+        self._run = run
+
+    @property
+    def cfg(self) -> "RunSettings":
+        return self._run.cfg
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._run.tokenizer
+
+    def rollouts(self, ckpt: "Checkpoint") -> pd.DataFrame:
+        return self._run.rollouts(ckpt)
+
+    def rollout_inputs(self, ckpt: "Checkpoint") -> dict[str, Any]:
+        return self._run.rollout_inputs(ckpt)
+
+    def reward_inputs(self) -> dict[str, Any]:
+        return self._run.reward_inputs()
+
+    def reference_rewards(self) -> dict[str, float]:
+        return self._run.reference_rewards()
+
+    def log(self, message: str) -> None:
+        self._run.log(message)
+
+    def __repr__(self) -> str:
+        return f"MeasureContext(model={self.cfg.model!r})"
 
 
 @dataclass
@@ -62,7 +107,7 @@ class Measurement:
     name: str = "measurement"
     needs_reference: bool = True  # reads reference answers (not allowed in a label-free run)
 
-    def key(self, run: "Pipeline", ckpt: "Checkpoint") -> dict[str, Any]:
+    def key(self, run: MeasureContext, ckpt: "Checkpoint") -> dict[str, Any]:
         """Everything the result depends on besides the checkpoint, the target prompts and the projection.
 
         The default names the class and hashes its source and attributes; override it when the
@@ -76,12 +121,12 @@ class Measurement:
         return {"class": f"{cls.__module__}.{cls.__qualname__}", "source": hashlib.sha256(source.encode()).hexdigest()[:16],
                 "attributes": attrs, "max_length": run.cfg.data.max_length}
 
-    def prepare(self, run: "Pipeline", ckpt: "Checkpoint") -> dict[str, Any] | None:
+    def prepare(self, run: MeasureContext, ckpt: "Checkpoint") -> dict[str, Any] | None:
         """Work done once per checkpoint before any chunk is measured (e.g. rollouts). Returns
         optional JSON notes per target prompt id, saved beside the vectors as ``notes.json``."""
         return None
 
-    def measure(self, run: "Pipeline", ckpt: "Checkpoint", records: list[Record]) -> Measured:
+    def measure(self, run: MeasureContext, ckpt: "Checkpoint", records: list[Record]) -> Measured:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -123,7 +168,7 @@ class PolicyGradient(Measurement):
                 "policy": applicable_settings(run.cfg.policy, run.cfg.data.label_free),
                 "max_length": run.cfg.data.max_length}
 
-    def weights(self, run: "Pipeline", ckpt: "Checkpoint") -> tuple[pd.DataFrame, dict[str, PromptWeights]]:
+    def weights(self, run: MeasureContext, ckpt: "Checkpoint") -> tuple[pd.DataFrame, dict[str, PromptWeights]]:
         """The checkpoint's rollouts with a ``weight`` column, and the weights of each prompt."""
         p = run.cfg.policy
         return weigh_rollouts(run.rollouts(ckpt), p, run.reference_rewards() if uses_reference_reward(p) else {})
@@ -196,7 +241,7 @@ def uses_reference_reward(policy) -> bool:
     return policy.variant == "rejection"
 
 
-def reference_fallback_sequence(run: "Pipeline", rec: Record, weight: float, group: int) -> WeightedSequence:
+def reference_fallback_sequence(run: MeasureContext, rec: Record, weight: float, group: int) -> WeightedSequence:
     """The reference answer's NLL times ``weight``, summed over its tokens (a rejection variant's
     fallback; the mean instead under the reference estimator's ``do_normalize``)."""
     ref = tokenize_pair(run.tokenizer, rec.messages, rec.response, run.cfg.data.max_length)
@@ -207,7 +252,7 @@ def reference_fallback_sequence(run: "Pipeline", rec: Record, weight: float, gro
     return seq
 
 
-def estimator_sequence(run: "Pipeline", p_ids: list[int], *, token_ids: list[int], text: str, ended_with_eos: bool,
+def estimator_sequence(run: MeasureContext, p_ids: list[int], *, token_ids: list[int], text: str, ended_with_eos: bool,
                        weight: float, group: int, eos_id: Any = None) -> WeightedSequence | None:
     """A sampled completion as the configured estimator takes its gradient:
     :func:`completion_sequence` (nice_kit: the sampled ids) or :func:`reference_completion_sequence`
@@ -218,7 +263,7 @@ def estimator_sequence(run: "Pipeline", p_ids: list[int], *, token_ids: list[int
                                eos_id=None if eos_id is None or pd.isna(eos_id) else int(eos_id))
 
 
-def reference_completion_sequence(run: "Pipeline", p_ids: list[int], text: str, weight: float,
+def reference_completion_sequence(run: MeasureContext, p_ids: list[int], text: str, weight: float,
                                   group: int) -> WeightedSequence | None:
     """A completion as the reference takes its gradient: its text (the sampled ids decoded with
     special tokens skipped, so never an end-of-sequence token) encoded again without special tokens
@@ -236,7 +281,7 @@ def reference_completion_sequence(run: "Pipeline", p_ids: list[int], text: str, 
     return WeightedSequence(p_ids + comp, [0.0] * len(p_ids) + [per_token] * len(comp), group)
 
 
-def completion_sequence(run: "Pipeline", p_ids: list[int], toks: list[int], ended_with_eos: bool, weight: float,
+def completion_sequence(run: MeasureContext, p_ids: list[int], toks: list[int], ended_with_eos: bool, weight: float,
                         group: int, eos_id: int | None = None) -> WeightedSequence | None:
     """A sampled completion as a weighted sequence: prompt (weight 0) + the sampled tokens, with the
     end-of-sequence token only where the model sampled it (``policy.include_eos``; ``eos_id`` is the

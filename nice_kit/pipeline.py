@@ -38,14 +38,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics as metrics_mod
-from .config import RunConfig, validate_config
+from .config import ConfigError, RunConfig, validate_config
 from .data import (Record, check_max_length, collate, file_digest, load_records, model_context, pool_size_warnings,
                    save_records, tokenize_records)
 from .distributed import SINGLE, Dist, on_rank_zero
 from .gradients import (BatchSize, WeightedSequence, adam_precondition, gradient_dim, mean_nll_sequence,
                         projected_gradients)
 from .influence import counted_prompts, influence_scores, top_fraction
-from .measurements import Measurement, PolicyGradient, as_measurement
+from .measurements import MeasureContext, Measurement, PolicyGradient, as_measurement
 from .metrics.records import check_targets, metric_columns
 from .models import add_lora, load_model, load_tokenizer, set_threads
 from .projection import Projector, ProjectionSpec, normalize_rows, save_spec
@@ -110,7 +110,8 @@ class Pipeline:
         self.cfg = config
         self.dist = dist or SINGLE  # the processes sharing this run (nice_kit.distributed); one by default
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if write_config:  # a view (Pipeline.open, what-ifs) makes no folder either: its stages make their own
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.verbose = verbose
         self._base_model, self._tokenizer = model, tokenizer
         self._peft = None
@@ -126,6 +127,51 @@ class Pipeline:
                          dist=self.dist)
         other._peft = peft
         return other
+
+    @classmethod
+    def open(cls, run_dir: str | Path, verbose: bool = False) -> "Pipeline":
+        """A finished run for viewing, from its ``config.json``: reading it writes nothing (its config
+        is not rewritten, no folder is made) and every reader checks what it reads is current. The
+        model is loaded only if something must be computed, so a run made elsewhere opens without it.
+        Data paths that do not exist from here are looked for beside the run (``run_dir/data/<name>``)."""
+        run_dir = Path(run_dir)
+        config_path = run_dir / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{run_dir}: not a run directory (no config.json)")
+        try:
+            cfg = json.loads(config_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError([f"{config_path}: not a readable run config ({err})"]) from None
+        data = dict(cfg.get("data", {})) if isinstance(cfg, dict) else {}
+        for key in ("pool", "target_val", "target_test"):
+            value = data.get(key)
+            if not isinstance(value, str) or not value or Path(value).exists():
+                continue
+            for candidate in (run_dir / "data" / Path(value).name, run_dir.parent / value):
+                if candidate.exists():
+                    data[key] = str(candidate.resolve())
+                    break
+        config = RunConfig.from_dict({**cfg, "data": data} if data else cfg, where=str(config_path), check_model=False)
+        return cls(config, run_dir, verbose=verbose, write_config=False)
+
+    def with_config(self, config: RunConfig, write_config: bool = False) -> "Pipeline":
+        """This run directory under another ``config``, sharing whatever model, tokenizer and LoRA
+        wrapper this pipeline has loaded (nothing is loaded now). ``write_config=False`` (a view, as a
+        what-if takes) leaves the run's ``config.json`` as it is."""
+        other = Pipeline(config, self.run_dir, model=self._base_model, tokenizer=self._tokenizer,
+                         verbose=self.verbose, dist=self.dist, write_config=write_config)
+        other._peft = self._peft
+        return other
+
+    @cached_property
+    def context(self) -> MeasureContext:
+        """What measurements receive of this run (:class:`nice_kit.measurements.MeasureContext`)."""
+        return MeasureContext(self)
+
+    @property
+    def holds_model(self) -> bool:
+        """Whether this pipeline was given (or has loaded) a model: new gradients need no model load."""
+        return self._base_model is not None or self._peft is not None
 
     def log(self, msg: str) -> None:
         if self.verbose:
@@ -191,18 +237,18 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------ what stages depend on
     @cached_property
-    def _pool_digest(self) -> str:
+    def pool_digest(self) -> str:
         return file_digest(self.cfg.data.pool)
 
     @cached_property
-    def _target_digest(self) -> str:
+    def target_digest(self) -> str:
         return file_digest(self.cfg.data.target_val)
 
     def warmup_inputs(self) -> dict[str, Any]:
         """What the warmup depends on: the pool, the model, LoRA and warmup settings and the seed.
         Not the target task: a new target reuses the warmup and the training gradients."""
         c = self.cfg
-        return {"model": c.model, "data.pool": self._pool_digest, "data.columns": c.data.columns,
+        return {"model": c.model, "data.pool": self.pool_digest, "data.columns": c.data.columns,
                 "data.max_length": c.data.max_length, "lora": c.lora.__dict__, "warmup": c.warmup.__dict__,
                 "seed": c.seed}
 
@@ -230,9 +276,9 @@ class Pipeline:
         return {"metric": self.metric_key(), "columns": passed, "columns digest": digest.hexdigest()[:16]}
 
     def val_inputs(self, measurement: Measurement, ckpt: Checkpoint) -> dict[str, Any]:
-        return {**self.train_inputs(ckpt), "data.target_val": self._target_digest,
+        return {**self.train_inputs(ckpt), "data.target_val": self.target_digest,
                 "data.label_free": self.cfg.data.label_free, "measurement": measurement.name,
-                **measurement.key(self, ckpt)}
+                **measurement.key(self.context, ckpt)}
 
     # -------------------------------------------------------------------------------------- stages
     @on_rank_zero
@@ -335,7 +381,7 @@ class Pipeline:
     def projector(self) -> Projector:
         return Projector(self.projection_spec(), device=self.device)
 
-    def _run_chunks(self, stage: Stage, n_items: int, shard: tuple[int, int],
+    def run_chunks(self, stage: Stage, n_items: int, shard: tuple[int, int],
                     compute: Callable[[int, int], dict[str, torch.Tensor]], desc: str) -> None:
         """Compute the shard's missing chunks with ``compute(start, stop)``; merge once every chunk exists.
 
@@ -357,7 +403,7 @@ class Pipeline:
         if self.dist.on_main(merge):
             self.dist.wait_visible(stage.path / "DONE")
 
-    def _made_from(self, ckpt: Checkpoint) -> dict[str, Any] | None:
+    def checkpoint_origin(self, ckpt: Checkpoint) -> dict[str, Any] | None:
         """The checkpoint's content as its stages record it (checksums from its state.json; None when the
         checkpoint predates them)."""
         files = ckpt.files or {}
@@ -366,11 +412,11 @@ class Pipeline:
         return {"checkpoint": f"epoch_{ckpt.epoch}", "adapter": files["adapter/adapter_model.safetensors"]["sha256"],
                 "adam moments": files["adam_moments.safetensors"]["sha256"]}
 
-    def _vector_stage(self, folder: str, inputs: dict[str, Any], ids: list[str], ckpt: Checkpoint | None = None) -> Stage:
+    def vector_stage(self, folder: str, inputs: dict[str, Any], ids: list[str], ckpt: Checkpoint | None = None) -> Stage:
         with self.dist.main_first():  # rank 0 opens (or clears) the folder before the others look
             stage = open_stage(self.run_dir / "grads" / folder, inputs)
             if ckpt is not None:  # made from another checkpoint (recomputed with other bytes since): again
-                stage.restart_if_made_from_other(self._made_from(ckpt))
+                stage.restart_if_made_from_other(self.checkpoint_origin(ckpt))
             adopt_legacy(stage)  # a finished stage made before checksums were kept: checked, then recorded
             if not (stage.path / "projection.json").exists():
                 save_spec(self.projection_spec(), stage.path)
@@ -384,7 +430,7 @@ class Pipeline:
         out-of-memory, it stays lowered (nice_kit.gradients.BatchSize)."""
         return BatchSize(self.cfg.gradients.batch_size)
 
-    def _projected(self, seqs: list[WeightedSequence], n_groups: int, transform=None) -> dict[str, torch.Tensor]:
+    def project_gradients(self, seqs: list[WeightedSequence], n_groups: int, transform=None) -> dict[str, torch.Tensor]:
         """Projected gradients of ``n_groups`` groups of sequences: unit rows and their norms.
 
         :func:`nice_kit.gradients.projected_gradients` forms per-example gradients layer by layer
@@ -398,7 +444,7 @@ class Pipeline:
         """Projected, Adam-preconditioned gradients of every pool example at every checkpoint."""
         pool_tok = None
         for ckpt in self.checkpoints:
-            stage = self._vector_stage(f"train/epoch_{ckpt.epoch}", self.train_inputs(ckpt), [r.id for r in self.pool],
+            stage = self.vector_stage(f"train/epoch_{ckpt.epoch}", self.train_inputs(ckpt), [r.id for r in self.pool],
                                        ckpt)
             if stage.done:
                 continue
@@ -410,11 +456,11 @@ class Pipeline:
 
             def compute(start, stop):
                 seqs = [mean_nll_sequence(pool_tok[i], i - start) for i in range(start, stop)]
-                got = self._projected(seqs, stop - start,
+                got = self.project_gradients(seqs, stop - start,
                                       lambda g: adam_precondition(g, exp_avg, exp_avg_sq, inplace=True))
                 return chunk_tensors(got["vectors"], got["norms"])
 
-            self._run_chunks(stage, len(pool_tok), shard, compute, f"train grads epoch {ckpt.epoch}")
+            self.run_chunks(stage, len(pool_tok), shard, compute, f"train grads epoch {ckpt.epoch}")
 
     # ---- metrics and rollouts
     def metric(self):
@@ -438,7 +484,7 @@ class Pipeline:
             return pd.concat([self.rollouts(c) for c in self.checkpoints], ignore_index=True)
         with self.dist.main_first():  # rank 0 opens (or clears) the folder before the others look
             stage = open_stage(self.run_dir / "rollouts" / f"epoch_{ckpt.epoch}", self.rollout_inputs(ckpt))
-            stage.restart_if_made_from_other(self._made_from(ckpt))
+            stage.restart_if_made_from_other(self.checkpoint_origin(ckpt))
         samples_path = stage.path / "samples.jsonl"
         if not stage.done:
             self.log(f"step: rollouts, epoch {ckpt.epoch} ({len(self.target_val)} prompts x {self.cfg.rollouts.k})")
@@ -476,10 +522,10 @@ class Pipeline:
             self.dist.wait_visible(samples_path, stage.path / "DONE")
         df = pd.read_json(samples_path, lines=True, dtype={"prompt_id": str, "eos_token_id": "Int64"})
         df.insert(0, "epoch", ckpt.epoch)
-        df["reward"] = self.dist.on_main(lambda: self._rewards(stage.path, df))  # rank 0 scores, all receive
+        df["reward"] = self.dist.on_main(lambda: self.stored_rewards(stage.path, df))  # rank 0 scores, all receive
         return df
 
-    def _rewards(self, folder: Path, df: pd.DataFrame) -> list[float]:
+    def stored_rewards(self, folder: Path, df: pd.DataFrame) -> list[float]:
         """The metric's rewards of the stage's samples, cached beside them with their checksum and the
         checksum of the samples they score (a cache that does not match is recomputed, with a log line)."""
         path = folder / f"rewards_{fingerprint(self.reward_inputs())}.json"
@@ -520,7 +566,7 @@ class Pipeline:
 
     def rollout_weights(self, ckpt: Checkpoint) -> tuple[pd.DataFrame, dict[str, Any]]:
         """Rollouts with their policy-gradient weight, and per prompt (reference weight, signal, note)."""
-        return PolicyGradient().weights(self, ckpt)
+        return PolicyGradient().weights(self.context, ckpt)
 
     # ---- validation gradients (what a measurement measures on the target prompts)
     def measurement(self, method: str | Measurement) -> Measurement:
@@ -544,22 +590,22 @@ class Pipeline:
             raise ValueError(f"{m.name} needs reference answers (LESS needs reference answers); this run is label-free")
         val = self.target_val
         for ckpt in self.checkpoints:
-            stage = self._vector_stage(self._val_folder(m, ckpt), self.val_inputs(m, ckpt), [r.id for r in val], ckpt)
+            stage = self.vector_stage(self._val_folder(m, ckpt), self.val_inputs(m, ckpt), [r.id for r in val], ckpt)
             if stage.done:
                 continue
             self.log(f"step: validation gradients ({m.name}), epoch {ckpt.epoch} ({len(val)} target prompts)")
-            notes = m.prepare(self, ckpt)
+            notes = m.prepare(self.context, ckpt)
             if notes is not None:
                 atomic_write_text(stage.path / "notes.json", json.dumps(notes, indent=1))
             load_adapter_weights(self.model, ckpt)
 
             def compute(start, stop):
-                measured = m.measure(self, ckpt, val[start:stop])
-                got = self._projected(measured.sequences, stop - start)
+                measured = m.measure(self.context, ckpt, val[start:stop])
+                got = self.project_gradients(measured.sequences, stop - start)
                 valid = None if measured.valid is None else torch.tensor([float(v) for v in measured.valid])
                 return chunk_tensors(got["vectors"], got["norms"], valid)
 
-            self._run_chunks(stage, len(val), shard, compute, f"val grads ({m.name}) epoch {ckpt.epoch}")
+            self.run_chunks(stage, len(val), shard, compute, f"val grads ({m.name}) epoch {ckpt.epoch}")
 
     # ---- reading stored vectors (checked against the current config)
     def stored_vectors(self, which: str | Measurement = "train") -> list[StoredVectors]:
@@ -579,7 +625,7 @@ class Pipeline:
                 fix = (f"nice-kit val-grads --method {m.name} (or run)" if m.name in ("less", "nice")
                        else f"run.validation_gradients({m!r})")
             stage = read_stage(self.run_dir / "grads" / folder, inputs, what, fix)
-            stage.check_made_from(self._made_from(ckpt), what, fix)
+            stage.check_made_from(self.checkpoint_origin(ckpt), what, fix)
             stored = open_vectors(stage.path)
             stored.spec.check_compatible(self.projection_spec(stored.spec.input_dim), what)
             out.append(stored)
@@ -593,10 +639,10 @@ class Pipeline:
         return [s.all() for s in stored], valid, stored[0].ids
 
     # ---- influence and selection
-    def _default_methods(self) -> list[str]:
+    def default_methods(self) -> list[str]:
         return [m for m in self.cfg.selection.methods if not (m == "less" and self.cfg.data.label_free)]
 
-    def _subtasks(self) -> list[str]:
+    def target_subtasks(self) -> list[str]:
         col = self.cfg.data.subtask_column
         return [str(r.columns.get(col, "all")) for r in self.target_val]
 
@@ -605,7 +651,7 @@ class Pipeline:
         out: dict[str, Any] = {"train": [fingerprint(self.train_inputs(c)) for c in ckpts],
                                "selection.aggregate": self.cfg.selection.aggregate,
                                "data.subtask_column": self.cfg.data.subtask_column,
-                               "subtasks": hashlib.sha256("\n".join(self._subtasks()).encode()).hexdigest()[:16]}
+                               "subtasks": hashlib.sha256("\n".join(self.target_subtasks()).encode()).hexdigest()[:16]}
         for method in methods:
             m = self.measurement(method)
             out[m.name] = [fingerprint(self.val_inputs(m, c)) for c in ckpts]
@@ -614,10 +660,10 @@ class Pipeline:
     @on_rank_zero
     def scores(self, methods: list[str | Measurement] | None = None) -> pd.DataFrame:
         """Influence scores of every pool example, one column per method; written to scores.csv."""
-        methods = methods or self._default_methods()
+        methods = methods or self.default_methods()
         train = self.stored_vectors("train")
         weights = checkpoint_weights(self.checkpoints)
-        subtasks = self._subtasks()
+        subtasks = self.target_subtasks()
         out = pd.DataFrame({"id": train[0].ids})
         for method in methods:
             m = self.measurement(method)
@@ -713,7 +759,7 @@ class Pipeline:
         benchmark's diagnostics when the pool carries its flag columns, see :mod:`nice_kit.diagnostics`)."""
         from .diagnostics import selection_summary
 
-        methods = methods or self._default_methods()
+        methods = methods or self.default_methods()
         self.prepare()
         self.warmup()
         self.train_gradients()

@@ -128,7 +128,7 @@ _VERIFIED: set[tuple] = set()  # files whose contents matched, by (path, size, m
 def check_file(path: Path, record: dict[str, Any], deep: bool | int = True) -> str | None:
     """What is wrong with ``path`` against its record (``None`` when it matches). ``deep=False``
     checks only that it exists with its recorded size; ``deep=N`` checks the contents of files of at
-    most N bytes. Block records (vectors.npy) are checked by :func:`nice_kit.vectors.check_vectors_file`.
+    most N bytes. Block records (vectors.npy) are checked by :func:`check_vectors_file`.
     A file found sound is not read again in this process while its size and mtime are unchanged."""
     with timed_check():
         if not path.is_file():
@@ -146,13 +146,50 @@ def check_file(path: Path, record: dict[str, Any], deep: bool | int = True) -> s
         if "sha256" in record and sha256_file(path) != record["sha256"]:
             return "its bytes changed after it was written (SHA-256 differs from the one recorded)"
         if "blocks" in record:
-            from .vectors import check_vectors_file
-
             problem = check_vectors_file(path, record)
             if problem:
                 return problem
         _VERIFIED.add(seen)
     return None
+
+
+STORE_DTYPE = np.float16  # the stored vectors' dtype (nice_kit.vectors writes them)
+
+
+def check_vectors_file(path: Path, record: dict) -> str | None:
+    """What is wrong with a whole ``vectors.npy`` against its record (header, size, every block)."""
+    try:
+        shape, offset = npy_header(path)
+    except (IntegrityError, ValueError, OSError) as err:
+        return str(getattr(err, "problem", err))
+    if list(shape) != list(record["shape"]) or offset != record["offset"]:
+        return f"header says shape {list(shape)}, {record['shape']} was written"
+    n, d = shape
+    rows, row_bytes = int(record["block_rows"]), d * np.dtype(STORE_DTYPE).itemsize
+    with timed_check(), open(path, "rb") as f:
+        f.seek(offset)
+        for k, want in enumerate(record["blocks"]):
+            if sum64(f.read(rows * row_bytes)) != want:
+                return (f"rows {k * rows}-{min(n, (k + 1) * rows) - 1} changed after they were written "
+                        "(checksum differs)")
+    return None
+
+
+def npy_header(path: Path) -> tuple[tuple[int, int], int]:
+    """(shape, offset) of a float16 C-order 2-D ``.npy`` file; raises IntegrityError otherwise."""
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+    except FileNotFoundError:
+        raise IntegrityError(path, "missing") from None
+    except (ValueError, OSError, SyntaxError) as err:
+        raise IntegrityError(path, f"unreadable .npy header ({err}): corrupted") from None
+    if fortran or np.dtype(dtype) != np.dtype(STORE_DTYPE) or len(shape) != 2:
+        raise IntegrityError(path, "not a C-order float16 matrix")
+    return tuple(int(x) for x in shape), offset
 
 
 def _is_disk_full(err: BaseException) -> bool:

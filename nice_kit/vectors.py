@@ -27,10 +27,9 @@ import numpy as np
 import torch
 
 from .projection import ProjectionSpec, load_spec
-from .runs import (INTEGRITY_FILE, SUM_BLOCK_BYTES, IntegrityError, Stage, check_file, file_record, load_tensors,
-                   log, shard_chunks, sum64, timed_check, writing)
+from .runs import (INTEGRITY_FILE, STORE_DTYPE, SUM_BLOCK_BYTES, IntegrityError, Stage, check_file, file_record,
+                   load_tensors, log, npy_header, shard_chunks, sum64, timed_check, writing)
 
-STORE_DTYPE = np.float16
 
 
 def chunk_tensors(vectors: torch.Tensor, norms: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -41,7 +40,7 @@ def chunk_tensors(vectors: torch.Tensor, norms: torch.Tensor, valid: torch.Tenso
     return out
 
 
-def write_npy_header(f, shape: tuple[int, int]) -> None:
+def writenpy_header(f, shape: tuple[int, int]) -> None:
     """The header of a float16 C-order ``.npy`` file of ``shape``; the rows follow as raw bytes."""
     np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(STORE_DTYPE).str, "fortran_order": False,
                                              "shape": tuple(int(x) for x in shape)})
@@ -102,7 +101,7 @@ def block_rows_for(dim: int) -> int:
 
 def vectors_record(path: Path) -> dict:
     """What integrity.json keeps of a ``vectors.npy``: size, shape, and a checksum per block of rows."""
-    shape, offset = _npy_header(path)
+    shape, offset = npy_header(path)
     n, d = shape
     block_rows = block_rows_for(d)
     row_bytes = d * np.dtype(STORE_DTYPE).itemsize
@@ -113,42 +112,6 @@ def vectors_record(path: Path) -> dict:
             blocks.append(sum64(f.read(block_rows * row_bytes)))
     return {"bytes": path.stat().st_size, "shape": [n, d], "offset": offset, "block_rows": block_rows,
             "blocks": blocks}
-
-
-def check_vectors_file(path: Path, record: dict) -> str | None:
-    """What is wrong with a whole ``vectors.npy`` against its record (header, size, every block)."""
-    try:
-        shape, offset = _npy_header(path)
-    except (IntegrityError, ValueError, OSError) as err:
-        return str(getattr(err, "problem", err))
-    if list(shape) != list(record["shape"]) or offset != record["offset"]:
-        return f"header says shape {list(shape)}, {record['shape']} was written"
-    n, d = shape
-    rows, row_bytes = int(record["block_rows"]), d * np.dtype(STORE_DTYPE).itemsize
-    with timed_check(), open(path, "rb") as f:
-        f.seek(offset)
-        for k, want in enumerate(record["blocks"]):
-            if sum64(f.read(rows * row_bytes)) != want:
-                return (f"rows {k * rows}-{min(n, (k + 1) * rows) - 1} changed after they were written "
-                        "(checksum differs)")
-    return None
-
-
-def _npy_header(path: Path) -> tuple[tuple[int, int], int]:
-    """(shape, offset) of a float16 C-order 2-D ``.npy`` file; raises IntegrityError otherwise."""
-    try:
-        with open(path, "rb") as f:
-            major, _ = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read_header(f)
-            offset = f.tell()
-    except FileNotFoundError:
-        raise IntegrityError(path, "missing") from None
-    except (ValueError, OSError, SyntaxError) as err:
-        raise IntegrityError(path, f"unreadable .npy header ({err}): corrupted") from None
-    if fortran or np.dtype(dtype) != np.dtype(STORE_DTYPE) or len(shape) != 2:
-        raise IntegrityError(path, "not a C-order float16 matrix")
-    return tuple(int(x) for x in shape), offset
 
 
 def merge_chunks(stage: Stage, n_items: int, chunk_size: int) -> None:
@@ -171,7 +134,7 @@ def merge_chunks(stage: Stage, n_items: int, chunk_size: int) -> None:
     norms = np.zeros(n_items, dtype=np.float32)
     valid = np.ones(n_items, dtype=bool) if "valid" in first else None
     with writing(stage.path / "vectors.npy", tmp), open(tmp, "wb") as out:
-        write_npy_header(out, (n_items, d))
+        writenpy_header(out, (n_items, d))
         for c, start, stop in chunks:
             t = first if c == chunks[0][0] else load_tensors(stage.chunk_path(c), check=False)
             rows = t["vectors"].numpy().astype(STORE_DTYPE, copy=False)
@@ -308,7 +271,7 @@ def open_vectors(folder: Path) -> StoredVectors:
     :class:`~nice_kit.runs.IntegrityError` naming it."""
     folder = Path(folder)
     path = folder / "vectors.npy"
-    shape, offset = _npy_header(path)
+    shape, offset = npy_header(path)
     manifest = folder / INTEGRITY_FILE
     records = None
     if manifest.exists():

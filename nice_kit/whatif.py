@@ -43,7 +43,7 @@ from .vectors import StoredVectors, chunk_tensors
 from .warmup import checkpoint_weights, load_adapter_weights
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pipeline import Pipeline
+    from .view import RunView
     from .warmup import Checkpoint
 
 PARTS_VERSION = "unweighted parts: body, eos, reencoded, reference (1)"
@@ -61,15 +61,15 @@ def _parts_folder(ckpt: "Checkpoint") -> str:
     return f"nice_parts/epoch_{ckpt.epoch}"
 
 
-def parts_inputs(run: "Pipeline", ckpt: "Checkpoint") -> dict[str, Any]:
+def parts_inputs(run: "RunView", ckpt: "Checkpoint") -> dict[str, Any]:
     """What the parts depend on: the samples, the warmup, the projection, the target file and the
     token limit. Not the metric and not the policy: that is what a what-if changes."""
-    return {**run.train_inputs(ckpt), "rollouts": run.rollout_inputs(ckpt), "data.target_val": run._target_digest,
+    return {**run.train_inputs(ckpt), "rollouts": run.rollout_inputs(ckpt), "data.target_val": run.target_digest,
             "data.label_free": run.cfg.data.label_free, "data.max_length": run.cfg.data.max_length,
             "parts": PARTS_VERSION}
 
 
-def _samples(run: "Pipeline", ckpt: "Checkpoint") -> pd.DataFrame:
+def _samples(run: "RunView", ckpt: "Checkpoint") -> pd.DataFrame:
     """The checkpoint's stored samples (no rewards), after checking they are current."""
     stage = read_stage(run.run_dir / "rollouts" / f"epoch_{ckpt.epoch}", run.rollout_inputs(ckpt),
                        f"the rollouts (epoch {ckpt.epoch})", "nice-kit rollouts (or run)")
@@ -78,7 +78,7 @@ def _samples(run: "Pipeline", ckpt: "Checkpoint") -> pd.DataFrame:
     return df
 
 
-def parts_table(run: "Pipeline", ckpt: "Checkpoint", samples: pd.DataFrame | None = None
+def parts_table(run: "RunView", ckpt: "Checkpoint", samples: pd.DataFrame | None = None
                 ) -> tuple[pd.DataFrame, list[WeightedSequence]]:
     """The checkpoint's parts (one row each: ``part_id``, ``prompt_id``, ``sample``, ``kind``,
     ``n_tokens``) and the sequence whose summed-NLL gradient each stores (``group`` = row)."""
@@ -114,7 +114,7 @@ def parts_table(run: "Pipeline", ckpt: "Checkpoint", samples: pd.DataFrame | Non
     return pd.DataFrame(rows), seqs
 
 
-def completion_parts(run: "Pipeline", compute: bool = True) -> list[tuple[pd.DataFrame, StoredVectors]]:
+def completion_parts(run: "RunView", compute: bool = True) -> list[tuple[pd.DataFrame, StoredVectors]]:
     """Per checkpoint: the parts table and the stored projected gradient of every part (unit rows and
     their ``norms``). Computed on first use (``compute=True``: loads the model, resumable chunk by
     chunk, shard- and chunk-size-independent) and read back afterwards, checked like every stage."""
@@ -131,9 +131,9 @@ def completion_parts(run: "Pipeline", compute: bool = True) -> list[tuple[pd.Dat
     return out
 
 
-def _compute_parts(run: "Pipeline", ckpt: "Checkpoint", table: pd.DataFrame, seqs: list[WeightedSequence],
+def _compute_parts(run: "RunView", ckpt: "Checkpoint", table: pd.DataFrame, seqs: list[WeightedSequence],
                    folder: str, inputs: dict[str, Any]) -> None:
-    stage = run._vector_stage(folder, inputs, table["part_id"].tolist(), ckpt)
+    stage = run.vector_stage(folder, inputs, table["part_id"].tolist(), ckpt)
     if stage.done:
         return
     run.log(f"step: per-completion gradients for what-ifs, epoch {ckpt.epoch} ({len(table)} parts)")
@@ -146,10 +146,10 @@ def _compute_parts(run: "Pipeline", ckpt: "Checkpoint", table: pd.DataFrame, seq
             loaded.append(True)
         block = [WeightedSequence(by_row[i].input_ids, by_row[i].weights, i - start)
                  for i in range(start, stop) if i in by_row]
-        got = run._projected(block, stop - start)  # parts without a token stay zero rows
+        got = run.project_gradients(block, stop - start)  # parts without a token stay zero rows
         return chunk_tensors(got["vectors"], got["norms"])
 
-    run._run_chunks(stage, len(table), (0, 1), compute, f"what-if parts epoch {ckpt.epoch}")
+    run.run_chunks(stage, len(table), (0, 1), compute, f"what-if parts epoch {ckpt.epoch}")
 
 
 # ----------------------------------------------------------------------------- prompt vectors
@@ -235,7 +235,7 @@ class WhatIf:
         return self.summary()
 
 
-def what_if_config(run: "Pipeline", changes: dict[str, Any]):
+def what_if_config(run: "RunView", changes: dict[str, Any]):
     """The run's config with ``changes`` (``{"policy.baseline": "none", "metric.name": "length",
     "metric.params": {...}}``; a callable for ``metric.name`` is a user metric) applied and
     validated; :class:`NeedsRecompute` for a change that a what-if cannot answer from stored vectors."""
@@ -268,7 +268,7 @@ def what_if_config(run: "Pipeline", changes: dict[str, Any]):
     return cfg
 
 
-def what_if(run: "Pipeline", changes: dict[str, Any] | None = None, *, checkpoint_weights_: list[float] | None = None,
+def what_if(run: "RunView", changes: dict[str, Any] | None = None, *, checkpoint_weights_: list[float] | None = None,
             compute: bool = True, top_moves: int = 10, **policy: Any) -> WhatIf:
     """NICE's scores and top fraction if the config had ``changes`` (dotted settings, e.g.
     ``{"metric.name": "length", "metric.params": {"max_words": 3}}``; keyword arguments are policy
@@ -276,14 +276,10 @@ def what_if(run: "Pipeline", changes: dict[str, Any] | None = None, *, checkpoin
     checkpoint, normalised) instead of the learning-rate weights. Reads the stored training vectors
     and per-completion parts (computing the parts once when ``compute``); the model is not loaded
     once they are stored. See the module docstring for what it cannot answer."""
-    from .pipeline import Pipeline
-
     t0 = time.perf_counter()
     changes = {**(changes or {}), **{f"policy.{k}": v for k, v in policy.items()}}
     cfg = what_if_config(run, changes)
-    q = Pipeline(cfg, run.run_dir, model=run._base_model, tokenizer=run._tokenizer, verbose=run.verbose,
-                 write_config=False)
-    q._peft = run._peft
+    q = run.with_config(cfg)
     ckpts = run.checkpoints
     parts = completion_parts(run, compute=compute)
     train = run.stored_vectors("train")
@@ -292,7 +288,7 @@ def what_if(run: "Pipeline", changes: dict[str, Any] | None = None, *, checkpoin
     vectors, valid, signal = [], [], {}
     for ckpt, (table, stored) in zip(ckpts, parts):
         samples = _samples(run, ckpt)
-        samples["reward"] = q._rewards(run.run_dir / "rollouts" / f"epoch_{ckpt.epoch}", samples)
+        samples["reward"] = q.stored_rewards(run.run_dir / "rollouts" / f"epoch_{ckpt.epoch}", samples)
         weighted, per_prompt = weigh_rollouts(samples, cfg.policy, refs)
         coef, ok = prompt_coefficients(cfg, table, weighted, per_prompt, order)
         vectors.append(normalize_rows(torch.from_numpy(coef.astype(np.float32)) @ _raw_rows(stored)))
@@ -304,7 +300,7 @@ def what_if(run: "Pipeline", changes: dict[str, Any] | None = None, *, checkpoin
         raise ValueError(f"what if {changes}: none of the {len(order)} target prompts carries a signal at any "
                          "checkpoint (every policy weight is zero)")
     weights = checkpoint_weights(ckpts) if checkpoint_weights_ is None else _normalised(checkpoint_weights_, ckpts)
-    new = influence_scores(train, vectors, weights, run._subtasks(), torch.from_numpy(mask), cfg.selection.aggregate)
+    new = influence_scores(train, vectors, weights, run.target_subtasks(), torch.from_numpy(mask), cfg.selection.aggregate)
     ids = train[0].ids
     current = run.read_scores()
     cur = current.set_index("id")["nice"].reindex(ids).to_numpy() if "nice" in current else np.full(len(ids), np.nan)

@@ -130,7 +130,7 @@ def nice_kit_side(run, train: list[torch.Tensor], model=None) -> Side:
     n_val = len(run.target_val)
     mask = torch.from_numpy(counted_prompts([None if v is None else np.array(v) for v in valid], n_val))
     scores = influence_scores([normalize_rows(t) for t in train], [normalize_rows(v) for v in val],
-                              checkpoint_weights(run.checkpoints), run._subtasks(), mask, run.cfg.selection.aggregate)
+                              checkpoint_weights(run.checkpoints), run.target_subtasks(), mask, run.cfg.selection.aggregate)
     return Side(train, val, valid, scores.astype(np.float64))
 
 
@@ -150,7 +150,7 @@ def pair(tok, messages, response: str) -> tuple[list[int], list[int]]:
 def oracle_prompts(run, table: pd.DataFrame, ref_rewards: dict[str, float]) -> list[oracle.OraclePrompt]:
     tok = run.tokenizer
     out = []
-    for rec, subtask in zip(run.target_val, run._subtasks()):
+    for rec, subtask in zip(run.target_val, run.target_subtasks()):
         rows = table[table["prompt_id"] == rec.id].sort_values("sample")
         ids, labels = pair(tok, rec.messages, rec.response)
         out.append(oracle.OraclePrompt(chat_prompt(tok, rec.messages), rows["completion"].astype(str).tolist(),
@@ -186,7 +186,7 @@ class Oracle:
             prompts = oracle_prompts(run, self.tables[ckpt.epoch], self.refs)
             val.append(torch.stack([oracle.prompt_gradient(model, run.tokenizer, p, variant, worst_case_protect,
                                                            do_normalize, cache=cache) for p in prompts]))
-        scores = oracle.scores(self.train, val, [c.lr for c in run.checkpoints], run._subtasks())
+        scores = oracle.scores(self.train, val, [c.lr for c in run.checkpoints], run.target_subtasks())
         return Side(self.train, val, None, scores)
 
 

@@ -47,6 +47,30 @@ def test_a_third_measurement_scores_a_run(tokenizer, small_data, tmp_path):
     pd.testing.assert_frame_equal(q.read_scores(measurements=[BareAnswerLoss()]), scores)
 
 
+def test_a_measurement_receives_the_narrow_context_not_the_pipeline(tokenizer, small_data, tmp_path):
+    from nice_kit.measurements import MeasureContext
+
+    seen = []
+
+    class Spy(BareAnswerLoss):
+        name = "spy"
+
+        def measure(self, run, ckpt, records):
+            seen.append(run)
+            return super().measure(run, ckpt, records)
+
+    p = make(tokenizer, small_data, tmp_path / "r")
+    p.warmup()
+    p.validation_gradients(Spy())
+    assert seen and all(isinstance(run, MeasureContext) for run in seen)
+    ctx = seen[0]
+    assert ctx.cfg is p.cfg and ctx.tokenizer is p.tokenizer
+    for verb in ("train_gradients", "scores", "select", "run_dir", "model"):  # the pipeline stays out of reach
+        assert not hasattr(ctx, verb), verb
+    with pytest.raises(AttributeError):
+        ctx.extra = 1  # nothing to hang state on either (__slots__)
+
+
 def test_builtin_measurements_are_the_two_methods():
     from nice_kit.measurements import PolicyGradient, ReferenceLoss, as_measurement
 

@@ -44,7 +44,7 @@ def test_the_designed_rollouts_exercise_every_particular_case(case):
     run, tables, *_ = case
     got = rc.exercised(run, tables)
     assert all(got.values()), got
-    assert len(set(run._subtasks())) == 2 and len(run.checkpoints) == 2
+    assert len(set(run.target_subtasks())) == 2 and len(run.checkpoints) == 2
 
 
 @pytest.mark.parametrize("variant,worst_case_protect,do_normalize", rc.CASES)
@@ -84,7 +84,7 @@ def test_pipeline_scores_with_the_reference_estimator_match_the_projected_oracle
     ref = orc.side("topk_hard", True, False)
     project = lambda x: run.projector.project(x.float()).double()  # noqa: E731
     expected = oracle.scores([project(t) for t in ref.train], [project(v) for v in ref.val],
-                             [c.lr for c in run.checkpoints], run._subtasks())
+                             [c.lr for c in run.checkpoints], run.target_subtasks())
     stored = run.stored_vectors("nice")
     for c, s in enumerate(stored):
         rows = s.all().double()

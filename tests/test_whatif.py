@@ -71,7 +71,7 @@ def test_what_if_reads_without_the_model_and_writes_no_config(run, tmp_path):
     diag_before = (run.run_dir / "diagnostics.csv").read_bytes() if (run.run_dir / "diagnostics.csv").exists() else None
     viewer = Pipeline(run.cfg, run.run_dir, tokenizer=run.tokenizer, verbose=False)
     got = viewer.what_if({"policy.baseline": "none"})
-    assert viewer._base_model is None  # never loaded
+    assert not viewer.holds_model  # never loaded
     assert (run.run_dir / "config.json").read_text() == config_before
     now = (run.run_dir / "diagnostics.csv").read_bytes() if (run.run_dir / "diagnostics.csv").exists() else None
     assert now == diag_before

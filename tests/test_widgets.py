@@ -78,7 +78,7 @@ def test_open_run_reads_a_finished_run_without_loading_the_model(run, run_dir):
     InfluenceExplorer(p)
     MetricPicker(p)
     RolloutViewer(p)
-    assert p._base_model is None  # everything came from the cached files
+    assert not p.holds_model  # everything came from the cached files
 
 
 def test_open_run_rejects_a_folder_that_is_not_a_run(tmp_path):
@@ -372,7 +372,7 @@ def test_selecting_never_loads_the_model(run, tmp_path, monkeypatch):
     explorer.method.value = "less"
     assert explorer.why.shown[1] == "less" and explorer.why.compute_button.layout.display == "none"
     explorer.method.value = "nice"
-    assert p._base_model is None and not (tmp_path / "run" / "grads" / "val_nice_completions").exists()
+    assert not p.holds_model and not (tmp_path / "run" / "grads" / "val_nice_completions").exists()
     explorer.why.compute_button.click()  # the one thing that loads the model: here it fails, in the panel
     assert "could not compute them" in explorer.why.status.value and "must not be loaded" in explorer.why.status.value
     assert len(explorer.why.bars.data[0].x) > 0 and not explorer.why.compute_button.disabled  # prompts stay

@@ -10,14 +10,12 @@ functions here and never a pipeline's stages directly.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 import pandas as pd
 
-from nice_kit.config import RunConfig
 from nice_kit.influence import top_fraction
 from nice_kit.pipeline import Pipeline
 
@@ -27,30 +25,9 @@ RunLike = Union[Pipeline, str, Path]
 FLAG_COLUMNS = ("task", "source", "on_task", "harmful", "harm_kind")
 
 
-def _resolve_data_paths(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """Data paths in config.json may be relative to the directory the run was started from; when one
-    does not exist from here, look for it beside the run (``run_dir/data/<name>``)."""
-    data = dict(cfg.get("data", {}))
-    for key in ("pool", "target_val", "target_test"):
-        value = data.get(key)
-        if not value or Path(value).exists():
-            continue
-        for candidate in (run_dir / "data" / Path(value).name, run_dir.parent / value):
-            if candidate.exists():
-                data[key] = str(candidate.resolve())
-                break
-    return {**cfg, "data": data}
-
-
 def open_run(run_dir: str | Path, verbose: bool = False) -> Pipeline:
-    """The :class:`Pipeline` of a run directory, from its ``config.json``, without recomputing anything."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.json)")
-    cfg = _resolve_data_paths(json.loads(config_path.read_text()), run_dir)
-    # the model is only needed if something must be computed: a run made elsewhere opens without it
-    return Pipeline(RunConfig.from_dict(cfg, check_model=False), run_dir, verbose=verbose)
+    """The :class:`Pipeline` of a run directory for viewing (:meth:`Pipeline.open`: writes nothing)."""
+    return Pipeline.open(run_dir, verbose=verbose)
 
 
 def as_pipeline(run: RunLike) -> Pipeline:
@@ -352,7 +329,7 @@ def harmful_share(p: Pipeline, ids: list[str]) -> float | None:
 def model_problem(p: Pipeline) -> str | None:
     """Why this pipeline cannot compute new gradients (None when it can): it holds no model and the
     config's model does not load offline."""
-    if p._base_model is not None:
+    if p.holds_model:
         return None
     from nice_kit.models import check_model
 
@@ -377,8 +354,7 @@ def adopt_what_if(p: Pipeline, what_if_result) -> Pipeline:
         raise RuntimeError(f"{p.run_dir}: adopting the what-if recomputes NICE's validation gradients, which needs "
                            f"the model, and {problem}. Open the run with its model (a live Pipeline), or compute "
                            "with the changed config: nice-kit run --config ...")
-    new = Pipeline(cfg, p.run_dir, model=p._base_model, tokenizer=p._tokenizer, verbose=p.verbose, write_config=False)
-    new._peft = p._peft
+    new = p.with_config(cfg)
     from nice_kit.warmup import load_adapter_weights
 
     try:  # before any stage is touched: a model that does not fit the run's adapters leaves the run as it was
@@ -391,9 +367,7 @@ def adopt_what_if(p: Pipeline, what_if_result) -> Pipeline:
     new.validation_gradients("nice")
     scores = new.scores()
     new.select(scores)
-    adopted = Pipeline(cfg, p.run_dir, model=p._base_model, tokenizer=p._tokenizer, verbose=p.verbose)  # config.json
-    adopted._peft = new._peft
-    return adopted
+    return new.with_config(cfg, write_config=True)  # only now the run's config.json changes
 
 
 def pool_labels(p: Pipeline) -> dict[str, str]:

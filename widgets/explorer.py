@@ -18,7 +18,7 @@ from . import _theme
 from ._display import ClickTable, LiveFallback, Pager, figure_html
 from ._run import (FLAG_COLUMNS, RunLike, add_selection, add_text_columns, as_pipeline, cutoff, pool_answers,
                    pool_frame, pool_record, score_columns, selection_fraction)
-from .plots import (FILTERED_OUT, _color, hover_text, histogram_marks, influence_scatter, scatter_groups_like,
+from .plots import (FILTERED_OUT, series_color, hover_text, histogram_marks, influence_scatter, scatter_groups_like,
                     scatter_title, score_histogram, selected_color)
 from .why import WhyPanel
 
@@ -375,7 +375,7 @@ class InfluenceExplorer(LiveFallback, w.VBox):
             self.hist.data[0].name = f"pool ({len(self.frame)})"
             self.hist.data[1].x = self._table[m].tolist()
             self.hist.data[1].name = f"filtered ({len(self._table)})"
-            self.hist.data[1].marker.color = _color(m)
+            self.hist.data[1].marker.color = series_color(m)
             self.hist.layout.title.text = f"{m.upper()} influence scores of {len(self.frame)} pool examples"
             self.hist.layout.xaxis.title.text = f"{m} influence score (cosine)"
         if self.scatter is not None:

@@ -24,7 +24,7 @@ from nice_kit.evaluation import COLLAPSE_SHARE, describe_lds, diversity_summary,
 from . import _html as H
 from . import _theme
 from ._display import LiveFallback, figure_html
-from .plots import LOSS_UNIT, _color, _themed
+from .plots import LOSS_UNIT, series_color, themed
 
 TARGET_LABELS = {"loss": "predicting the loss", "metric": "predicting the metric"}
 
@@ -68,7 +68,7 @@ def lds_figure(result, methods: list[str] | None = None, theme: str | None = Non
         for j, m in enumerate(methods, start=1):
             hover = [f"subset {int(s)} ({int(n)} examples)" for s, n in zip(sub["subset"], sub["n_train"])]
             fig.add_trace(go.Scatter(x=sub[f"pred_{m}"], y=sub[target], mode="markers", text=hover, showlegend=False,
-                                     marker=dict(size=8, color=_color(m, j), opacity=0.8),
+                                     marker=dict(size=8, color=series_color(m, j), opacity=0.8),
                                      hovertemplate=(f"%{{text}}<br>sum of {_label(m)} scores %{{x:.4g}}<br>{target} "
                                                     "%{y:.4g}<extra></extra>")), row=i, col=j)
             fig.update_xaxes(title_text=f"sum of {_label(m)} scores over the subset", row=i, col=j)
@@ -83,7 +83,7 @@ def lds_figure(result, methods: list[str] | None = None, theme: str | None = Non
                                       f"{result.fraction:.0%} of the pool<br><sup>LDS = Spearman over subsets, "
                                       "[bootstrap 95% interval]; loss axes reversed: up is better everywhere</sup>"),
                       height=330 * len(targets) + 60, margin=dict(l=70, r=20, t=110, b=50))
-    return _themed(fig, theme)
+    return themed(fig, theme)
 
 
 def evaluation_table(results: pd.DataFrame) -> pd.DataFrame:

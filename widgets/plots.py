@@ -24,7 +24,7 @@ FILTERED_OUT = {"light": "rgba(150,150,150,0.25)", "dark": "rgba(150,150,150,0.3
 LOSS_UNIT = "nats/token"
 
 
-def _color(method: str, i: int = 0) -> str:
+def series_color(method: str, i: int = 0) -> str:
     palette = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
     return METHOD_COLORS.get(method, palette[i % len(palette)])
 
@@ -34,7 +34,7 @@ def _short(text: str, n: int = 80) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def _themed(fig: go.Figure, theme: str | None) -> go.Figure:
+def themed(fig: go.Figure, theme: str | None) -> go.Figure:
     return _theme.apply(fig, _theme.resolve_theme(theme))
 
 
@@ -95,10 +95,10 @@ def histogram_marks(frame: pd.DataFrame, method: str, selected: str | None = Non
     shapes, notes = [], []
     if cutoff is not None and math.isfinite(cutoff):
         shapes.append(dict(type="line", x0=cutoff, x1=cutoff, y0=0, y1=1, yref="paper",
-                           line=dict(color=_color(method), width=2), name="cutoff"))
+                           line=dict(color=series_color(method), width=2), name="cutoff"))
         label = f"top {fraction:.0%} cutoff" if fraction else "selection cutoff"
         notes.append(dict(x=cutoff, y=1, yref="paper", text=label, showarrow=False, xanchor="left", yanchor="bottom",
-                          font=dict(size=10, color=_color(method))))
+                          font=dict(size=10, color=series_color(method))))
     if selected is not None and selected in set(frame["id"]):
         x = float(frame.loc[frame["id"] == selected, method].iloc[0])
         shapes.append(dict(type="line", x0=x, x1=x, y0=0, y1=1, yref="paper", name="selected",
@@ -115,7 +115,7 @@ def score_histogram(frame: pd.DataFrame, method: str, subset: pd.DataFrame | Non
     fig.add_trace(go.Histogram(x=frame[method], name=f"pool ({len(frame)})", marker_color="#9e9e9e", nbinsx=nbins,
                                opacity=0.55, hovertemplate="score %{x}<br>%{y} examples<extra>pool</extra>"))
     sub = frame if subset is None else subset
-    fig.add_trace(go.Histogram(x=sub[method], name=f"filtered ({len(sub)})", marker_color=_color(method), nbinsx=nbins,
+    fig.add_trace(go.Histogram(x=sub[method], name=f"filtered ({len(sub)})", marker_color=series_color(method), nbinsx=nbins,
                                opacity=0.75, hovertemplate="score %{x}<br>%{y} examples<extra>filtered</extra>"))
     fig.update_layout(barmode="overlay", title=f"{method.upper()} influence scores of {len(frame)} pool examples",
                       xaxis_title=f"{method} influence score (cosine)", yaxis_title="examples", height=300,
@@ -123,7 +123,7 @@ def score_histogram(frame: pd.DataFrame, method: str, subset: pd.DataFrame | Non
                                                                        yanchor="bottom"))
     shapes, notes = histogram_marks(frame, method, selected, cutoff, fraction, theme)
     fig.update_layout(shapes=shapes, annotations=notes)
-    return _themed(fig, theme)
+    return themed(fig, theme)
 
 
 def scatter_groups(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
@@ -163,13 +163,13 @@ def scatter_marks(x_cut: float | None, y_cut: float | None, fraction: float | No
     shapes, notes = [], []
     pct = f"top {fraction:.0%}" if fraction else "selected"
     if x_cut is not None and math.isfinite(x_cut):
-        shapes.append(dict(type="line", x0=x_cut, x1=x_cut, y0=0, y1=1, yref="paper", line=dict(color=_color(x), dash="dot")))
+        shapes.append(dict(type="line", x0=x_cut, x1=x_cut, y0=0, y1=1, yref="paper", line=dict(color=series_color(x), dash="dot")))
         notes.append(dict(x=x_cut, y=0, yref="paper", text=f"{x.upper()} {pct} →", showarrow=False, xanchor="left",
-                          yanchor="bottom", font=dict(size=10, color=_color(x))))
+                          yanchor="bottom", font=dict(size=10, color=series_color(x))))
     if y_cut is not None and math.isfinite(y_cut):
-        shapes.append(dict(type="line", y0=y_cut, y1=y_cut, x0=0, x1=1, xref="paper", line=dict(color=_color(y), dash="dot")))
+        shapes.append(dict(type="line", y0=y_cut, y1=y_cut, x0=0, x1=1, xref="paper", line=dict(color=series_color(y), dash="dot")))
         notes.append(dict(y=y_cut, x=0, xref="paper", text=f"{y.upper()} {pct} ↑", showarrow=False, xanchor="left",
-                          yanchor="bottom", font=dict(size=10, color=_color(y))))
+                          yanchor="bottom", font=dict(size=10, color=series_color(y))))
     return shapes, notes
 
 
@@ -202,7 +202,7 @@ def influence_scatter(frame: pd.DataFrame, x: str = "less", y: str = "nice", sel
                       legend=dict(orientation="h", y=-0.2, x=0, xanchor="left", yanchor="top"))
     fig.update_xaxes(range=_padded_range(frame[x]))
     fig.update_yaxes(range=_padded_range(frame[y]))
-    return _themed(fig, theme)
+    return themed(fig, theme)
 
 
 def scatter_groups_like(frame: pd.DataFrame, subset: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
@@ -234,7 +234,7 @@ def rewards_figure(df: pd.DataFrame, reward: str = "reward", title: str | None =
     fig.update_xaxes(title_text="target prompt", showticklabels=len(set(pids)) <= 16, row=1, col=2)
     fig.update_layout(title=title or f"{name} scores of {len(df)} sampled completions", height=330,
                       margin=dict(l=50, r=20, t=70, b=45))
-    return _themed(fig, theme)
+    return themed(fig, theme)
 
 
 def rollout_figure(df: pd.DataFrame, title: str = "", metric: str | None = None, theme: str | None = None) -> go.Figure:
@@ -249,7 +249,7 @@ def rollout_figure(df: pd.DataFrame, title: str = "", metric: str | None = None,
                          hovertemplate="completion %{x}<br>weight %{y:+.3g}<extra></extra>"), 1, 2)
     fig.update_xaxes(title_text="sampled completion")
     fig.update_layout(title=title, height=280, margin=dict(l=50, r=20, t=60, b=45))
-    return _themed(fig, theme)
+    return themed(fig, theme)
 
 
 # ------------------------------------------------------------------------------ loss vs metric
@@ -281,7 +281,7 @@ def loss_vs_metric_checkpoints(curve: pd.DataFrame, title: str | None = None, me
     fig.update_yaxes(title_text=f"mean {name}{n_test}", secondary_y=True, showgrid=False)
     fig.update_layout(title=title or f"Reference loss and {name} across warmup checkpoints", height=380,
                       margin=dict(l=65, r=65, t=60, b=40), legend=dict(orientation="h", y=-0.22), hovermode="x unified")
-    return _themed(fig, theme)
+    return themed(fig, theme)
 
 
 def _mean_se(x: Iterable[float]) -> tuple[float, float, int]:
@@ -326,11 +326,11 @@ def loss_vs_metric_subsets(results: pd.DataFrame, title: str | None = None, metr
             fig.add_trace(go.Scatter(x=[loss], y=[m], mode="markers", name=label, text=[method],
                                      hovertemplate=(f"<b>{label}</b><br>reference loss %{{x:.4g}}{se_txt(l_se)} {LOSS_UNIT}"
                                                     f"<br>mean {name} %{{y:.4g}}{se_txt(m_se)}<extra></extra>"),
-                                     marker=dict(size=12, color=_color(method, i)),
+                                     marker=dict(size=12, color=series_color(method, i)),
                                      error_x=dict(type="data", array=[l_se if bars else 0], visible=bars),
                                      error_y=dict(type="data", array=[m_se if bars else 0], visible=bars)))
         else:
-            fig.add_trace(go.Bar(x=[label], y=[m], name=label, text=[method], marker_color=_color(method, i),
+            fig.add_trace(go.Bar(x=[label], y=[m], name=label, text=[method], marker_color=series_color(method, i),
                                  hovertemplate=f"<b>{label}</b><br>mean {name} %{{y:.4g}}{se_txt(m_se)}<extra></extra>",
                                  error_y=dict(type="data", array=[m_se if bars else 0], visible=bars)))
     note = seeds_note(seeds)
@@ -342,7 +342,7 @@ def loss_vs_metric_subsets(results: pd.DataFrame, title: str | None = None, metr
     head = title or f"{name} vs reference loss of models fine-tuned on each selection"
     fig.update_layout(title=dict(text=f"{head}<br><sup>{note}</sup>"), height=400,
                       margin=dict(l=65, r=20, t=75, b=50))
-    return _themed(fig, theme)
+    return themed(fig, theme)
 
 
 def loss_vs_metric(df: pd.DataFrame, title: str | None = None, metric: str | None = None,

@@ -53,10 +53,10 @@ class JudgeServer(ThreadingHTTPServer):
             self.net = self.tokenizer = None
             self.model_name = model_name or getattr(model_or_path, "__name__", "responder")
         else:
-            from nice_kit.metrics.model_based import _load
+            from nice_kit.metrics.model_based import load_cached_model
 
             self._responder = None
-            self.net, self.tokenizer = _load("causal", str(model_or_path), device)
+            self.net, self.tokenizer = load_cached_model("causal", str(model_or_path), device)
             self.model_name = model_name or str(model_or_path)
         super().__init__(address, _Handler)
 

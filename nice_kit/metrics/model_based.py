@@ -62,7 +62,7 @@ def _resolve_dtype(dtype: Any, device: str):
     return dtype
 
 
-def _load(kind: str, model: str, device: str | None, dtype: Any = None) -> tuple[Any, Any]:
+def load_cached_model(kind: str, model: str, device: str | None, dtype: Any = None) -> tuple[Any, Any]:
     """Load (and cache) a model of ``kind`` ('seq_cls' or 'causal') with its tokenizer, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -140,7 +140,7 @@ class RewardModelMetric:
         self.max_length = int(max_length)
         self.label_index = label_index
         self.use_chat_template = use_chat_template
-        self.net, self.tokenizer = _load("seq_cls", self.model_name, device, dtype)
+        self.net, self.tokenizer = load_cached_model("seq_cls", self.model_name, device, dtype)
         self.device = next(self.net.parameters()).device
         self.num_labels = int(self.net.config.num_labels)
         if self.num_labels == 1:
@@ -382,7 +382,7 @@ class LocalJudgeBackend:
 
     def __init__(self, local_model: str, device: str | None = None, max_tokens: int = 8, dtype: Any = None):
         self.model_name = str(local_model)
-        self.net, self.tokenizer = _load("causal", self.model_name, device, dtype)
+        self.net, self.tokenizer = load_cached_model("causal", self.model_name, device, dtype)
         self.max_tokens = int(max_tokens)
 
     def complete(self, messages: list[dict[str, str]]) -> str:
