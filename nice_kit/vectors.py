@@ -40,7 +40,7 @@ def chunk_tensors(vectors: torch.Tensor, norms: torch.Tensor, valid: torch.Tenso
     return out
 
 
-def writenpy_header(f, shape: tuple[int, int]) -> None:
+def write_npy_header(f, shape: tuple[int, int]) -> None:
     """The header of a float16 C-order ``.npy`` file of ``shape``; the rows follow as raw bytes."""
     np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(STORE_DTYPE).str, "fortran_order": False,
                                              "shape": tuple(int(x) for x in shape)})
@@ -134,7 +134,7 @@ def merge_chunks(stage: Stage, n_items: int, chunk_size: int) -> None:
     norms = np.zeros(n_items, dtype=np.float32)
     valid = np.ones(n_items, dtype=bool) if "valid" in first else None
     with writing(stage.path / "vectors.npy", tmp), open(tmp, "wb") as out:
-        writenpy_header(out, (n_items, d))
+        write_npy_header(out, (n_items, d))
         for c, start, stop in chunks:
             t = first if c == chunks[0][0] else load_tensors(stage.chunk_path(c), check=False)
             rows = t["vectors"].numpy().astype(STORE_DTYPE, copy=False)

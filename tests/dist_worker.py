@@ -43,7 +43,7 @@ def train_tiny(out: Path, pool: str, name: str, dist=None) -> None:
 def _watch_chunks(log: str | None, die: str | None) -> None:
     """Log every chunk file this process writes (``RANK path`` lines appended to ``log``) and, with
     ``die`` = RANK:TEXT:N, exit at once after the N-th chunk whose path contains TEXT on that rank."""
-    import nice_kit.pipeline as pipeline
+    import nice_kit.stages as pipeline  # the stages write the chunk files
 
     rank = os.environ.get("RANK", "0")
     die_rank, text, n = die.split(":") if die else ("", "", "0")

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import nice_kit.pipeline as pipeline_mod
+import nice_kit.stages as stages_mod
 import nice_kit.runs as runs_mod
 import nice_kit.vectors as vectors_mod
 import nice_kit.warmup as warmup_mod
@@ -185,8 +186,8 @@ def test_a_recomputation_redoes_only_the_damaged_piece(ref, tmp_path, monkeypatc
         return real(model, seqs, n_groups, *a, **k)
 
     monkeypatch.setattr(pipeline_mod, "projected_gradients", counting)
-    monkeypatch.setattr(pipeline_mod, "train_lora", _boom)
-    monkeypatch.setattr(pipeline_mod, "sample_rollouts", _boom)
+    monkeypatch.setattr(stages_mod, "train_lora", _boom)
+    monkeypatch.setattr(stages_mod, "sample_rollouts", _boom)
     q.run()
     assert calls == [8]  # one chunk of 8 pool examples, nothing else
     assert_same_scores(q.read_scores(), ref)
@@ -303,8 +304,8 @@ def test_a_run_made_before_checksums_is_reused_after_checking_what_can_be(ref, t
         del s["files"]
         f.write_text(json.dumps(s))
     monkeypatch.setattr(pipeline_mod, "projected_gradients", _boom)
-    monkeypatch.setattr(pipeline_mod, "train_lora", _boom)
-    monkeypatch.setattr(pipeline_mod, "sample_rollouts", _boom)
+    monkeypatch.setattr(stages_mod, "train_lora", _boom)
+    monkeypatch.setattr(stages_mod, "sample_rollouts", _boom)
     assert_same_scores(q.read_scores(), ref)
     q.run()
     assert_same_scores(q.read_scores(), ref)
@@ -407,11 +408,11 @@ def test_disk_full_in_each_stage_names_it_and_leaves_nothing_looking_finished(re
 # ------------------------------------------------------------------------------- kill at each stage
 KILL_POINTS = {
     "warmup checkpoint": (warmup_mod, "_save_checkpoint", 2),
-    "training gradient chunk": (pipeline_mod, "save_tensors", 2),
-    "merge": (pipeline_mod, "merge_chunks", 1),
-    "rollouts": (pipeline_mod, "write_rows", 1),
-    "validation gradients": (pipeline_mod, "save_tensors", 7),
-    "scores": (pipeline_mod, "influence_scores", 1),
+    "training gradient chunk": (stages_mod, "save_tensors", 2),
+    "merge": (stages_mod, "merge_chunks", 1),
+    "rollouts": (stages_mod, "write_rows", 1),
+    "validation gradients": (stages_mod, "save_tensors", 7),
+    "scores": (stages_mod, "influence_scores", 1),
 }
 
 

@@ -5,8 +5,8 @@ names; Pipeline implements the RunView protocol the analyses are typed against.
     settings
       <- data, models, projection, policy, runs, vectors, influence, distributed, metrics.*
       <- config, warmup, gradients, rollouts
-      <- measurements, view
-      <- explain, whatif, diagnostics, export       (the analyses, typed against view.RunView)
+      <- measurements, keys, view                   (what is measured; what stages depend on; RunView)
+      <- stages, explain, whatif, diagnostics, export   (typed against view.RunView)
       <- pipeline                                   (the facade: stage verbs, explain, what_if)
       <- evaluation, demo, rewards, cli
       <- widgets
@@ -26,8 +26,8 @@ LAYERS: list[set[str]] = [
     {"nice_kit.data", "nice_kit.models", "nice_kit.projection", "nice_kit.policy", "nice_kit.runs", "nice_kit.vectors",
      "nice_kit.influence", "nice_kit.distributed", "nice_kit.memory", "nice_kit.metrics*"},
     {"nice_kit.config", "nice_kit.warmup", "nice_kit.gradients", "nice_kit.rollouts"},
-    {"nice_kit.measurements", "nice_kit.view"},
-    {"nice_kit.explain", "nice_kit.whatif", "nice_kit.diagnostics", "nice_kit.export"},
+    {"nice_kit.measurements", "nice_kit.keys", "nice_kit.view"},
+    {"nice_kit.stages", "nice_kit.explain", "nice_kit.whatif", "nice_kit.diagnostics", "nice_kit.export"},
     {"nice_kit.pipeline"},
     {"nice_kit.evaluation", "nice_kit.demo", "nice_kit.rewards", "nice_kit.cli", "nice_kit.__main__"},
     {"widgets*"},
@@ -139,7 +139,8 @@ def test_pipeline_implements_the_run_view_the_analyses_use():
     assert not missing, missing
 
 
-@pytest.mark.parametrize("module", ["nice_kit.explain", "nice_kit.whatif", "nice_kit.diagnostics", "nice_kit.export"])
+@pytest.mark.parametrize("module", ["nice_kit.stages", "nice_kit.explain", "nice_kit.whatif", "nice_kit.diagnostics",
+                                    "nice_kit.export"])
 def test_the_analyses_use_only_the_run_view(module):
     """Every ``run.<member>`` an analysis reads is declared by RunView (the protocol is what they need)."""
     from nice_kit.view import RunView

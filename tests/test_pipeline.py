@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import nice_kit.pipeline as pipeline_mod
+import nice_kit.stages as stages_mod
 from conftest import tiny_config
 from nice_kit.models import tiny_model
 from nice_kit.pipeline import Pipeline
@@ -66,8 +67,8 @@ def test_second_run_reuses_every_stage(finished, tokenizer, monkeypatch):
         raise AssertionError("recomputed a cached stage")
 
     monkeypatch.setattr(pipeline_mod, "projected_gradients", boom)
-    monkeypatch.setattr(pipeline_mod, "sample_rollouts", boom)
-    monkeypatch.setattr(pipeline_mod, "train_lora", boom)
+    monkeypatch.setattr(stages_mod, "sample_rollouts", boom)
+    monkeypatch.setattr(stages_mod, "train_lora", boom)
     again = Pipeline(p.cfg, p.run_dir, model=tiny_model(tokenizer), tokenizer=tokenizer, verbose=False)
     again.run()
     pd.testing.assert_frame_equal(before, pd.read_csv(p.run_dir / "scores.csv"))
@@ -127,7 +128,7 @@ def test_same_seed_same_scores(finished, tokenizer, small_data, tmp_path):
 def test_changing_the_metric_rescores_rollouts_without_sampling(finished, tokenizer, monkeypatch):
     p, _ = finished
     before = p.rollouts()
-    monkeypatch.setattr(pipeline_mod, "sample_rollouts", lambda *a, **k: (_ for _ in ()).throw(AssertionError("resampled")))
+    monkeypatch.setattr(stages_mod, "sample_rollouts", lambda *a, **k: (_ for _ in ()).throw(AssertionError("resampled")))
     cfg = tiny_config({"pool": p.cfg.data.pool, "target_val": p.cfg.data.target_val,
                        "target_test": p.cfg.data.target_test}, metric={"name": "length", "params": {"max_words": 1}})
     q = Pipeline(cfg, p.run_dir, model=tiny_model(tokenizer), tokenizer=tokenizer, verbose=False)

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 import nice_kit.pipeline as pipeline_mod
+import nice_kit.stages as stages_mod
 from conftest import tiny_config
 from nice_kit.models import tiny_model
 from nice_kit.pipeline import Pipeline
@@ -77,7 +78,7 @@ def test_a_new_target_task_reuses_the_warmup_and_the_pool_gradients(done, tokeni
     save_records(list(reversed(recs))[:2], other)
     data = {"pool": done.cfg.data.pool, "target_val": str(other), "target_test": done.cfg.data.target_test}
     q = make(tokenizer, data, run_dir)
-    monkeypatch.setattr(pipeline_mod, "train_lora", boom)
+    monkeypatch.setattr(stages_mod, "train_lora", boom)
     real = pipeline_mod.projected_gradients
     monkeypatch.setattr(pipeline_mod, "projected_gradients", boom)
     q.warmup()
@@ -97,7 +98,7 @@ def test_interrupted_rollouts_resume_with_another_chunk_size(tokenizer, small_da
     p = make(tokenizer, small_data, tmp_path / "a", gradients={"chunk_size": 2})
     p.warmup()
     calls = {"n": 0}
-    real = pipeline_mod.sample_rollouts
+    real = stages_mod.sample_rollouts
 
     def crash_second(*a, **k):
         calls["n"] += 1
@@ -105,10 +106,10 @@ def test_interrupted_rollouts_resume_with_another_chunk_size(tokenizer, small_da
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(pipeline_mod, "sample_rollouts", crash_second)
+    monkeypatch.setattr(stages_mod, "sample_rollouts", crash_second)
     with pytest.raises(KeyboardInterrupt):
         p.rollouts(p.checkpoints[0])
-    monkeypatch.setattr(pipeline_mod, "sample_rollouts", real)
+    monkeypatch.setattr(stages_mod, "sample_rollouts", real)
     resumed = make(tokenizer, small_data, tmp_path / "a", gradients={"chunk_size": 4}).rollouts(p.checkpoints[0])
     assert sorted(set(resumed["prompt_id"])) == sorted(r.id for r in p.target_val)
     assert len(resumed) == len(p.target_val) * p.cfg.rollouts.k  # nothing duplicated or dropped
