@@ -28,6 +28,12 @@ projection): the bundled model (``--model``) with LoRA r=``--lora-r`` on q,k,v,o
 preconditioning of a (batch, D) block alone in a fresh process (its time and the peak memory it adds).
 Only public functions are used, so the same script measures an older nice_kit:
 ``PYTHONPATH=/path/to/old/tree python bench/bench_gradients.py --large-d`` (before/after).
+
+``--tiny`` (with any of the above) is the smoke test CI runs (tests/test_bench.py): the tiny
+random-weight Llama of bench/shapes.py and the tokenizer saved in the tree instead of the bundled
+model, the fast demo's settings and data slice (nice_kit.demo), a few short examples, d=256, no
+rollout cache; the run directory is a fresh temporary one unless ``--run-dir`` is given. The numbers
+then mean nothing; every code path is the real one.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ import torch
 from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from nice_kit.config import RunConfig  # noqa: E402
 from nice_kit.data import IGNORE_INDEX, Tokenized, tokenize_records  # noqa: E402
@@ -59,6 +65,34 @@ from nice_kit.projection import Projector, ProjectionSpec, normalize_rows  # noq
 from nice_kit.warmup import load_adapter_weights  # noqa: E402
 
 
+# --tiny: sizes small enough for a CI smoke test (each replaces the option's default)
+TINY = {"examples": 4, "reference_examples": 2, "length": 64, "dim": 256, "batch_size": 2, "prompts": 2,
+        "train_examples": 4, "threads": 1, "lora_r": 4}
+MODEL_NAME = "tiny (random weights, bench/shapes.py)"  # what --tiny measures
+
+
+def bench_model(name: str, tiny: bool):
+    """``(model, tokenizer)`` on the CPU in float32: the named model, or with ``--tiny`` the tiny
+    random-weight shape of bench/shapes.py with the tokenizer saved in the tree."""
+    if tiny:
+        from shapes import build_model, load_bench_tokenizer
+
+        tok = load_bench_tokenizer()
+        return build_model("tiny", tok, "cpu", torch.float32), tok
+    from nice_kit.models import load_model
+
+    return load_model(name, device="cpu", dtype=torch.float32)
+
+
+def bench_config(args) -> RunConfig:
+    """``--config``, or with ``--tiny`` the fast demo's settings with its data slice under ``--run-dir``."""
+    if args.tiny:
+        from nice_kit.demo import demo_config
+
+        return demo_config(args.run_dir, fast=True)
+    return RunConfig.from_file(args.config)
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -70,6 +104,8 @@ def examples_of_length(tokenizer, records, length: int, n: int) -> list[Tokenize
     for i in range(n):
         t = toks[i % len(toks)]
         n_prompt = t.labels.count(IGNORE_INDEX)
+        if n_prompt >= length:
+            raise ValueError(f"--length {length} leaves no answer token after a {n_prompt}-token prompt")
         resp = t.input_ids[n_prompt:]
         ids = list(t.input_ids)
         while len(ids) < length:
@@ -203,12 +239,12 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]
 
 def stages(args) -> None:
     from nice_kit.data import load_records, prompt_ids
-    from nice_kit.models import add_lora, load_model, lora_parameters as lora_params
+    from nice_kit.models import add_lora, lora_parameters as lora_params
     from nice_kit.rollouts import sample_rollouts
 
-    cfg = RunConfig.from_file(args.config)
+    cfg = bench_config(args)
     torch.set_num_threads(args.threads)
-    model, tok = load_model(cfg.model, device="cpu", dtype=torch.float32)
+    model, tok = bench_model(cfg.model, args.tiny)
     model = add_lora(model, cfg.lora, seed=0)
     gen = torch.Generator().manual_seed(0)
     for name, p in lora_params(model):  # random adapter: B must be non-zero for A's gradient to be
@@ -220,7 +256,8 @@ def stages(args) -> None:
     projector = Projector(ProjectionSpec(kind=cfg.projection.kind, dim=cfg.projection.dim, seed=0,
                                          nnz=cfg.projection.nnz, input_dim=D))
     projector.project(torch.zeros(1, D))  # build the sketch once (cached, like in a run)
-    print(f"model {cfg.model} (LoRA r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)}): D={D:,}; "
+    model_name = MODEL_NAME if args.tiny else cfg.model
+    print(f"model {model_name} (LoRA r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)}): D={D:,}; "
           f"threads {torch.get_num_threads()}; batch size {args.batch_size}; projection {cfg.projection.kind} "
           f"d={cfg.projection.dim}")
 
@@ -230,7 +267,7 @@ def stages(args) -> None:
     key = {"model": cfg.model, "k": rs.k, "temperature": rs.temperature, "top_k": rs.top_k, "top_p": rs.top_p,
            "max_new_tokens": rs.max_new_tokens, "stop": list(rs.stop), "seed": 0, "first": recs[0].id}
     cache_file = ROOT / "runs" / "bench_gradients_rollouts.json"  # sampling is slow on a CPU: keep the samples
-    cached = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    cached = json.loads(cache_file.read_text()) if cache_file.exists() and not args.tiny else {}
     wanted = {x.id for x in recs}
     if cached.get("key") == key and wanted <= {row["prompt_id"] for row in cached["rows"]}:
         rows = [row for row in cached["rows"] if row["prompt_id"] in wanted]
@@ -240,8 +277,9 @@ def stages(args) -> None:
         with model.disable_adapter():  # the base model's own answers (the random adapter would garble them)
             rows = sample_rollouts(model, tok, recs, rs, seed=0)
         how = f"sampled in {time.perf_counter() - t0:.0f} s"
-        cache_file.parent.mkdir(exist_ok=True)
-        cache_file.write_text(json.dumps({"key": key, "rows": rows}))
+        if not args.tiny:  # a smoke test leaves nothing in the tree
+            cache_file.parent.mkdir(exist_ok=True)
+            cache_file.write_text(json.dumps({"key": key, "rows": rows}))
     eos = tok.eos_token_id
     nice = []
     for j, rec in enumerate(recs):
@@ -369,10 +407,10 @@ def large_d(args) -> None:
     import subprocess
 
     from nice_kit.data import load_records
-    from nice_kit.models import LoraSettings, add_lora, load_model
+    from nice_kit.models import LoraSettings, add_lora
 
     torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model, device="cpu")
+    model, tok = bench_model(args.model, args.tiny)
     model = add_lora(model, LoraSettings(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0), seed=0)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -402,7 +440,8 @@ def large_d(args) -> None:
 
     import nice_kit
 
-    print(f"nice_kit from {Path(nice_kit.__file__).parent}; model {args.model} + LoRA r={args.lora_r} on q,k,v,o: "
+    model_name = MODEL_NAME if args.tiny else args.model
+    print(f"nice_kit from {Path(nice_kit.__file__).parent}; model {model_name} + LoRA r={args.lora_r} on q,k,v,o: "
           f"D = {D:,}; {len(seqs)} examples x {args.length} tokens in batches of {args.batch_size}; "
           f"{torch.get_num_threads()} threads")
     best = None
@@ -454,7 +493,20 @@ def main() -> None:
     ap.add_argument("--lora-r", type=int, default=64, help="--large-d: LoRA rank")
     ap.add_argument("--model", default="default", help="--large-d: model")
     ap.add_argument("--adam-only", nargs=2, type=int, metavar=("BATCH", "D"), help=argparse.SUPPRESS)
+    ap.add_argument("--tiny", action="store_true",
+                    help="a smoke test: the tiny random-weight model, tiny sizes (see above); numbers mean nothing")
     args = ap.parse_args()
+    if args.tiny:
+        import atexit
+        import shutil
+        import tempfile
+
+        for name, value in TINY.items():
+            if getattr(args, name) == ap.get_default(name):
+                setattr(args, name, value)
+        if args.run_dir == ap.get_default("run_dir"):  # never the bundled run's folder; removed at exit
+            args.run_dir = tempfile.mkdtemp(prefix="bench_gradients_tiny_")
+            atexit.register(shutil.rmtree, args.run_dir, ignore_errors=True)
     if args.adam_only:
         print(json.dumps(_adam_only(*args.adam_only, repeats=2)))
         return
@@ -465,14 +517,20 @@ def main() -> None:
         large_d(args)
         return
 
-    cfg = RunConfig.from_file(args.config)
-    p = Pipeline(cfg, args.run_dir, verbose=True)
+    cfg = bench_config(args)
+    if args.tiny:
+        torch.set_num_threads(args.threads)
+        model, tok = bench_model(cfg.model, tiny=True)
+        p = Pipeline(cfg, args.run_dir, model=model, tokenizer=tok, verbose=True)
+    else:
+        p = Pipeline(cfg, args.run_dir, verbose=True)
     ckpt = p.warmup()[-1]
     model, tok = p.model, p.tokenizer
     load_adapter_weights(model, ckpt)
     exp_avg, exp_avg_sq = ckpt.moments()
     D = gradient_dim(model)
-    print(f"model {cfg.model}: {D:,} LoRA parameters; threads {torch.get_num_threads()}; "
+    model_name = MODEL_NAME if args.tiny else cfg.model
+    print(f"model {model_name}: {D:,} LoRA parameters; threads {torch.get_num_threads()}; "
           f"{args.length}-token examples; d={args.dim}")
 
     examples = examples_of_length(tok, p.pool, args.length, args.examples)

@@ -3,6 +3,7 @@
     python bench/bench_whatif.py --run-dir runs/default          # the bundled run (after nice-kit run)
     python bench/bench_whatif.py --synthetic                     # 270,679 x 8192 x 4 checkpoints, 500 x 8
     python bench/bench_whatif.py --synthetic --pool 20000 --ckpts 2  # a quick look
+    python bench/bench_whatif.py --fast                          # a smoke test on the fast demo run
 
 Bundled run: computes the per-completion parts once (timed), then times what-ifs whose metric
 rewards are cached (each run twice; the second is the answer a user waits for): no baseline, the
@@ -30,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+from fast_run import add_run_arguments, open_run  # noqa: E402
 from nice_kit.config import PolicySettings, RunConfig  # noqa: E402
 from nice_kit.influence import influence_scores, top_fraction  # noqa: E402
 from nice_kit.measurements import weigh_rollouts  # noqa: E402
@@ -42,11 +44,10 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
-def bundled(run_dir: Path, config: Path) -> None:
-    from nice_kit.pipeline import Pipeline
+def bundled(args) -> None:
     from nice_kit.whatif import completion_parts
 
-    run = Pipeline(RunConfig.from_file(config), run_dir, verbose=False)
+    run = open_run(args)
     t = time.perf_counter()
     parts = completion_parts(run)
     print(f"per-completion parts (once)  : {time.perf_counter() - t:7.1f} s   "
@@ -54,7 +55,8 @@ def bundled(run_dir: Path, config: Path) -> None:
     cases = [{"policy.baseline": "none"},
              {"policy.estimator": "reference", "policy.variant": "vanilla", "policy.baseline": "none"},
              {"selection.aggregate": "mean"},
-             {"metric.params": {"extract": "last_number"}}]
+             # the fast demo run scores completions' lengths; the bundled run, answers
+             {"metric.params": {"max_words": 4} if args.fast else {"extract": "last_number"}}]
     for changes in cases:
         times = []
         for _ in range(2):  # the first also scores the stored completions when the metric is new
@@ -119,8 +121,7 @@ def synthetic(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run-dir", default=str(ROOT / "runs" / "default"))
-    ap.add_argument("--config", default=str(ROOT / "configs" / "default.toml"))
+    add_run_arguments(ap)
     ap.add_argument("--synthetic", action="store_true", help="the synthetic store instead of the bundled run")
     ap.add_argument("--pool", type=int, default=270_679)
     ap.add_argument("--dim", type=int, default=8192)
@@ -135,7 +136,7 @@ def main() -> None:
     if args.synthetic:
         synthetic(args)
     else:
-        bundled(Path(args.run_dir), Path(args.config))
+        bundled(args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """What limits NICE on the bundled benchmark? Signal, what the selections share, and the LDS.
 
     python bench/nice_limits.py [--config C] [--run-dir runs/default] [--subsets 40] [--fraction 0.1]
+    python bench/nice_limits.py --fast --subsets 3   # a smoke test on the fast demo run (bench/fast_run.py)
 
 Prints, for a finished run (``nice-kit run``): per warmup epoch and subtask how many target prompts got
 mixed rewards (NICE's policy gradient is zero on the others), the most common responses in the LESS and
@@ -19,26 +20,24 @@ from pathlib import Path
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from nice_kit.config import RunConfig  # noqa: E402
+from fast_run import add_run_arguments, open_run  # noqa: E402
 from nice_kit.diagnostics import reward_signal, response_values, selection_diagnostics  # noqa: E402
 from nice_kit.evaluation import COLLAPSE_SHARE, describe_lds, is_collapse, lds, rank_correlation  # noqa: E402
 from nice_kit.influence import top_fraction  # noqa: E402
-from nice_kit.pipeline import Pipeline  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "configs" / "default.toml"))
-    ap.add_argument("--run-dir", default=str(ROOT / "runs" / "default"))
+    add_run_arguments(ap)
     ap.add_argument("--subsets", type=int, default=40)
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     args = ap.parse_args()
     pd.set_option("display.width", 200)
     fmt = lambda x: f"{x:.3f}"  # noqa: E731
-    run = Pipeline(RunConfig.from_file(args.config), args.run_dir, verbose=False)
+    run = open_run(args)
 
     print("== signal: target prompts with mixed rewards over their K samples, per warmup epoch ==")
     print(reward_signal(run).to_string(index=False, float_format=fmt))

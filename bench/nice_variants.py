@@ -1,6 +1,7 @@
 """Which policy-gradient settings make NICE's selection cleanest? (Diagnostics only: no retraining.)
 
     python bench/nice_variants.py [--run-dir runs/default]
+    python bench/nice_variants.py --fast      # a smoke test on the fast demo run (bench/fast_run.py)
 
 Asks the finished run one what-if per variant (nice_kit.whatif: the same warmup, training gradients
 and rollouts; NICE's prompt vectors recombined from the stored per-completion gradients, computed
@@ -26,11 +27,10 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from nice_kit.config import RunConfig  # noqa: E402
+from fast_run import add_run_arguments, open_run  # noqa: E402
 from nice_kit.evaluation import finetune_and_evaluate  # noqa: E402
-from nice_kit.pipeline import Pipeline  # noqa: E402
 
 REFERENCE = {"estimator": "reference", "baseline": "none"}
 VARIANTS = {
@@ -55,13 +55,12 @@ def _dotted(over: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "configs" / "default.toml"))
-    ap.add_argument("--run-dir", default=str(ROOT / "runs" / "default"))
+    add_run_arguments(ap)
     ap.add_argument("--only", nargs="*", help="substrings of variant names to run")
     ap.add_argument("--retrain-seeds", nargs="*", type=int, default=[],
                     help="fine-tuning seeds: retrain on each variant's selection and score the test prompts")
     args = ap.parse_args()
-    p = Pipeline(RunConfig.from_file(args.config), args.run_dir, verbose=False)
+    p = open_run(args)
     rows = []
     for name, over in VARIANTS.items():
         if args.only and not any(s in name for s in args.only):

@@ -26,7 +26,8 @@ How a batch is computed (``group_gradients``, ``projected_gradients``):
   works in blocks of 2^20 coordinates, in place in the training stage.
 * **Batches by token positions.** A forward pass holds no more token positions than ``batch_size``
   whole sequences (so several prompts with their short completions share a pass); out of memory on a
-  batch halves the batch size (down to 1) and retries that batch (:class:`BatchSize`).
+  batch (:func:`nice_kit.memory.is_out_of_memory`) halves the batch size (down to 1) and retries that
+  batch (:class:`BatchSize`).
 
 The model's decoder, output head and cache are found generically (``get_decoder``,
 ``get_output_embeddings``) and checked once per model against its plain forward; a model where
@@ -36,7 +37,6 @@ Results equal one-sequence-at-a-time backward passes to fp32 precision (tests/te
 
 from __future__ import annotations
 
-import gc
 import inspect
 import logging
 import warnings
@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX, Tokenized
+from .memory import free_cached_memory, is_out_of_memory
 from .models import lora_parameters
 
 logger = logging.getLogger(__name__)
@@ -560,15 +561,6 @@ def _run_batch(model, parts: _ModelParts, batch: list[_Unit], pad_id: int, devic
 # Public API
 
 
-def _is_out_of_memory(err: BaseException) -> bool:
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
-    if oom is not None and isinstance(err, oom):
-        return True
-    msg = str(err).lower()
-    return isinstance(err, RuntimeError) and any(
-        s in msg for s in ("out of memory", "can't allocate memory", "cannot allocate memory"))
-
-
 @dataclass
 class BatchSize:
     """A batch size that out-of-memory errors lower (halved, down to 1). Pass one object to every call
@@ -630,16 +622,12 @@ class _Session:
             try:
                 return compute(self.size.value)
             except Exception as err:  # noqa: BLE001 - re-raised unless it is an out-of-memory error
-                if not _is_out_of_memory(err) or self.size.value <= 1:
+                if not is_out_of_memory(err) or self.size.value <= 1:
                     raise
             # outside the except block: the failed batch's tensors are no longer referenced
             self.recorder.release()
             self.model.zero_grad(set_to_none=True)
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            elif self.device.type == "mps":
-                torch.mps.empty_cache()
+            free_cached_memory(self.device)
             lowered = max(1, self.size.value // 2)
             self.log(f"out of memory at gradient batch size {self.size.value}; "
                      f"continuing with batch size {lowered}")

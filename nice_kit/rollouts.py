@@ -9,7 +9,8 @@ How it works:
   max_new_tokens)`` -- the size of the KV cache when decoding ends -- stays within
   ``RolloutSettings.max_batch_tokens`` and the rows within ``RolloutSettings.batch_size``. A prompt
   whose K rows do not fit alone is split into groups of samples (each group repeats the prefill).
-  An out-of-memory error on a GPU halves both limits and retries: results do not depend on them.
+  An out-of-memory error (:func:`nice_kit.memory.is_out_of_memory`: GPU, MPS or CPU) halves both
+  limits and retries: results do not depend on them.
 * **Left padding done right.** Prompts of different lengths are left-padded; the attention mask
   hides the padding and position ids count real tokens only (as ``generate`` does).
 * **Finished rows stop costing compute.** A row that ends (end of sequence, stop string or
@@ -50,6 +51,7 @@ from tqdm.auto import tqdm
 
 from .settings import RolloutSettings
 from .data import Record, prompt_ids
+from .memory import free_cached_memory, is_out_of_memory
 from .models import merged_lora
 
 STOP_REASONS = ("eos", "stop", "length")
@@ -198,11 +200,6 @@ def _accepts_logits_to_keep(model) -> bool:
         return "logits_to_keep" in inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
         return False
-
-
-def _is_oom(err: BaseException) -> bool:
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
-    return isinstance(err, oom)
 
 
 @functools.lru_cache(maxsize=None)
@@ -510,11 +507,12 @@ def decode(model, tokenizer, prompts: list[list[int]], keys: list[list[int]], *,
                     temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
                     stop=stop, eos_ids=eos_ids, pad_id=pad_id, keep_one_logit=keep_one_logit, cache_arg=cache_arg)
             except Exception as err:  # noqa: BLE001 - only out-of-memory errors are handled
-                if not _is_oom(err) or rows <= 1:
+                if not is_out_of_memory(err) or rows <= 1:
                     raise
+                decoded = None
+            if decoded is None:  # out of memory; outside the except block, the failed batch is unreferenced
                 _merge_back(pending, batch)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                free_cached_memory(next(model.parameters()).device)
                 row_cap, budget = max(1, rows // 2), max(1, budget // 2)
                 warnings.warn(f"{desc}: out of memory with {rows} rows; retrying with at most {row_cap} rows "
                               f"and {budget} tokens per batch (results do not change)")

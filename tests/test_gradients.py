@@ -8,6 +8,7 @@ from nice_kit.data import prompt_ids, tokenize_pair
 from nice_kit.gradients import (BatchSize, WeightedSequence, adam_precondition, gradient_dim, group_gradients, loop_gradients,
                                 mean_nll_sequence, projected_gradients)
 from nice_kit.models import LoraSettings, add_lora, lora_parameters, tiny_model
+from test_memory import OUT_OF_MEMORY_ERRORS
 
 PAIRS = [("What is 2+2?", "4"), ("Name a colour.", "Blue is a fine colour."), ("hi", "hello there, friend"),
          ("7*8?", "56"), ("Spell cat backwards.", "tac")]
@@ -258,12 +259,9 @@ def test_projected_gradients_transform_and_projection(tokenizer):
     assert empty.shape == (3, 64) and empty.abs().max() == 0
 
 
-@pytest.mark.parametrize("error", [
-    lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-    lambda: RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"),
-    lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
-])
-def test_out_of_memory_lowers_the_batch_size_and_retries(tokenizer, monkeypatch, error):
+@pytest.mark.parametrize("kind", sorted(OUT_OF_MEMORY_ERRORS))
+def test_out_of_memory_lowers_the_batch_size_and_retries(tokenizer, monkeypatch, kind):
+    error = OUT_OF_MEMORY_ERRORS[kind]
     model = _lora_model(tokenizer, seed=10)
     seqs, n = _nice_groups(tokenizer)
     want = group_gradients(model, seqs, n, tokenizer.pad_token_id, batch_size=4)
@@ -297,6 +295,51 @@ def test_out_of_memory_lowers_the_batch_size_and_retries(tokenizer, monkeypatch,
         _assert_fp32_close(proj, want.cpu())
     assert messages == ["out of memory at gradient batch size 4; continuing with batch size 2"]
     assert size.value == 2
+
+
+@pytest.mark.parametrize("kind", sorted(OUT_OF_MEMORY_ERRORS))
+def test_out_of_memory_inside_the_models_forward_leaves_no_trace(tokenizer, kind):
+    """The error comes from the last decoder layer, after the LoRA layers below it have kept their
+    inputs for the backward pass: the retried batches still give the uninjected gradients."""
+    model = _lora_model(tokenizer, seed=12)
+    seqs, n = _nice_groups(tokenizer)
+    layer = model.get_base_model().model.layers[-1]
+    positions: list[int] = []
+
+    def record(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        positions.append(x.shape[0] * x.shape[1])
+
+    def passes(batch_size: int) -> tuple[torch.Tensor, list[int]]:
+        positions.clear()
+        handle = layer.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            return group_gradients(model, seqs, n, tokenizer.pad_token_id, batch_size=batch_size), list(positions)
+        finally:
+            handle.remove()
+
+    want, at_8 = passes(8)
+    _, at_1 = passes(1)
+    limit = max(at_1)  # a fake allocator limit: batch size 1 fits, batch size 8 does not
+    assert max(at_8) > limit
+
+    def limited(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        if x.shape[0] * x.shape[1] > limit:
+            raise OUT_OF_MEMORY_ERRORS[kind]()
+
+    messages: list[str] = []
+    handle = layer.register_forward_pre_hook(limited, with_kwargs=True)
+    try:
+        got = group_gradients(model, seqs, n, tokenizer.pad_token_id, batch_size=8, log=messages.append)
+        proj = projected_gradients(model, seqs, n, tokenizer.pad_token_id, lambda g: g, batch_size=8,
+                                   log=messages.append)
+    finally:
+        handle.remove()
+    _assert_fp32_close(got, want)
+    _assert_fp32_close(proj, want.cpu())
+    assert messages and all(m.startswith("out of memory at gradient batch size ") for m in messages)
+    assert all(p.grad is None for _, p in lora_parameters(model))
 
 
 def test_out_of_memory_at_batch_size_one_and_other_errors_propagate(tokenizer, monkeypatch):

@@ -3,8 +3,11 @@ the sampled distribution, seeds that do not depend on batching, EOS / stop strin
 
 from __future__ import annotations
 
+import re
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -16,6 +19,7 @@ from nice_kit.rollouts import (
     _new_cache, cut_at_stop, decode, filter_logits, greedy_completions, row_key, sample_rollouts, sample_tokens,
     step_uniforms,
 )
+from test_memory import OUT_OF_MEMORY_ERRORS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -385,24 +389,55 @@ def test_batches_respect_the_token_budget_and_split_large_prompts(model, tokeniz
     assert max(n for n, _ in calls.shapes) == 1 and sum(length > 1 for _, length in calls.shapes) == 4 * len(records)
 
 
-def test_out_of_memory_lowers_the_batch_and_retries(model, tokenizer, records):
-    s = _settings(k=3, max_new_tokens=4)
-    base = sample_rollouts(model, tokenizer, records, s, seed=6)
-
+@contextmanager
+def _failing_above(model, rows: int, error: Callable[[], BaseException]):
+    """The model's decoder raises ``error()`` on any forward of more than ``rows`` rows."""
     def limit(module, args, kwargs):
         x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
-        if x.shape[0] > 4 or (x.shape[1] == 1 and x.shape[0] > 4):
-            raise torch.OutOfMemoryError("fake: more than 4 rows")
+        if x.shape[0] > rows:
+            raise error()
 
     handle = model.model.register_forward_pre_hook(limit, with_kwargs=True)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            rows = sample_rollouts(model, tokenizer, records, s, seed=6)
+            yield caught
     finally:
         handle.remove()
+
+
+def _out_of_memory_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "out of memory" in str(w.message)]
+
+
+@pytest.mark.parametrize("kind", sorted(OUT_OF_MEMORY_ERRORS))
+def test_out_of_memory_lowers_the_batch_and_retries(model, tokenizer, records, kind):
+    s = _settings(k=3, max_new_tokens=4)
+    base = sample_rollouts(model, tokenizer, records, s, seed=6)
+    with _failing_above(model, 4, OUT_OF_MEMORY_ERRORS[kind]) as caught:
+        rows = sample_rollouts(model, tokenizer, records, s, seed=6)
     assert _by_key(rows) == _by_key(base)
-    assert any("out of memory" in str(w.message) for w in caught)
+    messages = _out_of_memory_warnings(caught)
+    halvings = [re.fullmatch(r"rollouts: out of memory with (\d+) rows; retrying with at most (\d+) rows and "
+                             r"(\d+) tokens per batch \(results do not change\)", m) for m in messages]
+    assert halvings and all(halvings), messages
+    tried = [int(m[1]) for m in halvings]
+    assert all(n > 4 for n in tried)  # only batches above the limit failed
+    assert [int(m[2]) for m in halvings] == [n // 2 for n in tried]  # each halves the rows it tried
+    budgets = [int(m[3]) for m in halvings]
+    assert budgets == sorted(budgets, reverse=True) and len(set(budgets)) == len(budgets)  # and the budget
+
+
+def test_out_of_memory_at_one_row_and_other_errors_propagate(model, tokenizer, records):
+    s = _settings(k=2, max_new_tokens=3)
+    with _failing_above(model, 0, OUT_OF_MEMORY_ERRORS["cpu"]) as caught:
+        with pytest.raises(RuntimeError, match="DefaultCPUAllocator"):
+            sample_rollouts(model, tokenizer, records[:1], s, seed=1)
+    assert len(_out_of_memory_warnings(caught)) == 1  # halved once (2 rows to 1); at one row it is the caller's
+    with _failing_above(model, 1, lambda: RuntimeError("shape mismatch")) as caught:
+        with pytest.raises(RuntimeError, match="shape mismatch"):
+            sample_rollouts(model, tokenizer, records, s, seed=1)
+    assert not _out_of_memory_warnings(caught)  # not out of memory: no retry
 
 
 def test_lora_model_in_training_mode_is_sampled_in_eval_mode(tokenizer, records):
