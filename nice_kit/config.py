@@ -48,7 +48,7 @@ from .settings import (  # noqa: F401 - the settings classes are re-exported (pu
 # re-exported: the public API reads the settings classes and the record checks from here too
 __all__ = ["ConfigError", "DataSettings", "EvalSettings", "GradientSettings", "LoraSettings", "MetricSettings",
            "PolicySettings", "ProjectionSettings", "RolloutSettings", "RunConfig", "RunSettings", "SelectionSettings",
-           "WarmupSettings", "config_source", "merge_settings", "validate_config"]  # and lazily: check_targets, metric_columns
+           "WarmupSettings", "config_source", "read_run_config", "merge_settings", "validate_config"]  # and lazily: check_targets, metric_columns
 
 def __getattr__(name: str) -> Any:
     if name in ("check_targets", "metric_columns"):  # read lazily: they need the data layer (and torch)
@@ -124,6 +124,32 @@ class RunConfig(RunSettings):
         cfg._source = where
         validate_config(cfg, where, check_model=check_model)
         return cfg
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    """The config a run directory was made with (its ``config.json``), checked but without the model
+    check (a run made elsewhere opens without its model). Data paths that do not exist from here are
+    looked for beside the run (``run_dir/data/<name>``, then relative to its parent)."""
+    import json
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.json)")
+    try:
+        cfg = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError([f"{config_path}: not a readable run config ({err})"]) from None
+    data = dict(cfg.get("data", {})) if isinstance(cfg, dict) else {}
+    for key in ("pool", "target_val", "target_test"):
+        value = data.get(key)
+        if not isinstance(value, str) or not value or Path(value).exists():
+            continue
+        for candidate in (run_dir / "data" / Path(value).name, run_dir.parent / value):
+            if candidate.exists():
+                data[key] = str(candidate.resolve())
+                break
+    return RunConfig.from_dict({**cfg, "data": data} if data else cfg, where=str(config_path), check_model=False)
 
 
 def config_source(cfg: RunSettings) -> str:

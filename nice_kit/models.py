@@ -13,6 +13,7 @@ neither of the above fails at once (:class:`ModelNotAvailable`) saying which nam
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import time
 import warnings
@@ -356,6 +357,19 @@ def _time_step(model, batch: dict[str, torch.Tensor], repeats: int) -> float:
         best = min(best, time.perf_counter() - start)
     model.zero_grad(set_to_none=True)
     return best
+
+
+def model_context_length(name_or_path: str, loaded=None) -> int | None:
+    """A model's context length from its config: ``loaded``'s when given, else the model folder's
+    config.json (no weights read); None when it cannot be told."""
+    from .data import model_context
+
+    if loaded is not None:
+        return model_context(loaded.config)
+    try:
+        return model_context(json.loads((Path(resolve_model_path(name_or_path)) / "config.json").read_text()))
+    except (OSError, ValueError, RuntimeError):
+        return None
 
 
 def choose_threads(model, batch: dict[str, torch.Tensor], candidates: list[int] | None = None,

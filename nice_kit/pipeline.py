@@ -31,20 +31,18 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from . import keys, stages
-from . import metrics as metrics_mod
-from .config import ConfigError, RunConfig, validate_config
-from .data import Record, collate, file_digest, load_records, model_context, tokenize_records
+from .config import RunConfig, read_run_config, validate_config
+from .data import Record, collate, file_digest, load_records, tokenize_records
 from .distributed import SINGLE, Dist, on_rank_zero
 from .gradients import BatchSize, WeightedSequence, gradient_dim, projected_gradients
 from .measurements import MeasureContext, Measurement, PolicyGradient, as_measurement
-from .metrics.records import check_targets, metric_columns
-from .models import add_lora, load_model, load_tokenizer, set_threads
+from .metrics.records import build_metric, load_targets, metric_columns
+from .models import add_lora, load_model, load_tokenizer, model_context_length, set_threads
 from .projection import Projector, ProjectionSpec, normalize_rows
 from .runs import Stage, StaleResultError, atomic_write_text, load_tensors, read_stage
 from .settings import SELECTION_METHODS
@@ -78,25 +76,7 @@ class Pipeline:
         is not rewritten, no folder is made) and every reader checks what it reads is current. The
         model is loaded only if something must be computed, so a run made elsewhere opens without it.
         Data paths that do not exist from here are looked for beside the run (``run_dir/data/<name>``)."""
-        run_dir = Path(run_dir)
-        config_path = run_dir / "config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{run_dir}: not a run directory (no config.json)")
-        try:
-            cfg = json.loads(config_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ConfigError([f"{config_path}: not a readable run config ({err})"]) from None
-        data = dict(cfg.get("data", {})) if isinstance(cfg, dict) else {}
-        for key in ("pool", "target_val", "target_test"):
-            value = data.get(key)
-            if not isinstance(value, str) or not value or Path(value).exists():
-                continue
-            for candidate in (run_dir / "data" / Path(value).name, run_dir.parent / value):
-                if candidate.exists():
-                    data[key] = str(candidate.resolve())
-                    break
-        config = RunConfig.from_dict({**cfg, "data": data} if data else cfg, where=str(config_path), check_model=False)
-        return cls(config, run_dir, verbose=verbose, write_config=False)
+        return cls(read_run_config(run_dir), run_dir, verbose=verbose, write_config=False)
 
     def sibling(self, run_dir: str | Path, config: RunConfig) -> "Pipeline":
         """Another run with ``config`` in ``run_dir`` sharing this one's model and tokenizer (same base
@@ -132,19 +112,11 @@ class Pipeline:
 
     @cached_property
     def target_val(self) -> list[Record]:
-        return self._target(self.cfg.data.target_val)
+        return load_targets(self.cfg.data.target_val, self.cfg)
 
     @cached_property
     def target_test(self) -> list[Record]:
-        return self._target(self.cfg.data.target_test)
-
-    def _target(self, path: str) -> list[Record]:
-        records = load_records(path, require_response=not self.cfg.data.label_free, columns=self.cfg.data.columns)
-        if self.cfg.data.label_free:  # label-free: no reference answer is read anywhere
-            for r in records:
-                r.response = None
-        check_targets(records, self.cfg, path)  # what the metric needs of each record, before any stage
-        return records
+        return load_targets(self.cfg.data.target_test, self.cfg)
 
     def target_subtasks(self) -> list[str]:
         col = self.cfg.data.subtask_column
@@ -193,15 +165,8 @@ class Pipeline:
         self.log(f"torch threads: {n} (measured once for this process; set threads = N to fix it)")
 
     def model_context(self) -> int | None:
-        """The model's context length from its config (the loaded model's, else config.json's: no weights read)."""
-        if self._base_model is not None:
-            return model_context(self._base_model.config)
-        try:
-            from .models import resolve_model_path
-
-            return model_context(json.loads((Path(resolve_model_path(self.cfg.model)) / "config.json").read_text()))
-        except (OSError, ValueError, RuntimeError):
-            return None
+        """The model's context length (the loaded model's config, else its config.json: no weights read)."""
+        return model_context_length(self.cfg.model, self._base_model)
 
     # ------------------------------------------------------------ what stages depend on (nice_kit.keys)
     @cached_property
@@ -291,11 +256,7 @@ class Pipeline:
 
     def metric(self):
         """The configured metric, built (a registered name with its parameters, or the user's callable)."""
-        m = self.cfg.metric
-        if self.cfg.data.label_free and isinstance(m.name, str):
-            if metrics_mod.metric_info(m.name).needs_reference:
-                raise ValueError(f"label-free mode needs a metric that reads no reference; {m.name!r} does")
-        return metrics_mod.get_metric(m.name, **m.params)
+        return build_metric(self.cfg)
 
     def metric_columns(self, records: list[Record]) -> tuple[dict[str, list[Any]], list[str], list[str]]:
         """The columns a metric receives for ``records``, the names passed and the names withheld
@@ -346,9 +307,7 @@ class Pipeline:
 
     def load_vectors(self, which: str | Measurement) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[str]]:
         """Vectors per checkpoint as float32 tensors, with the validity masks and the ids."""
-        stored = self.stored_vectors(which)
-        valid = [None if s.valid is None else torch.from_numpy(s.valid.astype(np.float32)) for s in stored]
-        return [s.all() for s in stored], valid, stored[0].ids
+        return stages.load_vectors(self, which)
 
     @on_rank_zero
     def scores(self, methods: list[str | Measurement] | None = None) -> pd.DataFrame:

@@ -334,6 +334,14 @@ def stored_vectors(run: "RunView", which: str | Measurement = "train") -> list[S
     return out
 
 
+def load_vectors(run: "RunView", which: str | Measurement) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[str]]:
+    """Vectors of ``"train"`` or a measurement per checkpoint as float32 tensors, with the validity
+    masks and the ids."""
+    stored = stored_vectors(run, which)
+    valid = [None if s.valid is None else torch.from_numpy(s.valid.astype(np.float32)) for s in stored]
+    return [s.all() for s in stored], valid, stored[0].ids
+
+
 def scores(run: "RunView", methods: list[str | Measurement] | None = None) -> pd.DataFrame:
     """Influence scores of every pool example, one column per method; written to scores.csv."""
     methods = methods or run.default_methods()

@@ -199,7 +199,7 @@ def test_a_user_function_is_a_metric_and_its_rewards_are_cached(finished, tokeni
     q = Pipeline(cfg, p.run_dir, model=tiny_model(tokenizer), tokenizer=tokenizer, verbose=False)
     df = q.rollouts()
     assert df["reward"].tolist() == count_vowels([], df["completion"].tolist())
-    monkeypatch.setattr(pipeline_mod.metrics_mod, "score", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(stages_mod.metrics_mod, "score", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
     assert q.rollouts()["reward"].tolist() == df["reward"].tolist()  # read back, not re-scored
 
 

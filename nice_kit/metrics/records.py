@@ -12,6 +12,29 @@ from ..settings import ConfigError, DataSettings, RunSettings
 from .registry import metric_info
 
 
+def load_targets(path: str, cfg: RunSettings) -> list[Record]:
+    """The target records at ``path`` for a run with ``cfg``, checked against what its metric reads
+    (:func:`check_targets`); label-free: every response is dropped, so none is read anywhere."""
+    from ..data import load_records
+
+    records = load_records(path, require_response=not cfg.data.label_free, columns=cfg.data.columns)
+    if cfg.data.label_free:
+        for r in records:
+            r.response = None
+    check_targets(records, cfg, path)
+    return records
+
+
+def build_metric(cfg: RunSettings):
+    """The configured metric, built: a registered name with its parameters, or the user's callable."""
+    from .registry import get_metric
+
+    m = cfg.metric
+    if cfg.data.label_free and isinstance(m.name, str) and metric_info(m.name).needs_reference:
+        raise ValueError(f"label-free mode needs a metric that reads no reference; {m.name!r} does")
+    return get_metric(m.name, **m.params)
+
+
 def _source(cfg: RunSettings) -> str:
     return getattr(cfg, "_source", "config")
 
