@@ -37,6 +37,7 @@ from .data import prompt_ids
 from .gradients import WeightedSequence
 from .influence import AGGREGATES, aggregate_similarities, counted_prompts, subtask_groups
 from .measurements import Measurement, PolicyGradient, estimator_sequence
+from . import stages
 from .runs import read_stage
 from .vectors import StoredVectors, chunk_tensors, open_vectors
 from .warmup import checkpoint_weights, load_adapter_weights
@@ -342,7 +343,7 @@ def stored_parts(run: "RunView", ckpt: "Checkpoint", path, inputs: dict[str, Any
     (None: raise instead) makes them when they are missing, unfinished or stale."""
     try:
         stage = read_stage(path, inputs, what, fix)
-        stage.check_made_from(run.checkpoint_origin(ckpt), what, fix)
+        stage.check_made_from(stages.checkpoint_origin(ckpt), what, fix)
     except RuntimeError:  # missing, unfinished or stale (StaleResultError)
         if compute is None:
             raise
@@ -357,7 +358,7 @@ def stored_parts(run: "RunView", ckpt: "Checkpoint", path, inputs: dict[str, Any
 
 def _compute_parts(run: "RunView", m: PolicyGradient, ckpt: "Checkpoint", parts: pd.DataFrame, folder: str,
                    inputs: dict[str, Any]) -> None:
-    stage = run.vector_stage(folder, inputs, parts["part_id"].tolist(), ckpt)
+    stage = stages.vector_stage(run, folder, inputs, parts["part_id"].tolist(), ckpt)
     if stage.done:
         return
     run.log(f"step: per-completion gradients ({m.name}), epoch {ckpt.epoch} ({len(parts)} completions)")
@@ -377,7 +378,7 @@ def _compute_parts(run: "RunView", m: PolicyGradient, ckpt: "Checkpoint", parts:
         got = run.project_gradients(seqs, stop - start)  # one group per part; parts without a sequence stay zero
         return chunk_tensors(got["vectors"], got["norms"])
 
-    run.run_chunks(stage, len(parts), (0, 1), compute, f"completion grads ({m.name}) epoch {ckpt.epoch}")
+    stages.run_chunks(run, stage, len(parts), (0, 1), compute, f"completion grads ({m.name}) epoch {ckpt.epoch}")
 
 
 def _prompt_index(parts: pd.DataFrame, prompt_ids_: list[str]) -> np.ndarray:

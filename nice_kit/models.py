@@ -359,6 +359,58 @@ def _time_step(model, batch: dict[str, torch.Tensor], repeats: int) -> float:
     return best
 
 
+class LazyModel:
+    """A run's model, its tokenizer and its LoRA wrapper, each loaded on first use: a run that is only
+    read never loads the model. Views of one run share what is loaded (:meth:`shared`).
+
+    ``on_load(peft)`` runs once the LoRA wrapper exists (the pipeline chooses torch's threads there)."""
+
+    def __init__(self, name: str, lora: LoraSettings, seed: int, device: str | None = None, model=None,
+                 tokenizer=None, log=None, on_load=None):
+        self.name, self.lora, self.seed, self.device_name = name, lora, seed, device
+        self.base, self._tokenizer, self.peft = model, tokenizer, None
+        self.log, self.on_load = log or (lambda msg: None), on_load
+
+    @property
+    def tokenizer(self):
+        """The tokenizer (loaded on its own, without the model), with a pad token."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.name)
+        if self._tokenizer.pad_token_id is None:
+            self._tokenizer.pad_token = self._tokenizer.eos_token
+        return self._tokenizer
+
+    @property
+    def model(self):
+        """The base model wrapped in a LoRA adapter (its weights are set per checkpoint by the stages)."""
+        if self.base is None:
+            self.log(f"loading model {self.name}")
+            self.base, tok = load_model(self.name, device=self.device_name)
+            self._tokenizer = self._tokenizer or tok
+        if self.peft is None:
+            self.peft = add_lora(self.base, self.lora, seed=self.seed)
+            if self.on_load is not None:
+                self.on_load(self.peft)
+        return self.peft
+
+    def shared(self, on_load=None) -> "LazyModel":
+        """Another handle on what this one has loaded so far (the same model objects); what either
+        loads later stays its own."""
+        other = LazyModel(self.name, self.lora, self.seed, self.device_name, self.base, self._tokenizer, self.log,
+                          on_load or self.on_load)
+        other.peft = self.peft
+        return other
+
+    @property
+    def loaded(self) -> bool:
+        """Whether a model was given or loaded (new gradients need no model load)."""
+        return self.base is not None or self.peft is not None
+
+    def context_length(self) -> int | None:
+        """The model's context length (the loaded model's config, else its config.json: no weights read)."""
+        return model_context_length(self.name, self.base)
+
+
 def model_context_length(name_or_path: str, loaded=None) -> int | None:
     """A model's context length from its config: ``loaded``'s when given, else the model folder's
     config.json (no weights read); None when it cannot be told."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import torch
@@ -42,9 +42,9 @@ from .distributed import SINGLE, Dist, on_rank_zero
 from .gradients import BatchSize, WeightedSequence, gradient_dim, projected_gradients
 from .measurements import MeasureContext, Measurement, PolicyGradient, as_measurement
 from .metrics.records import build_metric, load_targets, metric_columns
-from .models import add_lora, load_model, load_tokenizer, model_context_length, set_threads
+from .models import LazyModel, set_threads
 from .projection import Projector, ProjectionSpec, normalize_rows
-from .runs import Stage, StaleResultError, atomic_write_text, load_tensors, read_stage
+from .runs import StaleResultError, atomic_write_text, load_tensors, read_stage
 from .settings import SELECTION_METHODS
 from .vectors import StoredVectors
 from .warmup import Checkpoint, load_checkpoints
@@ -63,8 +63,8 @@ class Pipeline:
         self.dist = dist or SINGLE  # the processes sharing this run (nice_kit.distributed); one by default
         self.run_dir = Path(run_dir)
         self.verbose = verbose
-        self._base_model, self._tokenizer = model, tokenizer
-        self._peft = None
+        self._model = LazyModel(config.model, config.lora, config.seed, self.dist.device(config.device), model,
+                                tokenizer, log=self.log, on_load=self._choose_threads)
         self._measurements: dict[str, Measurement] = {}
         if write_config:  # False: a view (Pipeline.open, what-ifs) writes no config and makes no folder
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -81,19 +81,17 @@ class Pipeline:
     def sibling(self, run_dir: str | Path, config: RunConfig) -> "Pipeline":
         """Another run with ``config`` in ``run_dir`` sharing this one's model and tokenizer (same base
         model and LoRA shape; each stage sets the adapter weights it needs)."""
-        peft = self.model  # loaded now so that both share one LoRA-wrapped model
-        other = Pipeline(config, run_dir, model=self._base_model, tokenizer=self.tokenizer, verbose=self.verbose,
-                         dist=self.dist)
-        other._peft = peft
+        self.model  # loaded now, so that both share one LoRA-wrapped model
+        other = Pipeline(config, run_dir, verbose=self.verbose, dist=self.dist)
+        other._model = self._model.shared(other._choose_threads)
         return other
 
     def with_config(self, config: RunConfig, write_config: bool = False) -> "Pipeline":
         """This run directory under another ``config``, sharing whatever model, tokenizer and LoRA
         wrapper this pipeline has loaded (nothing is loaded now). ``write_config=False`` (a view, as a
         what-if takes) leaves the run's ``config.json`` as it is."""
-        other = Pipeline(config, self.run_dir, model=self._base_model, tokenizer=self._tokenizer,
-                         verbose=self.verbose, dist=self.dist, write_config=write_config)
-        other._peft = self._peft
+        other = Pipeline(config, self.run_dir, verbose=self.verbose, dist=self.dist, write_config=write_config)
+        other._model = self._model.shared(other._choose_threads)
         return other
 
     @cached_property
@@ -125,48 +123,36 @@ class Pipeline:
     @property
     def tokenizer(self):
         """The tokenizer (loaded on its own: stages that only read the run never load the model)."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.cfg.model)
-        if self._tokenizer.pad_token_id is None:
-            self._tokenizer.pad_token = self._tokenizer.eos_token
-        return self._tokenizer
+        return self._model.tokenizer
 
     @property
     def model(self):
         """The base model wrapped in a LoRA adapter (weights set per checkpoint by the stages)."""
-        if self._base_model is None:
-            self.log(f"loading model {self.cfg.model}")
-            self._base_model, tok = load_model(self.cfg.model, device=self.dist.device(self.cfg.device))
-            self._tokenizer = self._tokenizer or tok
-        if self._peft is None:
-            self._peft = add_lora(self._base_model, self.cfg.lora, seed=self.cfg.seed)
-            self._choose_threads()
-        return self._peft
+        return self._model.model
 
     @property
     def holds_model(self) -> bool:
         """Whether this pipeline was given (or has loaded) a model: new gradients need no model load."""
-        return self._base_model is not None or self._peft is not None
+        return self._model.loaded
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _choose_threads(self) -> None:
-        """Torch's thread count: the configured number, or ``"auto"``: measured once per process (at
-        the first stage that loads the model) by timing a forward+backward at 1 and at all cores."""
+    def model_context(self) -> int | None:
+        return self._model.context_length()
+
+    def _choose_threads(self, peft) -> None:
+        """Torch's thread count once the model is loaded: the configured number, or ``"auto"``: measured
+        once per process by timing a forward+backward at 1 and at all cores."""
         threads = self.dist.cpu_threads(self.cfg.threads)  # under torchrun: cores shared by the processes
         if threads != "auto":
             set_threads(threads)
             return
         sample, _ = tokenize_records(self.tokenizer, self.pool[:4], self.cfg.data.max_length)
         batch = collate(sample, self.tokenizer.pad_token_id)
-        n = set_threads("auto", self._peft, {k: v.to(next(self._peft.parameters()).device) for k, v in batch.items()})
+        n = set_threads("auto", peft, {k: v.to(next(peft.parameters()).device) for k, v in batch.items()})
         self.log(f"torch threads: {n} (measured once for this process; set threads = N to fix it)")
-
-    def model_context(self) -> int | None:
-        """The model's context length (the loaded model's config, else its config.json: no weights read)."""
-        return model_context_length(self.cfg.model, self._base_model)
 
     # ------------------------------------------------------------ what stages depend on (nice_kit.keys)
     @cached_property
@@ -284,9 +270,6 @@ class Pipeline:
         """Sampled completions of every target prompt with their rewards (all checkpoints' when none given)."""
         return stages.rollouts(self, ckpt)
 
-    def stored_rewards(self, folder: Path, df: pd.DataFrame) -> list[float]:
-        return stages.stored_rewards(self, folder, df)
-
     @on_rank_zero
     def reference_rewards(self) -> dict[str, float]:
         """The metric on each target prompt's reference answer (for the rejection variants)."""
@@ -322,18 +305,6 @@ class Pipeline:
     def select(self, scores: pd.DataFrame | None = None, fraction: float | None = None) -> dict[str, list[str]]:
         """Top ``fraction`` of the pool by each method's score (selected_<method>.jsonl, selected.jsonl)."""
         return stages.select(self, scores, fraction)
-
-    def run_chunks(self, stage: Stage, n_items: int, shard: tuple[int, int], compute: Callable[[int, int], Any],
-                   desc: str) -> bool:
-        """The one chunked-stage mechanism (:func:`nice_kit.stages.run_chunks`)."""
-        return stages.run_chunks(self, stage, n_items, shard, compute, desc)
-
-    def vector_stage(self, folder: str, inputs: dict[str, Any], ids: list[str], ckpt: Checkpoint | None = None) -> Stage:
-        """The vector stage ``grads/<folder>`` for ``inputs`` (opened, or cleared when stale)."""
-        return stages.vector_stage(self, folder, inputs, ids, ckpt)
-
-    def checkpoint_origin(self, ckpt: Checkpoint) -> dict[str, Any] | None:
-        return stages.checkpoint_origin(ckpt)
 
     def what_if(self, changes: dict[str, Any] | None = None, **policy: Any):
         """NICE's scores and selection if the config had ``changes``, from stored vectors

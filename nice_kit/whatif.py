@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import stages
 from .data import prompt_ids, tokenize_pair
 from .explain import stored_parts
 from .gradients import WeightedSequence
@@ -133,7 +134,7 @@ def completion_parts(run: "RunView", compute: bool = True) -> list[tuple[pd.Data
 
 def _compute_parts(run: "RunView", ckpt: "Checkpoint", table: pd.DataFrame, seqs: list[WeightedSequence],
                    folder: str, inputs: dict[str, Any]) -> None:
-    stage = run.vector_stage(folder, inputs, table["part_id"].tolist(), ckpt)
+    stage = stages.vector_stage(run, folder, inputs, table["part_id"].tolist(), ckpt)
     if stage.done:
         return
     run.log(f"step: per-completion gradients for what-ifs, epoch {ckpt.epoch} ({len(table)} parts)")
@@ -149,7 +150,7 @@ def _compute_parts(run: "RunView", ckpt: "Checkpoint", table: pd.DataFrame, seqs
         got = run.project_gradients(block, stop - start)  # parts without a token stay zero rows
         return chunk_tensors(got["vectors"], got["norms"])
 
-    run.run_chunks(stage, len(table), (0, 1), compute, f"what-if parts epoch {ckpt.epoch}")
+    stages.run_chunks(run, stage, len(table), (0, 1), compute, f"what-if parts epoch {ckpt.epoch}")
 
 
 # ----------------------------------------------------------------------------- prompt vectors
@@ -288,7 +289,7 @@ def what_if(run: "RunView", changes: dict[str, Any] | None = None, *, checkpoint
     vectors, valid, signal = [], [], {}
     for ckpt, (table, stored) in zip(ckpts, parts):
         samples = _samples(run, ckpt)
-        samples["reward"] = q.stored_rewards(run.run_dir / "rollouts" / f"epoch_{ckpt.epoch}", samples)
+        samples["reward"] = stages.stored_rewards(q, run.run_dir / "rollouts" / f"epoch_{ckpt.epoch}", samples)
         weighted, per_prompt = weigh_rollouts(samples, cfg.policy, refs)
         coef, ok = prompt_coefficients(cfg, table, weighted, per_prompt, order)
         vectors.append(normalize_rows(torch.from_numpy(coef.astype(np.float32)) @ _raw_rows(stored)))

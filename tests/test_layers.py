@@ -133,7 +133,7 @@ def test_pipeline_implements_the_run_view_the_analyses_use():
     from nice_kit.view import RunView
 
     members = {n for n in vars(RunView) if not n.startswith("_")} | set(RunView.__annotations__)
-    assert {"cfg", "run_chunks", "vector_stage", "with_config"} <= members
+    assert {"cfg", "project_gradients", "with_config"} <= members
     init = ast.unparse(ast.parse((ROOT / "nice_kit" / "pipeline.py").read_text()))
     missing = [n for n in sorted(members) if not hasattr(Pipeline, n) and f"self.{n} =" not in init]
     assert not missing, missing

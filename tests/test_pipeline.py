@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+import nice_kit.models as models_mod
 import nice_kit.pipeline as pipeline_mod
 import nice_kit.stages as stages_mod
 from conftest import tiny_config
@@ -205,7 +206,7 @@ def test_a_user_function_is_a_metric_and_its_rewards_are_cached(finished, tokeni
 
 def test_a_finished_run_reopens_without_loading_the_model(finished, tokenizer, monkeypatch):
     p, _ = finished
-    monkeypatch.setattr(pipeline_mod, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr(models_mod, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     again = Pipeline(p.cfg, p.run_dir, tokenizer=tokenizer, verbose=False)
     diag = again.run()
     assert set(diag["method"]) == {"random", "pool", "less", "nice"}

@@ -21,7 +21,7 @@ import pytest
 from conftest import copy_run
 from plotly.callbacks import Points
 
-import nice_kit.pipeline as pipeline_mod
+import nice_kit.models as models_mod
 import widgets  # ipywidgets and anywidget (plotly's FigureWidget) come with nice_kit[widgets]: never skipped
 from nice_kit.explain import explain
 from widgets import (
@@ -359,7 +359,7 @@ def test_selecting_never_loads_the_model(run, tmp_path, monkeypatch):
     def no_model(*args, **kwargs):
         raise RuntimeError("the model must not be loaded")
 
-    monkeypatch.setattr(pipeline_mod, "load_model", no_model)
+    monkeypatch.setattr(models_mod, "load_model", no_model)
     p = open_run(tmp_path / "run")
     explorer = InfluenceExplorer(p, theme="light")
     for rid in explorer.table["id"].iloc[[1, 5]]:
