@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from . import keys
 from . import metrics as rewards_mod
 from .data import Record, collate, file_digest, tokenize_records
 from .gradients import mean_nll_sequence, weighted_nll
@@ -120,7 +121,7 @@ def evaluation_inputs(pipeline, test: list[Record]) -> dict:
     c = pipeline.cfg
     out = {"model": c.model, "eval": {k: v for k, v in c.evaluation.__dict__.items()
                                       if k not in ("seeds", "selection_seeds", "methods", "fraction")},
-           "metric": pipeline.metric_key(), "lora": c.lora.__dict__, "max_length": c.data.max_length,
+           "metric": keys.metric_key(pipeline.cfg), "lora": c.lora.__dict__, "max_length": c.data.max_length,
            "stop": list(c.rollouts.stop), "pool": pipeline.pool_digest, "label_free": c.data.label_free,
            "test": [r.id for r in test], "test digest": file_digest(c.data.target_test)}
     if c.data.columns:  # the mapping changes what the records hold (absent when empty: older keys still match)
@@ -628,7 +629,7 @@ def checkpoint_curve(pipeline, split: str = "test") -> pd.DataFrame:
     path = folder / f"checkpoints_{split}.csv"
     # the records' content (prompts, answers, every column the metric reads), not only their ids
     content = fingerprint([r.to_json() for r in records])
-    key = fingerprint({"warmup": pipeline.warmup_inputs(), "metric": pipeline.metric_key(),
+    key = fingerprint({"warmup": pipeline.warmup_inputs(), "metric": keys.metric_key(pipeline.cfg),
                        "ids": [r.id for r in records], "records": content,
                        "columns": pipeline.reward_inputs()["columns"], "label_free": pipeline.cfg.data.label_free,
                        "max_length": pipeline.cfg.data.max_length, "stop": list(pipeline.cfg.rollouts.stop),

@@ -411,6 +411,21 @@ class LazyModel:
         return model_context_length(self.name, self.base)
 
 
+def auto_threads(threads: int | str, model, tokenizer, records, max_length: int, log=None) -> int:
+    """Set torch's thread count once a model is loaded: ``threads``, or with ``"auto"`` the faster of 1
+    and all cores, measured by timing a forward+backward on ``records`` (the first few pool examples)."""
+    if threads != "auto":
+        return set_threads(threads)
+    from .data import collate, tokenize_records
+
+    sample, _ = tokenize_records(tokenizer, records, max_length)
+    batch = collate(sample, tokenizer.pad_token_id)
+    n = set_threads("auto", model, {k: v.to(next(model.parameters()).device) for k, v in batch.items()})
+    if log is not None:
+        log(f"torch threads: {n} (measured once for this process; set threads = N to fix it)")
+    return n
+
+
 def model_context_length(name_or_path: str, loaded=None) -> int | None:
     """A model's context length from its config: ``loaded``'s when given, else the model folder's
     config.json (no weights read); None when it cannot be told."""

@@ -8,20 +8,10 @@
     scores = run.scores()              # DataFrame: id, less, nice  (also scores.csv)
     run.select()                       # selected.jsonl (+ selected_<method>.jsonl)
 
-The pipeline never tests a method's name: what is measured on the target prompts is a
-:class:`~nice_kit.measurements.Measurement` (``"less"`` and ``"nice"`` name the built-in ones; pass
-your own instance anywhere a method goes).
-
-Every stage's folder records the inputs it was made from (:mod:`nice_kit.runs`). A stage is reused
-only when they are unchanged; every reader (``scores``, ``select``, ``evaluate``, the widgets)
-checks them against the current config and refuses stale results, naming the stage and the
-setting that changed. The pool's warmup and gradients do not depend on the target task: a new
-target reuses them.
-
-Run directory layout::
-
-    config.json  prepare/  warmup/epoch_C/  grads/{train,val_<method>}/epoch_C/{vectors.npy, ...}
-    rollouts/epoch_C/  scores.csv  scores.json  selected*.jsonl  diagnostics.csv  evaluation/
+What is measured on the target prompts is a :class:`~nice_kit.measurements.Measurement` (``"less"``
+and ``"nice"`` name the built-in ones). The stages are :mod:`nice_kit.stages`; what each stored
+result depends on, :mod:`nice_kit.keys` (a stage is reused only when that is unchanged, and every
+reader refuses stale results; README, "Runs on disk").
 """
 
 from __future__ import annotations
@@ -37,12 +27,12 @@ from tqdm.auto import tqdm
 
 from . import keys, stages
 from .config import RunConfig, read_run_config, validate_config
-from .data import Record, collate, file_digest, load_records, tokenize_records
+from .data import Record, file_digest, load_records
 from .distributed import SINGLE, Dist, on_rank_zero
 from .gradients import BatchSize, WeightedSequence, gradient_dim, projected_gradients
 from .measurements import MeasureContext, Measurement, PolicyGradient, as_measurement
 from .metrics.records import build_metric, load_targets, metric_columns
-from .models import LazyModel, set_threads
+from .models import LazyModel, auto_threads
 from .projection import Projector, ProjectionSpec, normalize_rows
 from .runs import StaleResultError, atomic_write_text, load_tensors, read_stage
 from .settings import SELECTION_METHODS
@@ -143,16 +133,8 @@ class Pipeline:
         return self._model.context_length()
 
     def _choose_threads(self, peft) -> None:
-        """Torch's thread count once the model is loaded: the configured number, or ``"auto"``: measured
-        once per process by timing a forward+backward at 1 and at all cores."""
         threads = self.dist.cpu_threads(self.cfg.threads)  # under torchrun: cores shared by the processes
-        if threads != "auto":
-            set_threads(threads)
-            return
-        sample, _ = tokenize_records(self.tokenizer, self.pool[:4], self.cfg.data.max_length)
-        batch = collate(sample, self.tokenizer.pad_token_id)
-        n = set_threads("auto", peft, {k: v.to(next(peft.parameters()).device) for k, v in batch.items()})
-        self.log(f"torch threads: {n} (measured once for this process; set threads = N to fix it)")
+        auto_threads(threads, peft, self.tokenizer, self.pool[:4], self.cfg.data.max_length, self.log)
 
     # ------------------------------------------------------------ what stages depend on (nice_kit.keys)
     @cached_property
@@ -172,9 +154,6 @@ class Pipeline:
     def rollout_inputs(self, ckpt: Checkpoint) -> dict[str, Any]:
         prompts = keys.records_digest(self.target_val, with_response=False)
         return keys.rollout_inputs(self.cfg, self.warmup_inputs(), ckpt.epoch, prompts)
-
-    def metric_key(self) -> dict[str, Any]:
-        return keys.metric_key(self.cfg)
 
     def reward_inputs(self) -> dict[str, Any]:
         cols, passed, _ = self.metric_columns(self.target_val)
@@ -254,9 +233,6 @@ class Pipeline:
     def prepare(self) -> dict[str, Any]:
         """Check and tokenise the data, report truncation and size warnings (prepare/stats.json)."""
         return stages.prepare(self)
-
-    def warmup_ids(self) -> list[str]:
-        return stages.warmup_ids(self)
 
     def warmup(self) -> list[Checkpoint]:
         """Train the warmup LoRA; one checkpoint per epoch (resumes after the last finished epoch)."""

@@ -88,7 +88,7 @@ def warmup(run: "RunView") -> list[Checkpoint]:
         stage = open_stage(run.run_dir / "warmup", run.warmup_inputs())
     if stage.done:
         return load_checkpoints(stage.path)
-    ids = set(run.warmup_ids())
+    ids = set(warmup_ids(run))
     examples, _ = tokenize_records(run.tokenizer, [r for r in run.pool if r.id in ids], run.cfg.data.max_length)
     w = run.cfg.warmup
     run.log(f"step: warmup ({len(examples)} examples, {w.epochs} epochs)")

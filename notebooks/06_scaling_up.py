@@ -305,7 +305,7 @@ tok = load_tokenizer("default")
 tiny_model(tok).save_pretrained(DEMO / "tiny-model")
 tok.save_pretrained(DEMO / "tiny-model")
 
-# a config file written by hand: every setting not given takes nice_kit's default (nice_kit/config.py)
+# a config file written by hand: every setting not given takes nice_kit's default (nice_kit/settings.py; nice-kit config --help lists them)
 data = fast_data(DEMO / "data")  # a slice of the bundled benchmark: 40 pool examples
 DEMO_TOML = DEMO / "tiny.toml"
 DEMO_TOML.write_text("\n".join([
