@@ -83,13 +83,20 @@ def subtask_groups(subtasks: list[str], valid: torch.Tensor | np.ndarray | None 
 
 def influence_scores(train: Sequence, val: list[torch.Tensor], weights: list[float],
                      subtasks: list[str], valid: torch.Tensor | None = None,
-                     aggregate: str = "max_of_means", block_rows: int = 8192) -> np.ndarray:
+                     aggregate: str = "max_of_means", block_rows: int = 8192,
+                     by_subtask_means: bool = False) -> np.ndarray:
     """Scores of shape (n_train,).
 
     ``train[c]`` (n, d) and ``val[c]`` (m, d) are unit-normalised projected gradients at checkpoint c
     (``train[c]`` a tensor or stored vectors); ``subtasks`` names each target prompt's subtask;
     ``valid`` (m,) masks out target prompts that carry no signal (they count in no mean). A subtask
     with no valid prompt is left out of the max.
+
+    ``by_subtask_means`` (nice_kit's speed option, used by the what-if): a subtask's mean cosine is
+    linear in the validation vectors, mean_j Gamma . G_j = Gamma . mean_j G_j, so the pool is scored
+    against one averaged vector per subtask (one in all under ``mean``) instead of one per target
+    prompt: the same scores up to float rounding (tests/test_influence.py), at S / m of the
+    multiply-adds. The stored scores (``run.scores``) are computed per prompt.
     """
     if not (len(train) == len(val) == len(weights)) or not train:
         raise ValueError("train, val and weights need one entry per checkpoint")
@@ -103,6 +110,12 @@ def influence_scores(train: Sequence, val: list[torch.Tensor], weights: list[flo
         raise ValueError("no target prompt carries a signal (every one was masked out)")
     n = len(train[0])
     groups = _subtask_columns(subtasks, valid)
+    if by_subtask_means:  # one averaged validation vector per subtask (or one in all), then the same aggregation
+        cols = [valid] if aggregate == "mean" else [c for _, c in groups]
+        val = [torch.stack([v[c].double().mean(dim=0) for c in cols]).to(v.dtype) for v in val]
+        names = ["all"] if aggregate == "mean" else [name for name, _ in groups]
+        groups = [(name, torch.arange(len(names)) == i) for i, name in enumerate(names)]
+        valid = torch.ones(len(names), dtype=torch.bool)
     out = np.empty(n, dtype=np.float64 if isinstance(train[0], torch.Tensor) and train[0].dtype == torch.float64
                    else np.float32)
     for start in range(0, n, block_rows):

@@ -301,7 +301,8 @@ def what_if(run: "RunView", changes: dict[str, Any] | None = None, *, checkpoint
         raise ValueError(f"what if {changes}: none of the {len(order)} target prompts carries a signal at any "
                          "checkpoint (every policy weight is zero)")
     weights = checkpoint_weights(ckpts) if checkpoint_weights_ is None else _normalised(checkpoint_weights_, ckpts)
-    new = influence_scores(train, vectors, weights, run.target_subtasks(), torch.from_numpy(mask), cfg.selection.aggregate)
+    new = influence_scores(train, vectors, weights, run.target_subtasks(), torch.from_numpy(mask), cfg.selection.aggregate,
+                           by_subtask_means=True)
     ids = train[0].ids
     current = run.read_scores()
     cur = current.set_index("id")["nice"].reindex(ids).to_numpy() if "nice" in current else np.full(len(ids), np.nan)

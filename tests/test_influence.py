@@ -74,3 +74,23 @@ def test_scores_stream_in_blocks_equal_the_whole_matrix():
     whole = influence_scores(train, val, [0.6, 0.4], subtasks)
     blocks = influence_scores(train, val, [0.6, 0.4], subtasks, block_rows=7)
     np.testing.assert_allclose(blocks, whole, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("aggregate", ["max_of_means", "mean"])
+def test_scoring_against_subtask_means_gives_the_per_prompt_scores(aggregate):
+    """The what-if's speed option: by linearity, scoring against one averaged vector per subtask gives
+    the per-prompt aggregate (masked prompts and an empty subtask included), to float rounding."""
+    g = torch.Generator().manual_seed(3)
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)  # noqa: E731
+    train, val = [unit(300, 64) for _ in range(3)], [unit(40, 64) for _ in range(3)]
+    subtasks = [f"t{i % 4}" for i in range(40)]
+    valid = torch.tensor([i % 3 != 0 and subtasks[i] != "t2" for i in range(40)])  # t2 has no valid prompt
+    w = [0.5, 0.3, 0.2]
+    per_prompt = influence_scores(train, val, w, subtasks, valid, aggregate, block_rows=128)
+    by_means = influence_scores(train, val, w, subtasks, valid, aggregate, block_rows=128, by_subtask_means=True)
+    np.testing.assert_allclose(by_means, per_prompt, rtol=0, atol=2e-6)
+    assert np.abs(per_prompt).max() > 0.05  # not a comparison of zeros
+    exact = influence_scores([t.double() for t in train], [v.double() for v in val], w, subtasks, valid, aggregate,
+                             by_subtask_means=True)
+    np.testing.assert_allclose(exact, influence_scores([t.double() for t in train], [v.double() for v in val], w,
+                                                       subtasks, valid, aggregate), rtol=0, atol=1e-12)
