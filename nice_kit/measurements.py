@@ -301,6 +301,24 @@ def completion_sequence(run: MeasureContext, p_ids: list[int], toks: list[int], 
 BUILTIN = {"less": ReferenceLoss, "nice": PolicyGradient}
 
 
+class Measurements:
+    """The measurements a run knows: the built-in ones by name, and every instance it was given."""
+
+    def __init__(self) -> None:
+        self._given: dict[str, Measurement] = {}
+
+    def get(self, method: "str | Measurement") -> Measurement:
+        """The measurement ``method`` stands for; an instance is remembered under its name."""
+        if isinstance(method, Measurement):
+            self._given[method.name] = method
+            return method
+        return self._given.get(method) or as_measurement(method)
+
+    def knows(self, name: str) -> bool:
+        """Whether ``name`` is a built-in measurement or one given to this run."""
+        return name in self._given or name in BUILTIN
+
+
 def as_measurement(method: "str | Measurement") -> Measurement:
     """``"less"`` / ``"nice"`` or a :class:`Measurement` instance."""
     if isinstance(method, Measurement):

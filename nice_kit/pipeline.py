@@ -29,13 +29,12 @@ from . import keys, stages
 from .config import RunConfig, read_run_config, validate_config
 from .data import Record, file_digest, load_records
 from .distributed import SINGLE, Dist, on_rank_zero
-from .gradients import BatchSize, WeightedSequence, gradient_dim, projected_gradients
-from .measurements import MeasureContext, Measurement, PolicyGradient, as_measurement
+from .gradients import WeightedSequence
+from .measurements import MeasureContext, Measurement, Measurements, PolicyGradient
 from .metrics.records import build_metric, load_targets, metric_columns
 from .models import LazyModel, auto_threads
-from .projection import Projector, ProjectionSpec, normalize_rows
+from .projection import Projector, ProjectionSpec
 from .runs import StaleResultError, atomic_write_text, load_tensors, read_stage
-from .settings import SELECTION_METHODS
 from .vectors import StoredVectors
 from .warmup import Checkpoint, load_checkpoints
 
@@ -55,7 +54,7 @@ class Pipeline:
         self.verbose = verbose
         self._model = LazyModel(config.model, config.lora, config.seed, self.dist.device(config.device), model,
                                 tokenizer, log=self.log, on_load=self._choose_threads)
-        self._measurements: dict[str, Measurement] = {}
+        self._measurements = Measurements()
         if write_config:  # False: a view (Pipeline.open, what-ifs) writes no config and makes no folder
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.json", json.dumps(config.to_dict(), indent=1, default=str))
@@ -69,18 +68,14 @@ class Pipeline:
         return cls(read_run_config(run_dir), run_dir, verbose=verbose, write_config=False)
 
     def sibling(self, run_dir: str | Path, config: RunConfig) -> "Pipeline":
-        """Another run with ``config`` in ``run_dir`` sharing this one's model and tokenizer (same base
-        model and LoRA shape; each stage sets the adapter weights it needs)."""
-        self.model  # loaded now, so that both share one LoRA-wrapped model
-        other = Pipeline(config, run_dir, verbose=self.verbose, dist=self.dist)
-        other._model = self._model.shared(other._choose_threads)
-        return other
+        """Another run with ``config`` in ``run_dir`` sharing this one's model (loaded now) and tokenizer."""
+        self.model  # noqa: B018 - loaded now, so that both share one LoRA-wrapped model
+        return self.with_config(config, write_config=True, run_dir=run_dir)
 
-    def with_config(self, config: RunConfig, write_config: bool = False) -> "Pipeline":
-        """This run directory under another ``config``, sharing whatever model, tokenizer and LoRA
-        wrapper this pipeline has loaded (nothing is loaded now). ``write_config=False`` (a view, as a
-        what-if takes) leaves the run's ``config.json`` as it is."""
-        other = Pipeline(config, self.run_dir, verbose=self.verbose, dist=self.dist, write_config=write_config)
+    def with_config(self, config: RunConfig, write_config: bool = False, run_dir: str | Path | None = None) -> "Pipeline":
+        """This run (or ``run_dir``) under another ``config``, sharing what this pipeline has loaded (nothing
+        is loaded now). ``write_config=False``, a view as a what-if takes, leaves ``config.json`` alone."""
+        other = Pipeline(config, run_dir or self.run_dir, verbose=self.verbose, dist=self.dist, write_config=write_config)
         other._model = self._model.shared(other._choose_threads)
         return other
 
@@ -176,45 +171,27 @@ class Pipeline:
         return load_checkpoints(self.run_dir / "warmup", strict=True)
 
     @cached_property
-    def _gradient_dim(self) -> int:
-        """D, the number of LoRA parameters (fixed by the config, so computed once per pipeline)."""
-        done = load_checkpoints(self.run_dir / "warmup")
-        # the Adam moments hold one value per LoRA parameter: no need to load the model
-        return done[0].moments()[0].numel() if done else gradient_dim(self.model)
+    def _projection(self) -> stages.GradientProjection:
+        return stages.GradientProjection(self)
 
     def projection_spec(self, input_dim: int | None = None) -> ProjectionSpec:
-        """The configured projection for this model's LoRA gradients (``input_dim`` given: no model load)."""
-        p = self.cfg.projection
-        return ProjectionSpec(kind=p.kind, dim=p.dim, seed=p.seed, nnz=p.nnz,
-                              input_dim=self._gradient_dim if input_dim is None else input_dim)
+        """The configured projection of this model's LoRA gradients (``input_dim`` given: no model load)."""
+        return self._projection.spec(input_dim)
 
-    @cached_property
+    @property
     def projector(self) -> Projector:
-        return Projector(self.projection_spec(), device=self.device)
-
-    @cached_property
-    def _gradient_batch(self) -> BatchSize:
-        """The gradient batch size, shared by every stage of this pipeline: lowered once on
-        out-of-memory, it stays lowered (nice_kit.gradients.BatchSize)."""
-        return BatchSize(self.cfg.gradients.batch_size)
+        return self._projection.projector
 
     def project_gradients(self, seqs: list[WeightedSequence], n_groups: int, transform=None) -> dict[str, torch.Tensor]:
-        """Projected gradients of ``n_groups`` groups of sequences: unit rows and their norms
-        (:func:`nice_kit.gradients.projected_gradients`, ``gradients.batch_size`` groups at a time)."""
-        out = projected_gradients(self.model, seqs, n_groups, self.tokenizer.pad_token_id, self.projector.project,
-                                  transform, self._gradient_batch, log=lambda m: tqdm.write(f"[nice_kit] {m}"))
-        return {"vectors": normalize_rows(out), "norms": out.norm(dim=1)}
+        """Projected gradients of ``n_groups`` groups of sequences: unit rows and their norms."""
+        return self._projection.project(seqs, n_groups, transform)
 
     def measurement(self, method: str | Measurement) -> Measurement:
         """The measurement a method name stands for (a built-in, or one used earlier in this pipeline)."""
-        if isinstance(method, Measurement):
-            self._measurements[method.name] = method
-            return method
-        return self._measurements.get(method) or as_measurement(method)
+        return self._measurements.get(method)
 
     def knows_measurement(self, name: str) -> bool:
-        """Whether ``name`` is a built-in measurement or one this pipeline was given."""
-        return name in self._measurements or name in SELECTION_METHODS
+        return self._measurements.knows(name)
 
     def default_methods(self) -> list[str]:
         return [m for m in self.cfg.selection.methods if not (m == "less" and self.cfg.data.label_free)]

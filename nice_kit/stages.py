@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -23,10 +24,10 @@ from tqdm.auto import tqdm
 
 from . import metrics as metrics_mod
 from .data import check_max_length, pool_size_warnings, save_records, tokenize_records
-from .gradients import adam_precondition, mean_nll_sequence
+from .gradients import BatchSize, WeightedSequence, adam_precondition, gradient_dim, mean_nll_sequence, projected_gradients
 from .influence import counted_prompts, influence_scores, top_fraction
 from .measurements import Measurement
-from .projection import save_spec
+from .projection import Projector, ProjectionSpec, normalize_rows, save_spec
 from .rollouts import sample_rollouts
 from .settings import SELECTION_METHODS
 from .runs import (IntegrityError, Stage, StaleResultError, atomic_write_text, check_file, describe_changes, fingerprint,
@@ -37,6 +38,40 @@ from .warmup import Checkpoint, checkpoint_records, checkpoint_weights, load_ada
 
 if TYPE_CHECKING:  # pragma: no cover
     from .view import RunView
+
+
+class GradientProjection:
+    """A run's projection of LoRA gradients, shared by its stages: the spec (D read from the warmup's
+    Adam moments, so no model load), the projector on the model's device, and one batch size that an
+    out-of-memory error lowers for the rest of the run (:class:`nice_kit.gradients.BatchSize`)."""
+
+    def __init__(self, run: "RunView"):
+        self.run = run
+
+    @cached_property
+    def gradient_dim(self) -> int:
+        done = load_checkpoints(self.run.run_dir / "warmup")  # one Adam moment per LoRA parameter
+        return done[0].moments()[0].numel() if done else gradient_dim(self.run.model)
+
+    def spec(self, input_dim: int | None = None) -> ProjectionSpec:
+        p = self.run.cfg.projection
+        return ProjectionSpec(kind=p.kind, dim=p.dim, seed=p.seed, nnz=p.nnz,
+                              input_dim=self.gradient_dim if input_dim is None else input_dim)
+
+    @cached_property
+    def projector(self) -> Projector:
+        return Projector(self.spec(), device=self.run.device)
+
+    @cached_property
+    def batch(self) -> BatchSize:
+        return BatchSize(self.run.cfg.gradients.batch_size)
+
+    def project(self, seqs: list[WeightedSequence], n_groups: int, transform=None) -> dict[str, torch.Tensor]:
+        """Projected gradients of ``n_groups`` groups of sequences, unit rows and their norms
+        (:func:`nice_kit.gradients.projected_gradients`, ``gradients.batch_size`` groups at a time)."""
+        out = projected_gradients(self.run.model, seqs, n_groups, self.run.tokenizer.pad_token_id,
+                                  self.projector.project, transform, self.batch, log=lambda m: tqdm.write(f"[nice_kit] {m}"))
+        return {"vectors": normalize_rows(out), "norms": out.norm(dim=1)}
 
 
 def val_folder(m: Measurement, ckpt: Checkpoint) -> str:

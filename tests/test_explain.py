@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import nice_kit.explain as explain_mod
-import nice_kit.pipeline as pipeline_mod
+import nice_kit.stages as stages_mod
 from nice_kit.config import RunConfig
 from nice_kit.explain import check_decomposition, completion_vectors, explain, format_explanation, score_terms
 from nice_kit.influence import influence_scores
@@ -186,7 +186,7 @@ def test_completion_gradients_are_read_back_without_the_model(run, tokenizer, mo
     def boom(*a, **k):
         raise AssertionError("recomputed the per-completion gradients")
 
-    monkeypatch.setattr(pipeline_mod, "projected_gradients", boom)
+    monkeypatch.setattr(stages_mod, "projected_gradients", boom)
     from widgets import open_run
 
     fresh = open_run(run.run_dir)
@@ -203,13 +203,13 @@ def test_a_stale_completion_stage_is_refused_by_a_reader_and_recomputed_on_reque
     e = explain(run, run.pool[2].id, "nice", compute=False)
     assert e.completions is None and "per-completion gradients" in e.note
     calls = {"n": 0}
-    real_gg = pipeline_mod.projected_gradients
+    real_gg = stages_mod.projected_gradients
 
     def counting(*a, **k):
         calls["n"] += 1
         return real_gg(*a, **k)
 
-    monkeypatch.setattr(pipeline_mod, "projected_gradients", counting)
+    monkeypatch.setattr(stages_mod, "projected_gradients", counting)
     e = explain(run, run.pool[2].id, "nice")  # compute=True: recomputed under the new key
     assert calls["n"] > 0 and (e.completion_check()["difference"].abs() <= e.completion_check()["tolerance"]).all()
 
@@ -224,7 +224,7 @@ def test_completion_stage_resumes_and_does_not_depend_on_chunk_or_batch_size(mad
                                                                                          "batch_size = 3\n[rollouts]"))
     q = _open(toml, tmp_path / "run", tokenizer)
     assert q.cfg.gradients.chunk_size == 5 and q.cfg.gradients.batch_size == 3
-    real, calls = pipeline_mod.projected_gradients, {"n": 0}
+    real, calls = stages_mod.projected_gradients, {"n": 0}
 
     def fail_on_third(*a, **k):
         calls["n"] += 1
@@ -232,13 +232,13 @@ def test_completion_stage_resumes_and_does_not_depend_on_chunk_or_batch_size(mad
             raise KeyboardInterrupt("interrupted")
         return real(*a, **k)
 
-    monkeypatch.setattr(pipeline_mod, "projected_gradients", fail_on_third)
+    monkeypatch.setattr(stages_mod, "projected_gradients", fail_on_third)
     with pytest.raises(KeyboardInterrupt):
         completion_vectors(q, "nice")
     stage = tmp_path / "run" / "grads" / "val_nice_completions" / "epoch_1"
     kept = sorted(x.name for x in stage.glob("chunk_*.safetensors"))
     assert kept and not (stage / "DONE").exists()
-    monkeypatch.setattr(pipeline_mod, "projected_gradients", real)
+    monkeypatch.setattr(stages_mod, "projected_gradients", real)
     before = {x: (stage / x).stat().st_mtime_ns for x in kept}
     again = completion_vectors(q, "nice")
     assert {x: (stage / x).stat().st_mtime_ns for x in kept} == before  # finished chunks were not redone

@@ -18,7 +18,6 @@ import pandas as pd
 import pytest
 import torch
 
-import nice_kit.pipeline as pipeline_mod
 import nice_kit.stages as stages_mod
 import nice_kit.runs as runs_mod
 import nice_kit.vectors as vectors_mod
@@ -179,13 +178,13 @@ def test_a_recomputation_redoes_only_the_damaged_piece(ref, tmp_path, monkeypatc
     unfinish(stage_dir)
     truncate(stage_dir / "chunk_00001.safetensors")
     calls = []
-    real = pipeline_mod.projected_gradients
+    real = stages_mod.projected_gradients
 
     def counting(model, seqs, n_groups, *a, **k):
         calls.append(n_groups)
         return real(model, seqs, n_groups, *a, **k)
 
-    monkeypatch.setattr(pipeline_mod, "projected_gradients", counting)
+    monkeypatch.setattr(stages_mod, "projected_gradients", counting)
     monkeypatch.setattr(stages_mod, "train_lora", _boom)
     monkeypatch.setattr(stages_mod, "sample_rollouts", _boom)
     q.run()
@@ -303,7 +302,7 @@ def test_a_run_made_before_checksums_is_reused_after_checking_what_can_be(ref, t
         s = json.loads(f.read_text())
         del s["files"]
         f.write_text(json.dumps(s))
-    monkeypatch.setattr(pipeline_mod, "projected_gradients", _boom)
+    monkeypatch.setattr(stages_mod, "projected_gradients", _boom)
     monkeypatch.setattr(stages_mod, "train_lora", _boom)
     monkeypatch.setattr(stages_mod, "sample_rollouts", _boom)
     assert_same_scores(q.read_scores(), ref)

@@ -67,7 +67,7 @@ def test_second_run_reuses_every_stage(finished, tokenizer, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("recomputed a cached stage")
 
-    monkeypatch.setattr(pipeline_mod, "projected_gradients", boom)
+    monkeypatch.setattr(stages_mod, "projected_gradients", boom)
     monkeypatch.setattr(stages_mod, "sample_rollouts", boom)
     monkeypatch.setattr(stages_mod, "train_lora", boom)
     again = Pipeline(p.cfg, p.run_dir, model=tiny_model(tokenizer), tokenizer=tokenizer, verbose=False)
@@ -79,7 +79,7 @@ def test_interrupted_stage_resumes_from_its_last_chunk(tokenizer, small_data, tm
     p = make(tokenizer, small_data, tmp_path / "r")
     p.warmup()
     calls = {"n": 0}
-    real = pipeline_mod.projected_gradients
+    real = stages_mod.projected_gradients
 
     per_chunk = 1  # projected_gradients calls per chunk
 
@@ -89,7 +89,7 @@ def test_interrupted_stage_resumes_from_its_last_chunk(tokenizer, small_data, tm
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(pipeline_mod, "projected_gradients", crash_on_third)
+    monkeypatch.setattr(stages_mod, "projected_gradients", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         p.train_gradients()
     stage = tmp_path / "r" / "grads" / "train" / "epoch_1"

@@ -6,7 +6,6 @@ import shutil
 import pandas as pd
 import pytest
 
-import nice_kit.pipeline as pipeline_mod
 import nice_kit.stages as stages_mod
 from conftest import tiny_config
 from nice_kit.models import tiny_model
@@ -79,16 +78,16 @@ def test_a_new_target_task_reuses_the_warmup_and_the_pool_gradients(done, tokeni
     data = {"pool": done.cfg.data.pool, "target_val": str(other), "target_test": done.cfg.data.target_test}
     q = make(tokenizer, data, run_dir)
     monkeypatch.setattr(stages_mod, "train_lora", boom)
-    real = pipeline_mod.projected_gradients
-    monkeypatch.setattr(pipeline_mod, "projected_gradients", boom)
+    real = stages_mod.projected_gradients
+    monkeypatch.setattr(stages_mod, "projected_gradients", boom)
     q.warmup()
     q.train_gradients()  # nothing recomputed
-    monkeypatch.setattr(pipeline_mod, "projected_gradients", real)
+    monkeypatch.setattr(stages_mod, "projected_gradients", real)
     q.validation_gradients("less")
     scores = q.scores(["less"])
     assert len(scores) == len(done.pool) and scores["less"].notna().all()
     # a label-free switch does not touch the pool side either
-    monkeypatch.setattr(pipeline_mod, "projected_gradients", boom)
+    monkeypatch.setattr(stages_mod, "projected_gradients", boom)
     lf = make(tokenizer, {**data, "label_free": True}, run_dir)
     lf.warmup()
     lf.train_gradients()
