@@ -15,6 +15,7 @@ from typing import Any
 from .config import RunConfig
 from .data import load_records, save_records
 from .pipeline import Pipeline
+from .settings import merge_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "default.toml"
@@ -40,15 +41,6 @@ FAST_OVERRIDES: dict[str, Any] = {
 }
 
 
-def _merge(base: dict, over: dict) -> dict:
-    """Nested settings ``over`` on top of ``base``; a metric's ``params`` are replaced, not merged."""
-    out = dict(base)
-    for k, v in over.items():
-        nested = isinstance(v, dict) and isinstance(out.get(k), dict) and k != "params"
-        out[k] = _merge(out[k], v) if nested else v
-    return out
-
-
 def fast_data(folder: Path, n_pool: int = 40, n_val: int = 4, n_test: int = 4) -> dict[str, str]:
     """A slice of the bundled benchmark (both subtasks of the target) written to ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -71,9 +63,9 @@ def demo_config(run_dir: str | Path, fast: bool | None = None, **overrides: Any)
     """The bundled default config, or its fast variant; ``overrides`` are nested dicts of settings."""
     base = RunConfig.from_file(DEFAULT_CONFIG).to_dict()
     if fast_mode(fast):
-        base = _merge(base, FAST_OVERRIDES)
+        base = merge_settings(base, FAST_OVERRIDES)
         base["data"].update(fast_data(Path(run_dir) / "data"))
-    return RunConfig.from_dict(_merge(base, overrides))
+    return RunConfig.from_dict(merge_settings(base, overrides))
 
 
 def demo_pipeline(run_dir: str | Path = "runs/demo", fast: bool | None = None, verbose: bool = True,

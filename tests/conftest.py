@@ -42,11 +42,12 @@ def small_data(tmp_path_factory) -> dict[str, str]:
 
 def tiny_config(data: dict[str, str], **over):
     from nice_kit.config import RunConfig
-    from nice_kit.demo import FAST_OVERRIDES, _merge
+    from nice_kit.demo import FAST_OVERRIDES
+    from nice_kit.settings import merge_settings
 
-    base = _merge(FAST_OVERRIDES, {"data": {**data, "max_length": 64}, "projection": {"dim": 256},
-                                   "gradients": {"chunk_size": 8, "batch_size": 4}})
-    return RunConfig.from_dict(_merge(base, over))
+    base = merge_settings(FAST_OVERRIDES, {"data": {**data, "max_length": 64}, "projection": {"dim": 256},
+                                          "gradients": {"chunk_size": 8, "batch_size": 4}})
+    return RunConfig.from_dict(merge_settings(base, over))
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
