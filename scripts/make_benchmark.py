@@ -42,6 +42,17 @@ verbose and bad-format responses score 0.
 Pool records also carry ``answer`` (the reference answer) and ``metadata`` (reasoning-gym's) as
 diagnostic columns, like ``on_task``, ``harmful``, ``harm_kind`` and ``source``: selectors never
 read them.
+
+Second scenario, ``--scenario verbose_refs`` (``data/verbose_refs/``, ``configs/verbose_refs.toml``):
+designed so that the reference loss and the metric disagree. The same two subtasks and prompts (asking
+for the bare result), but every target reference is written in a tutor's verbose style ("Let me work
+this out step by step.\n7 times 8 equals 56.\nSo the answer is 56.", the number never on the first
+line), so the strict metric (``task_score``, first line) gives every reference 0. Pool (190): per
+subtask 25 concise correct, 15 concise wrong, 25 verbose correct, 10 verbose wrong; 40 off-task (10 per
+dataset, 3 of them verbose). Val 16 + 16, test 24 + 24 prompts. Pool records add ``style`` (concise /
+verbose) and ``correct``; ``harm_kind`` is ``verbose`` for any verbose example, ``wrong_answer`` for a
+concise wrong one. The generator checks that every reference scores 0 and every on-task pool response
+scores 1 exactly when it is concise and correct.
 """
 
 from __future__ import annotations
