@@ -148,3 +148,21 @@ def test_another_seed_gives_other_data(tmp_path):
     """The seed is used (the check above is not passing on a constant)."""
     _load_script().main(["--scenario", "verbose_refs", "--out", str(tmp_path), "--seed", "7"])
     assert (tmp_path / "pool.jsonl").read_bytes() != (DATA / "pool.jsonl").read_bytes()
+
+
+def test_fast_mode_slices_the_scenario(tmp_path):
+    """nice_kit.scenarios' fast mode (notebook 07, the browser test): a slice of this scenario, both styles,
+    both subtasks; full mode: the scenario's own files and metric."""
+    from nice_kit.data import load_records
+    from nice_kit.scenarios import scenario_config
+
+    fast = scenario_config(tmp_path / "run", fast=True)
+    pool = load_records(fast.data.pool)
+    assert len(pool) == 40 and Path(fast.data.pool).parent == tmp_path / "run" / "data"
+    assert {r.columns["style"] for r in pool} == {"concise", "verbose"}
+    assert [r.id for r in pool] == [r["id"] for r in _read("pool.jsonl")[:40]]
+    val = load_records(fast.data.target_val)
+    assert Counter(r.columns["task"] for r in val) == {t: 4 for t in SUBTASKS}
+    full = scenario_config(tmp_path / "full", fast=False)
+    assert Path(full.data.pool).resolve() == (DATA / "pool.jsonl").resolve()
+    assert (full.metric.name, full.metric.params) == ("task_score", {"extract": "strict"})
