@@ -40,9 +40,9 @@
 # > of the scenario and a stand-in metric (the length of the answer: a random model never gets arithmetic
 # > right), in about a minute: every code path is the real one, every number is meaningless. Without it,
 # > SmolLM2-135M-Instruct on the whole scenario; it shares `runs/verbose_refs` with the README's commands
-# > and reuses what they finished (from nothing, measured on a shared 2-core machine: 5 CPU minutes for
-# > the run, about 1 more for NICE's per-completion gradients behind the why panel, 2.5 for the three
-# > retrainings).
+# > and reuses what they finished (from nothing, on a shared 2-core machine: 5 CPU minutes for the run,
+# > 2.3 for the three retrainings, both measured; NICE's per-completion gradients behind the why panel,
+# > 512 completions as on the first benchmark, took 45 s there).
 
 # %%
 import warnings
