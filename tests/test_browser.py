@@ -668,17 +668,19 @@ def test_explorer_opens_on_the_verbose_refs_run(chromium, lab, verbose_refs_run)
         browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport=VIEWPORT)
         try:
-            page.goto(f"{base}/lab/tree/verbose_refs.ipynb?token={token}", wait_until="domcontentloaded",
-                      timeout=60_000)
-            page.locator(".jp-NotebookPanel .jp-Cell").first.wait_for(timeout=60_000)
+            # a workspace of its own, reset: the other test's notebook is not restored beside this one
+            page.goto(f"{base}/lab/workspaces/verbose-refs/tree/verbose_refs.ipynb?reset&token={token}",
+                      wait_until="domcontentloaded", timeout=60_000)
+            panel = page.locator(".jp-NotebookPanel:visible").first
+            panel.locator(".jp-Cell").first.wait_for(timeout=60_000)
             _wait_for_kernel(page)
             page.set_viewport_size({"width": VIEWPORT["width"], "height": 2400})
             for i in range(2):
-                cell = page.locator(".jp-Cell").nth(i)
+                cell = panel.locator(".jp-Cell").nth(i)
                 cell.scroll_into_view_if_needed()
                 cell.locator(".jp-InputArea-prompt").click()
                 page.keyboard.press("Control+Enter")
-            explorer = page.locator(".nice-explorer").first
+            explorer = panel.locator(".nice-explorer").first
             table = explorer.locator(".nice-explorer-table table")
             try:
                 expect(explorer.locator(".js-plotly-plot .scatterlayer .point").first).to_be_attached(timeout=100_000)
