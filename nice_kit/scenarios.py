@@ -19,11 +19,21 @@ from typing import Any
 
 from .config import RunConfig
 from .data import load_records, save_records
-from .demo import FAST_OVERRIDES, ROOT, _merge, fast_mode
+from .demo import FAST_OVERRIDES, ROOT, fast_mode
 from .pipeline import Pipeline
 
 SCENARIO = "verbose_refs"
 CONFIG = ROOT / "configs" / f"{SCENARIO}.toml"
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """Nested settings ``over`` on top of ``base``; a metric's ``params`` are replaced, not merged (as the
+    first benchmark's fast mode merges them)."""
+    out = dict(base)
+    for k, v in over.items():
+        nested = isinstance(v, dict) and isinstance(out.get(k), dict) and k != "params"
+        out[k] = _merge(out[k], v) if nested else v
+    return out
 
 
 def scenario_fast_data(folder: Path, n_pool: int = 40, n_val: int = 4, n_test: int = 4) -> dict[str, str]:
