@@ -3,6 +3,7 @@
 
     python scripts/make_benchmark.py                 # writes data/arith/ with the default seed
     python scripts/make_benchmark.py --out DIR --seed N
+    python scripts/make_benchmark.py --scenario verbose_refs   # the second scenario, data/verbose_refs/
 
 Running it twice with the same seed (and the same reasoning-gym version) writes byte-identical files.
 
@@ -41,6 +42,17 @@ verbose and bad-format responses score 0.
 Pool records also carry ``answer`` (the reference answer) and ``metadata`` (reasoning-gym's) as
 diagnostic columns, like ``on_task``, ``harmful``, ``harm_kind`` and ``source``: selectors never
 read them.
+
+Second scenario, ``--scenario verbose_refs`` (``data/verbose_refs/``, ``configs/verbose_refs.toml``):
+designed so that the reference loss and the metric disagree. The same two subtasks and prompts (asking
+for the bare result), but every target reference is written in a tutor's verbose style ("Let me work
+this out step by step.\n7 times 8 equals 56.\nSo the answer is 56.", the number never on the first
+line), so the strict metric (``task_score``, first line) gives every reference 0. Pool (190): per
+subtask 25 concise correct, 15 concise wrong, 25 verbose correct, 10 verbose wrong; 40 off-task (10 per
+dataset, 3 of them verbose). Val 16 + 16, test 24 + 24 prompts. Pool records add ``style`` (concise /
+verbose) and ``correct``; ``harm_kind`` is ``verbose`` for any verbose example, ``wrong_answer`` for a
+concise wrong one. The generator checks that every reference scores 0 and every on-task pool response
+scores 1 exactly when it is concise and correct.
 """
 
 from __future__ import annotations
@@ -236,7 +248,8 @@ def split_products(entries: list[dict], rng: random.Random) -> dict[str, list[di
     return out
 
 
-def split_basic(seed: int, rng: random.Random, n_pool: int) -> dict[str, list[dict]]:
+def split_basic(seed: int, rng: random.Random, n_pool: int, n_val: int = N_VAL,
+                n_test: int = N_TEST["basic_arithmetic"]) -> dict[str, list[dict]]:
     ds = reasoning_gym.create_dataset("basic_arithmetic", size=1000, seed=seed, **BASIC_CFG)
     groups: dict[tuple[str, ...], list[dict]] = {}
     seen_q: set[str] = set()
@@ -247,7 +260,7 @@ def split_basic(seed: int, rng: random.Random, n_pool: int) -> dict[str, list[di
         groups.setdefault(token_key(entry["metadata"]["expression"]), []).append(entry)
     keys = list(groups)  # insertion order: deterministic
     rng.shuffle(keys)
-    need = {"val": N_VAL, "test": N_TEST["basic_arithmetic"], "pool": n_pool}
+    need = {"val": n_val, "test": n_test, "pool": n_pool}
     out: dict[str, list[dict]] = {k: [] for k in need}
     for split in ("val", "test", "pool"):
         while len(out[split]) < need[split]:
@@ -259,7 +272,7 @@ def split_basic(seed: int, rng: random.Random, n_pool: int) -> dict[str, list[di
     return out
 
 
-def off_task_entries(seed: int) -> list[dict]:
+def off_task_entries(seed: int, n_each: int = N_OFF_TASK_EACH) -> list[dict]:
     out: list[dict] = []
     for i, (task, cfg) in enumerate(OFF_TASK_CFGS.items()):
         ds = reasoning_gym.create_dataset(task, size=200, seed=seed + 100 + i, **cfg)
@@ -273,9 +286,9 @@ def off_task_entries(seed: int) -> list[dict]:
                 continue
             seen.add(entry["question"])
             got.append(entry)
-            if len(got) == N_OFF_TASK_EACH:
+            if len(got) == n_each:
                 break
-        if len(got) < N_OFF_TASK_EACH:
+        if len(got) < n_each:
             raise RuntimeError(f"only {len(got)} usable {task} examples")
         out.extend(got)
     return out
@@ -419,6 +432,190 @@ for diagnostics only (plots, checking what a selector picked): selectors never r
 """
 
 
+# ------------------------------------------------------------------------------------------------
+# Second scenario: verbose references, a strict metric (data/verbose_refs)
+#
+# The same two arithmetic subtasks, but the target's reference answers are written in a tutor's
+# verbose style ("Let me work this out step by step.\n7 times 8 equals 56.\nSo the answer is 56."),
+# while the metric (task_score, strict: the completion's first line is the answer) rewards the bare
+# number only. Every reference therefore scores 0 under the metric it is meant to teach: the loss of
+# the references (what LESS lowers) and the metric (what NICE raises) disagree by construction.
+
+VERBOSE_SCENARIO = "verbose_refs"
+# per subtask: concise correct, concise wrong, verbose correct, verbose wrong
+V_CONCISE_CORRECT, V_CONCISE_WRONG, V_VERBOSE_CORRECT, V_VERBOSE_WRONG = 25, 15, 25, 10
+V_N_VAL, V_N_TEST = 16, 24  # per subtask
+V_OFF_TASK_EACH, V_OFF_TASK_VERBOSE_EACH = 10, 3  # per off-task dataset; the verbose ones among them
+
+_OFF_TASK_VERBOSE_TEMPLATES = [
+    "Let me work this out step by step.\nI go through the question carefully.\nSo the answer is {ans}.",
+    "Sure! Let's look at it.\nI check each part of the question in turn.\nThe final answer is {ans}.",
+    "Okay, let me think.\nI work through it one piece at a time.\nAnswer: {ans}",
+]
+
+
+def strict_first_line(completion: str) -> str:
+    """The completion's first line, stripped: what ``task_score`` with ``extract = "strict"`` scores."""
+    text = completion.strip()
+    return text.splitlines()[0].strip() if text else ""
+
+
+def verbose_with(entry: dict, ans: str, rng: random.Random) -> str:
+    """A verbose response (one of :data:`_VERBOSE_TEMPLATES`) that arrives at ``ans``."""
+    expr = entry["metadata"]["expression"]
+    return rng.choice(_VERBOSE_TEMPLATES).format(expr=expr, words=expression_words(expr), ans=ans)
+
+
+def verbose_pool_record(task: str, entry: dict, response: str, on_task: bool, style: str,
+                        correct: bool) -> dict:
+    """A pool record of the verbose scenario: the first benchmark's fields plus ``style`` and
+    ``correct``; ``harm_kind`` is ``verbose`` for every verbose response (its first line never holds
+    the answer, so the strict metric gives it 0 whether its number is right or not), ``wrong_answer``
+    for a concise wrong one, None otherwise."""
+    harm_kind = "verbose" if style == "verbose" else (None if correct else "wrong_answer")
+    rec = pool_record(task, entry, response, on_task, harm_kind)
+    out = {k: rec[k] for k in ("id", "messages", "task", "source", "on_task", "harmful", "harm_kind")}
+    out.update(style=style, correct=correct, answer=rec["answer"], metadata=rec["metadata"])
+    return out
+
+
+def _check_verbose_pool(rec: dict) -> None:
+    """On-task: a verbose response scores 0 under the strict metric, a concise one 1 if correct else 0
+    (off-task scorers are other tasks' and some give partial credit to any text: not checked)."""
+    if not rec["on_task"]:
+        return
+    task, resp, ans, meta = rec["task"], rec["messages"][-1]["content"], rec["answer"], rec["metadata"]
+    strict = score(task, strict_first_line(resp), ans, meta)
+    if rec["style"] == "verbose" and strict != 0.0:
+        raise RuntimeError(f"verbose response scores {strict} under the strict metric: {resp!r}")
+    if rec["style"] == "concise" and strict != float(rec["correct"]):
+        raise RuntimeError(f"concise response scores {strict}, correct={rec['correct']}: {resp!r}")
+
+
+def build_verbose(seed: int) -> dict[str, list[dict]]:
+    rng = random.Random(seed)
+    n_pool = V_CONCISE_CORRECT + V_CONCISE_WRONG + V_VERBOSE_CORRECT + V_VERBOSE_WRONG
+    products = split_products(products_entries(seed), rng)  # val 16, test 24, pool 60 questions
+    basic = split_basic(seed + 1, rng, n_pool=n_pool, n_val=V_N_VAL, n_test=V_N_TEST)
+    splits = {"products": products, "basic_arithmetic": basic}
+    pool: list[dict] = []
+    for task in SUBTASKS:
+        q = list(splits[task]["pool"])
+        if len(q) < n_pool:  # products: 60 questions for 75 examples; some questions come twice
+            q = q + rng.sample(q, n_pool - len(q))
+        cut = [V_CONCISE_CORRECT, V_CONCISE_WRONG, V_VERBOSE_CORRECT, V_VERBOSE_WRONG]
+        bounds = [sum(cut[:i]) for i in range(len(cut) + 1)]
+        cc, cw, vc, vw = (q[bounds[i]:bounds[i + 1]] for i in range(len(cut)))
+        for e in cc:
+            pool.append(verbose_pool_record(task, e, e["answer"], True, "concise", True))
+        for e in cw:
+            pool.append(verbose_pool_record(task, e, wrong_answer(task, e, rng), True, "concise", False))
+        for e in vc:
+            pool.append(verbose_pool_record(task, e, verbose_with(e, e["answer"], rng), True, "verbose", True))
+        for e in vw:
+            pool.append(verbose_pool_record(task, e, verbose_with(e, wrong_answer(task, e, rng), rng), True,
+                                            "verbose", False))
+    off = off_task_entries(seed + 2, n_each=V_OFF_TASK_EACH)
+    for i, e in enumerate(off):
+        task = e["metadata"]["source_dataset"]
+        if i % V_OFF_TASK_EACH < V_OFF_TASK_VERBOSE_EACH:
+            resp = rng.choice(_OFF_TASK_VERBOSE_TEMPLATES).format(ans=e["answer"])
+            pool.append(verbose_pool_record(task, e, resp, False, "verbose", True))
+        else:
+            pool.append(verbose_pool_record(task, e, e["answer"], False, "concise", True))
+    for rec in pool:
+        _check_verbose_pool(rec)
+    rng.shuffle(pool)
+    for i, rec in enumerate(pool, start=1):
+        rec["id"] = f"pool-{i:04d}"
+
+    def target(split: str, task: str, i: int, entry: dict) -> dict:
+        rec = target_record(split, task, i, entry)
+        rec["response"] = verbose_with(entry, entry["answer"], rng)
+        if score(task, strict_first_line(rec["response"]), rec["answer"], rec["metadata"]) != 0.0:
+            raise RuntimeError(f"a reference scores above 0 under the strict metric: {rec['response']!r}")
+        return rec
+
+    val, test = [], []
+    for task in SUBTASKS:
+        val += [target("val", task, i, e) for i, e in enumerate(splits[task]["val"][:V_N_VAL], start=1)]
+        test += [target("test", task, i, e) for i, e in enumerate(splits[task]["test"][:V_N_TEST], start=1)]
+    return {"pool": pool, "target_val": val, "target_test": test}
+
+
+def readme_verbose(data: dict[str, list[dict]], seed: int) -> str:
+    def count(recs: list[dict], **kw: Any) -> int:
+        return sum(all(r.get(k) == v for k, v in kw.items()) for r in recs)
+
+    pool, val, test = data["pool"], data["target_val"], data["target_test"]
+    rows = []
+    for task in SUBTASKS:
+        rows.append(
+            f"| {task} | {count(pool, task=task, style='concise', correct=True)} "
+            f"| {count(pool, task=task, style='concise', correct=False)} "
+            f"| {count(pool, task=task, style='verbose', correct=True)} "
+            f"| {count(pool, task=task, style='verbose', correct=False)} | {count(val, task=task)} "
+            f"| {count(test, task=task)} |")
+    for task in OFF_TASK_CFGS:
+        rows.append(f"| {task} (off-task) | {count(pool, task=task, style='concise')} | 0 "
+                    f"| {count(pool, task=task, style='verbose')} | 0 | 0 | 0 |")
+    rows.append(f"| **total** | {count(pool, style='concise', correct=True)} "
+                f"| {count(pool, style='concise', correct=False)} | {count(pool, style='verbose', correct=True)} "
+                f"| {count(pool, style='verbose', correct=False)} | {len(val)} | {len(test)} |")
+    table = "\n".join(rows)
+    example = next(r for r in val if r["task"] == "products")
+    return f"""# `{VERBOSE_SCENARIO}`: verbose references, a strict metric
+
+Generated by `scripts/make_benchmark.py --scenario {VERBOSE_SCENARIO}` from
+[reasoning-gym](https://github.com/open-thought/reasoning-gym) {_rg_version()} with seed {seed}.
+Regenerate (byte-identical output) with
+
+    python scripts/make_benchmark.py --scenario {VERBOSE_SCENARIO}   # --out data/{VERBOSE_SCENARIO} --seed {DEFAULT_SEED}
+
+**This scenario is designed to show the discrepancy between loss and metric**; it is not a neutral
+benchmark. For the case where the references are exactly what the metric rewards (loss and metric
+mostly agree) see the first benchmark, `data/arith/`.
+
+The target task is the first benchmark's (`products` and `basic_arithmetic`, every prompt asking
+for the bare result), but the **reference answers are written in a tutor's verbose style**, e.g.
+
+    {example["prompt"]}
+    -> {json.dumps(example["response"])}
+
+while the metric, `task_score` with `extract = "strict"` (configs/{VERBOSE_SCENARIO}.toml), reads the
+completion's first line as the answer: **every reference scores 0 under it** (the generator checks
+this). Why this is realistic: reference answers are often written, or generated by a teacher model,
+for people (explanations around the answer), while the deployed system parses the answer
+automatically (the first line, a bare number, a field a program reads). The reference loss, the proxy
+LESS lowers, then rewards data that teaches the explanation; the metric rewards data that teaches the
+bare answer.
+
+## Files
+
+- `pool.jsonl`: {len(pool)} chat records to select from, shuffled: `{{"id", "messages": [user, assistant],
+  "task", "source", "on_task", "harmful", "harm_kind", "style", "correct", "answer", "metadata"}}`.
+- `target_val.jsonl`: {len(val)} target prompts for selection, `{{"id", "prompt", "response", "task",
+  "answer", "metadata"}}`: `response` is the verbose reference, `answer` the bare number.
+- `target_test.jsonl`: {len(test)} held-out prompts for evaluation, same format.
+
+| task | concise correct | concise wrong | verbose correct | verbose wrong | val | test |
+|---|---|---|---|---|---|---|
+{table}
+
+- concise: the bare number (correct, or a plausible wrong number: off by 1, 2 or 10, a digit swap,
+  a neighbouring times-table entry); the strict metric gives 1 or 0.
+- verbose: the references' style, three lines with the number (right or wrong) only after the first
+  line; the strict metric gives 0 either way. Off-task verbose examples use the same openings.
+- Flags (diagnostics only, never read by a selector): `harm_kind` is `verbose` for every verbose
+  example, `wrong_answer` for a concise wrong one, empty otherwise; `harmful` is whether `harm_kind`
+  is set; `style` and `correct` give the two axes separately.
+
+Splits as in `data/arith/`: `products` questions split by unordered factor pair (val 16, test 24,
+pool 60 questions; the 75 `products` pool examples reuse some of the 60), `basic_arithmetic`
+questions all distinct and kept apart from their commuted forms. No val or test question is in the pool.
+"""
+
+
 def _rg_version() -> str:
     # reasoning_gym.__version__ lags the installed distribution (0.1.19 vs 0.1.25), so ask pip's metadata
     try:
@@ -433,17 +630,23 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+SCENARIOS = {"arith": (build, readme), VERBOSE_SCENARIO: (build_verbose, readme_verbose)}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="data/arith", help="output folder (default data/arith)")
+    ap.add_argument("--scenario", choices=sorted(SCENARIOS), default="arith",
+                    help=f"which bundled scenario (default arith; {VERBOSE_SCENARIO}: verbose references, strict metric)")
+    ap.add_argument("--out", default=None, help="output folder (default data/<scenario>)")
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed (default {DEFAULT_SEED})")
     args = ap.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out or f"data/{args.scenario}")
     out.mkdir(parents=True, exist_ok=True)
-    data = build(args.seed)
+    build_fn, readme_fn = SCENARIOS[args.scenario]
+    data = build_fn(args.seed)
     for name, records in data.items():
         write_jsonl(out / f"{name}.jsonl", records)
-    (out / "README.md").write_text(readme(data, args.seed), encoding="utf-8", newline="\n")
+    (out / "README.md").write_text(readme_fn(data, args.seed), encoding="utf-8", newline="\n")
     print(f"wrote {out}: pool {len(data['pool'])}, target_val {len(data['target_val'])}, "
           f"target_test {len(data['target_test'])}")
 

@@ -627,6 +627,97 @@ def test_widgets_in_jupyterlab_light_and_dark(chromium, lab):
     assert len(state) > 10, "JupyterLab saved no widget state with the notebook"
 
 
+VERBOSE_RUN = "runs/verbose_refs-fast"  # the second scenario's fast-mode run, relative to the lab's root
+
+
+@pytest.fixture(scope="module")
+def verbose_refs_run(lab):
+    """The second bundled scenario (data/verbose_refs: verbose references, strict metric) run in fast mode
+    inside the lab's root, with NICE's per-completion gradients (the explorer's why panel reads them), and a
+    notebook that opens the explorer on it from disk alone."""
+    from nice_kit.explain import completion_vectors
+    from nice_kit.scenarios import scenario_pipeline
+
+    root = lab[2]
+    run = scenario_pipeline(root / VERBOSE_RUN, fast=True, verbose=False)
+    run.run()
+    completion_vectors(run, "nice")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in (
+        f"""from widgets import InfluenceExplorer, open_run
+p = open_run("{VERBOSE_RUN}")  # the second scenario's finished run""",
+        """explorer = InfluenceExplorer(p, method="nice", k=8)
+explorer""")])
+    nb.metadata = {"kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"},
+                   "language_info": {"name": "python"}}
+    nbformat.write(nb, root / "verbose_refs.ipynb")
+    return run
+
+
+def test_explorer_opens_on_the_verbose_refs_run(chromium, lab, verbose_refs_run):
+    """The explorer on the second scenario's run: its table lists that run's pool (the scenario's own
+    examples, verbose ones flagged), and its why panel draws the selected example's decomposition."""
+    from playwright.sync_api import expect, sync_playwright
+
+    base, token, root, log = lab
+    run_dir = root / VERBOSE_RUN
+    pool = {r.id: r for r in verbose_refs_run.pool}
+    scenario_responses = {r.response for r in verbose_refs_run.pool}
+    assert {r.columns.get("style") for r in pool.values()} == {"concise", "verbose"}  # the slice has both styles
+    OUT.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport=VIEWPORT)
+        try:
+            # a workspace of its own, reset: the other test's notebook is not restored beside this one
+            page.goto(f"{base}/lab/workspaces/verbose-refs/tree/verbose_refs.ipynb?reset&token={token}",
+                      wait_until="domcontentloaded", timeout=60_000)
+            panel = page.locator(".jp-NotebookPanel:visible").first
+            panel.locator(".jp-Cell").first.wait_for(timeout=60_000)
+            _wait_for_kernel(page)
+            page.set_viewport_size({"width": VIEWPORT["width"], "height": 2400})
+            for i in range(2):
+                cell = panel.locator(".jp-Cell").nth(i)
+                cell.scroll_into_view_if_needed()
+                cell.locator(".jp-InputArea-prompt").click()
+                page.keyboard.press("Control+Enter")
+            explorer = panel.locator(".nice-explorer").first
+            table = explorer.locator(".nice-explorer-table table")
+            try:
+                expect(explorer.locator(".js-plotly-plot .scatterlayer .point").first).to_be_attached(timeout=100_000)
+            except AssertionError:
+                page.screenshot(path=str(OUT / "verbose_refs-failure.png"))
+                pytest.fail(f"the explorer did not render on the verbose_refs run; outputs: "
+                            f"{page.locator('.jp-OutputArea').all_inner_texts()}\nlab log: {log.read_text()[-2000:]}",
+                            pytrace=False)
+            page.set_viewport_size(VIEWPORT)
+            expect(table.locator("tbody tr")).to_have_count(8, timeout=30_000)
+            ids = [r.get_attribute("data-key") for r in table.locator("tbody tr").all()]
+            assert set(ids) <= set(pool), ids  # this run's pool, not the first benchmark's
+            # ranked by NICE, as the run's scores rank them
+            top = verbose_refs_run.read_scores().sort_values("nice", ascending=False)["id"].head(8).tolist()
+            assert ids[0] == top[0] and set(ids) == set(top), (ids, top)
+            detail = explorer.locator(".nice-explorer-detail")
+            assert any(text in detail.inner_text() for text in scenario_responses if len(text) > 3)
+            # the harmful filter shows the scenario's flags: verbose examples among them
+            explorer.locator(".widget-dropdown", has_text="harmful").first.locator("select").select_option("harmful")
+            harmful_ids = [i for i, r in pool.items() if r.columns.get("harmful")]
+            deadline = time.time() + 30  # the kernel redraws the table after the filter's change
+            while True:
+                shown = [r.get_attribute("data-key") for r in table.locator("tbody tr").all()]
+                if (set(shown) <= set(harmful_ids) and len(shown) == min(8, len(harmful_ids))) or time.time() > deadline:
+                    break
+                page.wait_for_timeout(250)
+            assert set(shown) <= set(harmful_ids) and len(shown) == min(8, len(harmful_ids)), shown
+            rows = table.locator("tbody tr").all_inner_texts()
+            assert any("verbose" in t for t in rows) == any(pool[i].columns.get("harm_kind") == "verbose"
+                                                            for i in shown), rows
+            _tall(page, explorer)
+            _check_why(page, explorer, "light", run_dir)
+            explorer.screenshot(path=str(OUT / "explorer-verbose_refs.png"))
+        finally:
+            browser.close()
+
+
 def test_notebook_05_exported_to_html_draws_its_figures_offline(chromium, base_dir):
     """Notebook 05, executed and exported with nbconvert, draws every figure with no network: the
     plotly.js it needs is inline, and no plotly CDN is referenced."""

@@ -8,7 +8,7 @@ names; Pipeline implements the RunView protocol the analyses are typed against.
       <- measurements, keys, view                   (what is measured; what stages depend on; RunView)
       <- stages, explain, whatif, diagnostics, export   (typed against view.RunView)
       <- pipeline                                   (the facade: stage verbs, explain, what_if)
-      <- evaluation, demo, rewards, cli
+      <- evaluation, demo, scenarios, rewards, cli
       <- widgets
 """
 
@@ -29,7 +29,8 @@ LAYERS: list[set[str]] = [
     {"nice_kit.measurements", "nice_kit.keys", "nice_kit.view"},
     {"nice_kit.stages", "nice_kit.explain", "nice_kit.whatif", "nice_kit.diagnostics", "nice_kit.export"},
     {"nice_kit.pipeline"},
-    {"nice_kit.evaluation", "nice_kit.demo", "nice_kit.rewards", "nice_kit.cli", "nice_kit.__main__"},
+    {"nice_kit.evaluation", "nice_kit.demo", "nice_kit.scenarios", "nice_kit.rewards", "nice_kit.cli",
+     "nice_kit.__main__"},
     {"widgets*"},
 ]
 
