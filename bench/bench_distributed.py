@@ -53,7 +53,7 @@ def _run(args: list[str], nproc: int | None, log: Path) -> float:
 
 def _write_config(path: Path, base: dict, **over) -> Path:
     """A TOML config: ``base`` (a RunConfig dict) with nested ``over`` settings."""
-    from nice_kit.demo import _merge
+    from nice_kit.settings import merge_settings as _merge
 
     cfg = _merge(base, over)
     lines = []

@@ -207,14 +207,14 @@ def main() -> None:
     rel = ((batched - looped).norm(dim=1) / looped.norm(dim=1).clamp_min(1e-30)).max().item()
     print(f"batched vs one at a time ({n_check} examples): cosine min {cos.min().item():.6f}, max relative error "
           f"{rel:.2e}; {mb.seconds:.2f} s batched vs {ml.seconds:.2f} s one at a time")
-    from nice_kit.gradients import _batch
+    from nice_kit.gradients import padded_batch
 
     model.eval()
     bs = args.batch_size
     with Meter(device) as mf:
         for a in range(0, n_pool, bs):
             part = [mean_nll_sequence(pool_tok[i], i - a) for i in range(a, min(a + bs, n_pool))]
-            ids, mask, w = _batch(part, tok.pad_token_id, device)
+            ids, mask, w = padded_batch(part, tok.pad_token_id, device)
             weighted_nll(model, ids, mask, w).sum().backward()
             model.zero_grad(set_to_none=True)
     train_s = next(r[1] for r in rows if r[0] == "training gradients") / n_ck

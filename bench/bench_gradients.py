@@ -56,7 +56,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from nice_kit.config import RunConfig  # noqa: E402
 from nice_kit.data import IGNORE_INDEX, Tokenized, tokenize_records  # noqa: E402
 import nice_kit.gradients as gradients_mod  # noqa: E402
-from nice_kit.gradients import (WeightedSequence, _batch, adam_precondition, gradient_dim, group_gradients,  # noqa: E402
+from nice_kit.gradients import (WeightedSequence, adam_precondition, gradient_dim, group_gradients, padded_batch,  # noqa: E402
                                 loop_gradients, mean_nll_sequence, projected_gradients, weighted_nll)
 from nice_kit.models import lora_parameters  # noqa: E402
 from nice_kit.influence import influence_scores  # noqa: E402
@@ -192,7 +192,7 @@ def legacy_projected(model, seqs, n_groups, pad_id, project, transform=None, bat
         for groups, batches in legacy_batches(seqs, n_groups, batch_size):
             g = torch.zeros(len(groups), gradient_dim(model), device=device)
             for batch in batches:
-                ids, mask, w = _batch(batch, pad_id, device)
+                ids, mask, w = padded_batch(batch, pad_id, device)
                 weighted_nll(model, ids, mask, w).sum().backward()
                 g.index_add_(0, torch.tensor([s.group for s in batch], device=device), hooks.per_example())
                 model.zero_grad(set_to_none=True)
@@ -209,7 +209,7 @@ def bare_legacy(model, seqs, n_groups, pad_id, batch_size=8) -> None:
     device = next(model.parameters()).device
     for _, batches in legacy_batches(seqs, n_groups, batch_size):
         for batch in batches:
-            ids, mask, w = _batch(batch, pad_id, device)
+            ids, mask, w = padded_batch(batch, pad_id, device)
             weighted_nll(model, ids, mask, w).sum().backward()
             model.zero_grad(set_to_none=True)
 
@@ -456,7 +456,7 @@ def large_d(args) -> None:
     t0 = time.perf_counter()
     for s in range(0, len(seqs), args.batch_size):  # the bare forward+backward of the same batches
         batch = [type(q)(q.input_ids, q.weights, i) for i, q in enumerate(seqs[s:s + args.batch_size])]
-        ids, mask, w = _batch(batch, tok.pad_token_id, "cpu")
+        ids, mask, w = padded_batch(batch, tok.pad_token_id, "cpu")
         weighted_nll(model, ids, mask, w).sum().backward()
         model.zero_grad(set_to_none=True)
     bare = time.perf_counter() - t0

@@ -156,7 +156,7 @@ def _policy_pipeline(args) -> Pipeline:
     cfg = RunConfig.from_file(args.config, check_model=not args.shape)
     if not args.shape:
         return Pipeline(cfg, args.run_dir)
-    from nice_kit.demo import _merge
+    from nice_kit.settings import merge_settings as _merge
     from shapes import bench_data
 
     tok = load_bench_tokenizer(args.tokenizer)

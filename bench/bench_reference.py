@@ -33,14 +33,15 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import reference_check as rc  # noqa: E402
 from nice_kit.config import RunConfig  # noqa: E402
-from nice_kit.demo import DEFAULT_CONFIG, _merge, fast_data  # noqa: E402
+from nice_kit.demo import DEFAULT_CONFIG, fast_data  # noqa: E402
+from nice_kit.settings import merge_settings  # noqa: E402
 from nice_kit.pipeline import Pipeline  # noqa: E402
 
 
 def build(out: Path, n_pool: int, n_val: int, model: str, threads: int) -> Pipeline:
     data = fast_data(out / "data", n_pool=n_pool, n_val=n_val, n_test=2)
     base = RunConfig.from_file(DEFAULT_CONFIG).to_dict()
-    cfg = RunConfig.from_dict(_merge(base, {
+    cfg = RunConfig.from_dict(merge_settings(base, {
         "model": model, "threads": threads, "data": {**data, "max_length": 512},
         "warmup": {"fraction": 1.0, "epochs": 2, "batch_size": 2, "lr": 3e-4},
         "rollouts": {"k": 12, "max_new_tokens": 12, "temperature": 1.0},

@@ -84,7 +84,8 @@ def gradient_dim(model) -> int:
 # The reference: plain full-logit NLL, one sequence at a time
 
 
-def _batch(seqs: list[WeightedSequence], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def padded_batch(seqs: list[WeightedSequence], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded token ids, attention mask and per-token weights of ``seqs`` on ``device``."""
     n = max(len(s.input_ids) for s in seqs)
     ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), n), dtype=torch.long)
@@ -115,7 +116,7 @@ def loop_gradients(model, seqs: list[WeightedSequence], n_groups: int) -> torch.
     params = [p for _, p in lora_parameters(model)]
     out = torch.zeros(n_groups, sum(p.numel() for p in params), device=device)
     for s in seqs:
-        ids, mask, w = _batch([s], 0, device)
+        ids, mask, w = padded_batch([s], 0, device)
         model.zero_grad(set_to_none=True)
         weighted_nll(model, ids, mask, w).sum().backward()
         out[s.group] += torch.cat([p.grad.reshape(-1).float() for p in params])

@@ -150,3 +150,16 @@ def test_the_analyses_use_only_the_run_view(module):
     used = {node.attr for node in ast.walk(ast.parse(MODULES[module].read_text()))
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "run"}
     assert used - declared == set()
+
+
+def test_scripts_import_no_private_name_of_nice_kit():
+    """bench/ and scripts/ use nice_kit's public names only (a private one may vanish in a redesign; the
+    tests may test internals)."""
+    found = []
+    for folder in ("bench", "scripts"):
+        for path in sorted((ROOT / folder).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("nice_kit"):
+                    found += [f"{path.relative_to(ROOT)}:{node.lineno}: {node.module}.{a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not found, "\n".join(found)
