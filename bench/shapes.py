@@ -100,17 +100,7 @@ def bench_data(folder: Path, n_pool: int, n_val: int, n_test: int = 2) -> dict[s
     """A slice of the bundled benchmark written to ``folder`` (the pool's first ``n_pool`` examples;
     ``n_val`` / ``n_test`` target prompts of each subtask), read from ``data/arith`` directly, so that
     no config naming the bundled model is read (it is absent on a bare GPU machine)."""
-    from nice_kit.data import load_records, save_records
+    from nice_kit.data import write_slice
 
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, n in (("pool", n_pool), ("target_val", n_val), ("target_test", n_test)):
-        records = load_records(ROOT / "data" / "arith" / f"{name}.jsonl", require_response=True)
-        if name == "pool":
-            part = records[:n]
-        else:
-            tasks = sorted({r.columns.get("task") for r in records})
-            part = [r for t in tasks for r in [x for x in records if x.columns.get("task") == t][:n]]
-        save_records(part, folder / f"{name}.jsonl")
-        paths[name] = str(folder / f"{name}.jsonl")
-    return paths
+    return write_slice(folder, {name: ROOT / "data" / "arith" / f"{name}.jsonl"
+                                for name in ("pool", "target_val", "target_test")}, n_pool, n_val, n_test)

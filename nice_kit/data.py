@@ -492,3 +492,23 @@ def collate(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, : len(t.labels)] = torch.tensor(t.labels)
         mask[i, : len(t.input_ids)] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def write_slice(folder: Path, sources: dict[str, str | Path], n_pool: int, n_val: int, n_test: int,
+                subtask_column: str = "task") -> dict[str, str]:
+    """A small slice of a benchmark written to ``folder`` (for fast modes and benchmarks): the first
+    ``n_pool`` records of ``sources["pool"]`` and the first ``n_val`` / ``n_test`` target records of each
+    subtask of ``sources["target_val"]`` / ``sources["target_test"]``. Returns the written paths by name."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, n in (("pool", n_pool), ("target_val", n_val), ("target_test", n_test)):
+        records = load_records(sources[name], require_response=True)
+        if name == "pool":
+            part = records[:n]
+        else:  # n of each subtask
+            tasks = sorted({r.columns.get(subtask_column) for r in records})
+            part = [r for t in tasks for r in [x for x in records if x.columns.get(subtask_column) == t][:n]]
+        save_records(part, folder / f"{name}.jsonl")
+        paths[name] = str(folder / f"{name}.jsonl")
+    return paths

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
-from .data import load_records, save_records
+from .data import write_slice
 from .pipeline import Pipeline
 from .settings import merge_settings
 
@@ -41,37 +41,31 @@ FAST_OVERRIDES: dict[str, Any] = {
 }
 
 
-def fast_data(folder: Path, n_pool: int = 40, n_val: int = 4, n_test: int = 4) -> dict[str, str]:
-    """A slice of the bundled benchmark (both subtasks of the target) written to ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = RunConfig.from_file(DEFAULT_CONFIG).data
-    paths = {}
-    for name, src, n in (("pool", cfg.pool, n_pool), ("target_val", cfg.target_val, n_val),
-                         ("target_test", cfg.target_test, n_test)):
-        records = load_records(src, require_response=True)
-        if name == "pool":
-            part = records[:n]
-        else:  # n of each subtask
-            tasks = sorted({r.columns.get("task") for r in records})
-            part = [r for t in tasks for r in [x for x in records if x.columns.get("task") == t][:n]]
-        save_records(part, folder / f"{name}.jsonl")
-        paths[name] = str(folder / f"{name}.jsonl")
-    return paths
+def fast_data(folder: Path, n_pool: int = 40, n_val: int = 4, n_test: int = 4,
+              config: str | Path = DEFAULT_CONFIG) -> dict[str, str]:
+    """A slice of ``config``'s data (default: the bundled benchmark, both subtasks of the target)
+    written to ``folder`` (:func:`nice_kit.data.write_slice`)."""
+    d = RunConfig.from_file(config, check_model=False).data
+    return write_slice(folder, {"pool": d.pool, "target_val": d.target_val, "target_test": d.target_test},
+                       n_pool, n_val, n_test)
 
 
-def demo_config(run_dir: str | Path, fast: bool | None = None, **overrides: Any) -> RunConfig:
-    """The bundled default config, or its fast variant; ``overrides`` are nested dicts of settings."""
-    base = RunConfig.from_file(DEFAULT_CONFIG).to_dict()
+def demo_config(run_dir: str | Path, fast: bool | None = None, *, config: str | Path = DEFAULT_CONFIG,
+                **overrides: Any) -> RunConfig:
+    """``config`` (default: the bundled default), or its fast variant: a tiny model's settings on a slice
+    of its data; ``overrides`` are nested dicts of settings."""
+    base = RunConfig.from_file(config).to_dict()
     if fast_mode(fast):
         base = merge_settings(base, FAST_OVERRIDES)
-        base["data"].update(fast_data(Path(run_dir) / "data"))
+        base["data"].update(fast_data(Path(run_dir) / "data", config=config))
     return RunConfig.from_dict(merge_settings(base, overrides))
 
 
-def demo_pipeline(run_dir: str | Path = "runs/demo", fast: bool | None = None, verbose: bool = True,
-                  **overrides: Any) -> Pipeline:
-    """A :class:`Pipeline` on the bundled data: the default model, or a tiny one in fast mode."""
-    cfg = demo_config(run_dir, fast, **overrides)
+def demo_pipeline(run_dir: str | Path = "runs/demo", fast: bool | None = None, verbose: bool = True, *,
+                  config: str | Path = DEFAULT_CONFIG, **overrides: Any) -> Pipeline:
+    """A :class:`Pipeline` on ``config``'s data (default: the bundled benchmark): its model, or a tiny one
+    in fast mode."""
+    cfg = demo_config(run_dir, fast, config=config, **overrides)
     if fast_mode(fast):
         import torch
 

@@ -18,10 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
-from .data import load_records, save_records
-from .demo import FAST_OVERRIDES, ROOT, fast_mode
+from .demo import ROOT, demo_config, demo_pipeline, fast_data
 from .pipeline import Pipeline
-from .settings import merge_settings
 
 SCENARIO = "verbose_refs"
 CONFIG = ROOT / "configs" / f"{SCENARIO}.toml"
@@ -31,41 +29,15 @@ def scenario_fast_data(folder: Path, n_pool: int = 40, n_val: int = 4, n_test: i
     """A slice of the scenario written to ``folder``: the first ``n_pool`` pool examples (shuffled when
     generated: both styles, correct and wrong, on- and off-task), ``n_val`` and ``n_test`` target prompts of
     each subtask."""
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = RunConfig.from_file(CONFIG, check_model=False).data
-    paths = {}
-    for name, src, n in (("pool", cfg.pool, n_pool), ("target_val", cfg.target_val, n_val),
-                         ("target_test", cfg.target_test, n_test)):
-        records = load_records(src, require_response=True)
-        if name == "pool":
-            part = records[:n]
-        else:
-            tasks = sorted({r.columns.get("task") for r in records})
-            part = [r for t in tasks for r in [x for x in records if x.columns.get("task") == t][:n]]
-        save_records(part, folder / f"{name}.jsonl")
-        paths[name] = str(folder / f"{name}.jsonl")
-    return paths
+    return fast_data(folder, n_pool, n_val, n_test, config=CONFIG)
 
 
 def scenario_config(run_dir: str | Path, fast: bool | None = None, **overrides: Any) -> RunConfig:
     """``configs/verbose_refs.toml``, or its fast variant; ``overrides`` are nested dicts of settings."""
-    base = RunConfig.from_file(CONFIG).to_dict()
-    if fast_mode(fast):
-        base = merge_settings(base, FAST_OVERRIDES)
-        base["data"].update(scenario_fast_data(Path(run_dir) / "data"))
-    return RunConfig.from_dict(merge_settings(base, overrides))
+    return demo_config(run_dir, fast, config=CONFIG, **overrides)
 
 
 def scenario_pipeline(run_dir: str | Path = f"runs/{SCENARIO}", fast: bool | None = None, verbose: bool = True,
                       **overrides: Any) -> Pipeline:
     """A :class:`Pipeline` on the scenario: the bundled model, or a tiny random one in fast mode."""
-    cfg = scenario_config(run_dir, fast, **overrides)
-    if fast_mode(fast):
-        import torch
-
-        from .models import load_tokenizer, tiny_model
-
-        torch.set_num_threads(1)
-        tok = load_tokenizer(cfg.model)
-        return Pipeline(cfg, run_dir, model=tiny_model(tok), tokenizer=tok, verbose=verbose)
-    return Pipeline(cfg, run_dir, verbose=verbose)
+    return demo_pipeline(run_dir, fast, verbose, config=CONFIG, **overrides)
