@@ -4,13 +4,14 @@ verbose, correct and wrong, on-task and off-task examples, flagged for the diagn
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from test_benchmark_data import _load_script  # the one loader of scripts/make_benchmark.py
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "verbose_refs"
@@ -21,13 +22,6 @@ SUBTASKS = ("products", "basic_arithmetic")
 POOL_FIELDS = {"id", "messages", "task", "source", "on_task", "harmful", "harm_kind", "style", "correct", "answer",
                "metadata"}
 TARGET_FIELDS = {"id", "prompt", "response", "task", "answer", "metadata"}
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("make_benchmark", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _read(name: str) -> list[dict]:
