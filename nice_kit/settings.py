@@ -456,13 +456,11 @@ def expected(hint: Any) -> str:
 def _constraints(hint: Any) -> dict[str, Any]:
     """The declared bounds of a hint: ``{"ge": 1}``, ``{"gt": 0, "le": 1}``, ``{"min_length": 1}``."""
     out: dict[str, Any] = {}
-    while typing.get_origin(hint) is Annotated:
-        hint, *meta = typing.get_args(hint)
-        for m in meta:
-            for c in getattr(m, "metadata", [m]):
-                for name in ("gt", "ge", "lt", "le", "min_length"):
-                    if isinstance(c, getattr(annotated_types, {"min_length": "MinLen"}.get(name, name.title()))):
-                        out.setdefault(name, getattr(c, name))
+    for m in _metadata(hint):
+        for c in getattr(m, "metadata", [m]):
+            for name in ("gt", "ge", "lt", "le", "min_length"):
+                if isinstance(c, getattr(annotated_types, {"min_length": "MinLen"}.get(name, name.title()))):
+                    out.setdefault(name, getattr(c, name))
     return out
 
 
@@ -629,7 +627,7 @@ def setting_rows() -> list[dict[str, str]]:
             names = _choices(hint)
             help_ = next((m.description for m in _metadata(hint) if getattr(m, "description", None)), "")
             rows.append({"setting": f"{section}.{f.name}" if section else f.name,
-                         "type": expected(_bare(hint)) if not names else expected(_bare(hint)),
+                         "type": expected(_bare(hint)),
                          "default": _toml(getattr(defaults, f.name)),
                          "range": ("one of " + ", ".join(map(str, names))) if names else range_text(hint),
                          "help": help_})
